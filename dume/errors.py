@@ -1,0 +1,7 @@
+"""One exception type for problems the user can fix (bad flags, missing files, mismatched
+experts). Scripts catch it, print the message and exit with status 2 instead of a
+traceback, so a user sees *what* is wrong before any heavy work starts."""
+
+
+class DumeError(Exception):
+    """A user-facing error: the message says what is wrong and how to fix it."""
