@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Evaluate the seed model and every dense expert on every domain's test split (the
+expert rows of Table 2). The diagonal (expert d on domain d) is the reference p̂_d of the
+normalised score."""
+
+from __future__ import annotations
+
+import sys
+
+from dume.cli import base_parser, run_main
+from dume.clm import Run, write_result
+
+
+def parse(argv):
+    p = base_parser(__doc__)
+    p.add_argument("--domains", default="all", help="comma-separated domains, or 'all'")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    run = Run.from_args(args)
+    domains = run.domains() if args.domains == "all" else args.domains.split(",")
+    for d in domains:
+        run.check_domain(d)
+    out = run.result_path("experts_eval")
+    if out.is_file() and not args.redo:
+        print(f"{out} exists; skipping (--redo to recompute)")
+        return
+    models = {"seed": (run.seed_dir, "clm_pretrain.py")}
+    models.update({f"{d}_expert": (run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains})
+    for path, made_by in models.values():  # every checkpoint present before any evaluation
+        run.require_checkpoint(path, made_by)
+    results = {}
+    for name, (path, made_by) in models.items():
+        model = run.load(path, made_by)
+        results[name] = run.evaluate(model, domains, args.eval_batch_size, label=name)
+        print(name.ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results[name].items()))
+    write_result(run, "experts_eval", {"domains": domains, "results": results})
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

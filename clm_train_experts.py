@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Fine-tune one dense expert per domain from the seed model (paper: lr 6e-5, 50 warmup,
+batch 16 x 4, 1000 steps on each M2D2 domain, i.e. 0.1x the pretraining lr and 5 % of its
+steps).
+
+Experts stay close to the seed on purpose: MoErging averages their attention, and an
+expert that drifts far makes the average useless (DESIGN.md §4). Small domains stop on
+validation loss (--patience) and keep their best weights.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dume.cli import base_parser, run_main
+from dume.clm import Run, write_result
+from dume.io import is_complete_checkpoint, save_pretrained_atomic
+
+
+def parse(argv):
+    p = base_parser(__doc__)
+    p.add_argument("--domain", default="all", help="a domain name, a comma-separated list, or 'all'")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--patience", type=int, default=3, help="validations without improvement before stopping")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from dume.train import TrainConfig, train
+
+    args = parse(argv)
+    run = Run.from_args(args)
+    domains = run.domains() if args.domain == "all" else [d.strip() for d in args.domain.split(",")]
+    for d in domains:
+        run.check_domain(d)
+    cfg = TrainConfig(lr=args.lr, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, eval_every=args.eval_every, patience=args.patience,
+                      seed=args.seed, mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
+    cfg.validate()
+    run.require_checkpoint(run.seed_dir, "clm_pretrain.py")
+    for domain in domains:
+        out = run.expert_dir(domain)
+        if is_complete_checkpoint(out) and not args.redo:
+            print(f"expert {domain} exists at {out}; skipping (--redo to retrain)")
+            continue
+        model = run.load(run.seed_dir, "clm_pretrain.py")
+        train_blocks, val_blocks = run.blocks(domain, "train"), run.blocks(domain, "validation")
+        print(f"expert {domain}: {int(train_blocks[1].sum())} training tokens in {len(train_blocks[0])} blocks")
+        model, history = train(model, train_blocks, val_blocks, cfg, desc=f"expert {domain}")
+        save_pretrained_atomic(model, out, run.tokenizer)
+        write_result(run, f"expert_{domain}", {"domain": domain, "seed_model": str(run.seed_dir),
+                                                 "train_tokens": int(train_blocks[1].sum()), "history": history})
+        print(f"saved {out} (best validation loss {history['best_val']['loss']:.4f} at step "
+              f"{history['best_val']['step']})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

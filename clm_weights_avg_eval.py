@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Model averaging: the uniform average of every parameter of the experts (MLPs
+included), a dense Llama, evaluated on every domain (Table 2's weakest merge)."""
+
+from __future__ import annotations
+
+import sys
+
+from dume.cli import base_parser, run_main
+from dume.clm import Run, write_result
+from dume.io import is_complete_checkpoint
+
+
+def parse(argv):
+    p = base_parser(__doc__)
+    p.add_argument("--domains", default="all", help="experts to average (comma-separated), or 'all'")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from dume.merge import average_experts
+
+    args = parse(argv)
+    run = Run.from_args(args)
+    domains = run.domains() if args.domains == "all" else args.domains.split(",")
+    for d in domains:
+        run.check_domain(d)
+    out = run.result_path("model_averaging")
+    if out.is_file() and not args.redo:
+        print(f"{out} exists; skipping (--redo to recompute)")
+        return
+    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
+    model_dir = run.model_dir("model_averaging")
+    if args.redo or not is_complete_checkpoint(model_dir):
+        average_experts(experts, model_dir)
+    model = run.load(model_dir, "clm_weights_avg_eval.py")
+    results = run.evaluate(model, domains, args.eval_batch_size, label="model_averaging")
+    print("model_averaging".ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
+    write_result(run, "model_averaging", {"domains": domains, "experts": [str(e) for e in experts],
+                                          "model": str(model_dir), "results": results})
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,57 @@
+"""Shared command-line plumbing for the recipe scripts: common flags, the run directory,
+and turning a `DumeError` into a one-line message and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import DumeError
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run-dir", default="runs/clm", help="where checkpoints and JSON results go")
+    p.add_argument("--source", default="offline", choices=["offline", "hub", "local"],
+                   help="offline: embedded Wikipedia+stdlib text; hub: OpenWebText + M2D2 (paper); local: --data-dir")
+    p.add_argument("--data-dir", default=None, help="data directory for --source local (or a hub cache override)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name or path; default: a BPE trained on the pretraining corpus, kept in RUN_DIR/tokenizer")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE tokenizer")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (paper: 1024)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (paper: 16)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--max-eval-blocks", type=int, default=None, help="cap test blocks per domain (None: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="bf16 on GPUs")
+    p.add_argument("--wandb-project", default=None, help="log to wandb (off unless given)")
+    p.add_argument("--redo", action="store_true", help="recompute outputs that already exist")
+    return p
+
+
+def setup_threads() -> None:
+    """Use the cores we have; tokenizers' own threads fight torch's on 2 cores."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    n = int(os.environ.get("DUME_THREADS", os.cpu_count() or 1))
+    torch.set_num_threads(max(1, n))
+
+
+def run_main(fn, argv=None) -> int:
+    """Run a script's body; user errors print one clear line and exit 2."""
+    setup_threads()
+    start = time.time()
+    try:
+        fn(argv)
+    except DumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed outputs are kept; rerun to finish the rest", file=sys.stderr)
+        return 130
+    print(f"[{Path(sys.argv[0]).name} done in {time.time() - start:.1f}s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,145 @@
+"""The causal-LM experiment's run directory and its shared steps.
+
+A run directory holds everything one Table 2 reproduction produces:
+
+    tokenizer/                 the BPE tokenizer (Hugging Face format)
+    seed/                      the pretrained seed Llama (save_pretrained, safetensors)
+    experts/<domain>/          one dense Llama expert per domain
+    models/<strategy>/         merged / MoErged checkpoints
+    results/*.json             one JSON per script: what it measured and with which settings
+    clm_results.json, table.md the assembled table
+
+Scripts are thin: they parse flags, call these helpers, and write JSON here.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import data
+from .errors import DumeError
+from .io import atomic_write_json, is_complete_checkpoint, read_json
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    source: str = "offline"
+    data_dir: str | None = None
+    seq_len: int = 256
+    tokenizer_name: str | None = None
+    vocab_size: int = 4096
+    max_eval_blocks: int | None = None
+    _tokenizer: object = field(default=None, repr=False)
+    _blocks: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_args(cls, args) -> "Run":
+        run = cls(Path(args.run_dir), args.source, args.data_dir, args.seq_len, args.tokenizer,
+                  args.vocab_size, getattr(args, "max_eval_blocks", None))
+        if run.seq_len < 2:
+            raise DumeError("--seq-len must be at least 2")
+        return run
+
+    # ---- places -------------------------------------------------------------------
+    @property
+    def seed_dir(self) -> Path:
+        return self.run_dir / "seed"
+
+    def expert_dir(self, domain: str) -> Path:
+        return self.run_dir / "experts" / domain
+
+    def model_dir(self, name: str) -> Path:
+        return self.run_dir / "models" / name
+
+    def result_path(self, name: str) -> Path:
+        return self.run_dir / "results" / f"{name}.json"
+
+    def domains(self) -> list[str]:
+        return list(data.available_domains(self.source, self.data_dir))
+
+    def check_domain(self, domain: str) -> None:
+        valid = self.domains()
+        if domain not in valid:
+            raise DumeError(f"unknown domain {domain!r} for source {self.source!r}: choose from {valid}")
+
+    # ---- tokenizer and data ---------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import get_or_train_tokenizer
+
+            self._tokenizer = get_or_train_tokenizer(
+                self.run_dir, lambda: data.load_documents("pretrain", "train", self.source, data_dir=self.data_dir),
+                self.vocab_size, self.tokenizer_name)
+        return self._tokenizer
+
+    def blocks(self, domain: str, split: str):
+        """(input_ids, attention_mask) of `domain`'s `split`, packed into seq_len blocks."""
+        key = (domain, split)
+        if key not in self._blocks:
+            docs = data.load_documents(domain, split, self.source, data_dir=self.data_dir)
+            ids, mask = data.pack_documents(docs, self.tokenizer, self.seq_len)
+            if split == "test" and self.max_eval_blocks:
+                ids, mask = ids[: self.max_eval_blocks], mask[: self.max_eval_blocks]
+            self._blocks[key] = (ids, mask)
+        return self._blocks[key]
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def require_checkpoint(self, path: Path, made_by: str) -> Path:
+        if not is_complete_checkpoint(path):
+            raise DumeError(f"missing checkpoint {path}: run {made_by} first")
+        return path
+
+    def load(self, path: Path, made_by: str):
+        from .models import check_tokenizer_matches, load_model
+
+        model = load_model(self.require_checkpoint(path, made_by))
+        check_tokenizer_matches(model.config, self.tokenizer, where=str(path))
+        return model
+
+    def evaluate(self, model, domains: list[str], batch_size: int = 32, label: str = "") -> dict:
+        """Test perplexity of `model` on each domain."""
+        from .evaluate import perplexity
+
+        out = {}
+        for d in domains:
+            ids, mask = self.blocks(d, "test")
+            out[d] = perplexity(model, ids, mask, batch_size, desc=f"eval {label} on {d}")
+        return out
+
+    def settings(self) -> dict:
+        return {"source": self.source, "data_dir": self.data_dir, "seq_len": self.seq_len,
+                "tokenizer": self.tokenizer_name or str(self.run_dir / "tokenizer")}
+
+
+def environment() -> dict:
+    """Versions and hardware recorded with every result."""
+    import accelerate
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def write_result(run: Run, name: str, payload: dict) -> Path:
+    payload = {**payload, "settings": {**run.settings(), **payload.get("settings", {})}, "environment": environment()}
+    return atomic_write_json(run.result_path(name), payload)
+
+
+def read_result(run: Run, name: str, made_by: str) -> dict:
+    path = run.result_path(name)
+    if not path.is_file():
+        raise DumeError(f"missing {path}: run {made_by} first")
+    return read_json(path)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2)

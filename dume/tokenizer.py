@@ -1,0 +1,57 @@
+"""The tokenizer: a byte-level BPE trained with `tokenizers` on the pretraining corpus
+(the paper used Llama-3's; no hub here), saved as a standard Hugging Face tokenizer, or
+any tokenizer by name or path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import DumeError
+from .io import atomic_dir
+
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 4096):
+    """Train a byte-level BPE (GPT-2 style pre-tokenisation, so any text round-trips)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:
+        raise DumeError(f"could not load a tokenizer from {name_or_path}: {type(e).__name__}: {e}") from e
+    if tok.eos_token_id is None:
+        raise DumeError(f"tokenizer {name_or_path} has no eos token; documents need a separator")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def get_or_train_tokenizer(run_dir: Path, texts_fn, vocab_size: int, name_or_path: str | None = None):
+    """The run's tokenizer: `name_or_path` if given, else `run_dir/tokenizer`, trained once."""
+    if name_or_path:
+        return load_tokenizer(name_or_path)
+    path = Path(run_dir) / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        tok = train_bpe_tokenizer(texts_fn(), vocab_size)
+        with atomic_dir(path) as tmp:
+            tok.save_pretrained(tmp)
+    return load_tokenizer(path)
