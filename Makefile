@@ -1,0 +1,30 @@
+# Quick start targets. `make clm` is the main job; `make test` is what CI runs.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+RUN_DIR ?= runs/clm
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install install-test clm test bench clean-run
+
+# torch==2.13.0 is the CPU build on this machine's disk; on a GPU machine install a CUDA
+# build of torch first (see README) and `pip install -e .` keeps it.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e .
+
+install-test: install
+	$(PIP) install -q -e ".[test]"
+
+clm: install
+	$(PYTHON) run_clm.py --run-dir $(RUN_DIR)
+
+test: install-test
+	$(PYTHON) -m pytest tests
+
+bench: install
+	$(PYTHON) bench/moe_throughput.py
+
+clean-run:
+	rm -rf $(RUN_DIR)

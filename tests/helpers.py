@@ -1,0 +1,34 @@
+"""Tiny models and tokenizers for tests (no network, no files from a hub)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+WORDS = ("the a of to in is was by for on with as at from that this it are be or an "
+         "def return import class self if else for while print list dict x y z 0 1 2 "
+         "theorem proof number set group energy atom force war king empire god mind").split()
+
+
+def tiny_texts(n: int = 200, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(5, 30, (1,), generator=g))
+        idx = torch.randint(0, len(WORDS), (k,), generator=g)
+        out.append(" ".join(WORDS[i] for i in idx) + ".")
+    return out
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    from dume.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(tiny_texts(300), vocab_size=vocab_size)
+
+
+def tiny_llama(vocab_size: int = 300, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg))

@@ -1,0 +1,40 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dume.evaluate import perplexity
+from tests.helpers import tiny_llama
+
+
+def test_perplexity_equals_hand_computation_and_ignores_padding():
+    model = tiny_llama(vocab_size=50).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0          # right padding
+    mask[2, 3:] = 0
+    ids_padded = ids.clone()
+    ids_padded[mask == 0] = 0
+
+    # By hand: one sequence at a time, only its real tokens, no batching, no mask.
+    total, count = 0.0, 0
+    for row in range(3):
+        n = int(mask[row].sum())
+        seq = ids_padded[row:row + 1, :n]
+        with torch.no_grad():
+            logits = model(input_ids=seq).logits[0]
+        logp = F.log_softmax(logits.double(), -1)
+        for t in range(n - 1):
+            total -= float(logp[t, seq[0, t + 1]])
+            count += 1
+
+    result = perplexity(model, ids_padded, mask, batch_size=2)
+    assert result["tokens"] == count == 11 + 6 + 2
+    assert math.isclose(result["loss"], total / count, rel_tol=1e-5)
+    assert math.isclose(result["perplexity"], math.exp(total / count), rel_tol=1e-5)
+
+    # Changing what sits in the padded positions changes nothing.
+    garbage = ids_padded.clone()
+    garbage[mask == 0] = 7
+    assert math.isclose(perplexity(model, garbage, mask)["loss"], result["loss"], rel_tol=1e-6)

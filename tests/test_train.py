@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from dume.errors import DumeError
+from dume.train import TrainConfig, lr_factor, mean_loss, train
+from tests.helpers import tiny_llama
+
+
+def _data(n, T=24, vocab=40, seed=0):
+    # A learnable pattern: each sequence counts up modulo a small vocabulary.
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
+    ids = (start + torch.arange(T)) % vocab
+    return ids, torch.ones_like(ids)
+
+
+def test_schedule_is_warmup_from_tenth_then_cosine_to_tenth():
+    cfg = TrainConfig(steps=100, warmup=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.55)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(10, 100))
+
+
+def test_tiny_training_lowers_validation_loss():
+    model = tiny_llama(vocab_size=40)
+    train_data, val_data = _data(64), _data(16, seed=1)
+    before = mean_loss(model, *val_data, batch_size=8)
+    cfg = TrainConfig(lr=3e-3, steps=30, warmup=3, batch_size=8, eval_every=10)
+    model, history = train(model, train_data, val_data, cfg, desc="t")
+    after = mean_loss(model, *val_data, batch_size=8)
+    assert after < before - 0.5, (before, after)
+    assert history["val"][-1]["loss"] == pytest.approx(after, rel=1e-5)
+    assert history["steps_done"] == 30
+
+
+def test_only_given_params_train():
+    model = tiny_llama(vocab_size=40)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    head = [model.lm_head.weight]
+    model, _ = train(model, _data(32), _data(8, seed=1), TrainConfig(steps=3, warmup=0, batch_size=8), params=head)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, frozen[k])]
+    assert changed == ["lm_head.weight"]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_patience_keeps_best_weights():
+    model = tiny_llama(vocab_size=40)
+    train_data, val_data = _data(64), _data(16, seed=1)
+    # An absurd lr makes validation worse; early stopping must keep step 0's weights.
+    cfg = TrainConfig(lr=5.0, steps=40, warmup=0, batch_size=8, eval_every=2, patience=2)
+    before = mean_loss(model, *val_data, batch_size=8)
+    model, history = train(model, train_data, val_data, cfg)
+    assert history["stopped_early"]
+    assert mean_loss(model, *val_data, batch_size=8) <= before + 1e-6
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(DumeError):
+        TrainConfig(lr=-1).validate()
+    with pytest.raises(DumeError):
+        TrainConfig(steps=5, warmup=10).validate()
