@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""The MoErging rows of Table 2: turn the dense experts into one MoE and evaluate it.
+
+  oracle          every token of domain d goes to expert d (a dense Llama per domain)
+  random_routing  MoErged model, seeded random gates, no training
+  centroid        each gate = the normalised mean feature of its domain (DUME's λ→∞ limit;
+                  mergekit's "hidden" gate; not in the paper's tables)
+  DUME            gates = the column-normalised ridge-regression solution (A + λI)⁻¹b
+  BTX             random gates trained on the shuffled union of the domains (k=2, lr 1e-4)
+  DUMEplus        DUME gates, then trained like BTX (k=1, lr 1e-5)
+
+Every model is saved with `save_pretrained` (a plain MixtralForCausalLM, or Llama for
+the oracle); DUME and DUME+ keep their ridge statistics beside it. The statistics are
+computed once per (num-dume-tokens, num-dume-stats-steps) and cached in RUN_DIR/stats/,
+because they do not depend on λ, k or the temperature: a sweep over those is free.
+
+The paper trains BTX/DUME+ for 1000 steps; the CPU default is --num-steps 100.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dume.cli import base_parser, run_main
+from dume.clm import Run, write_result
+from dume.errors import DumeError
+from dume.io import is_complete_checkpoint
+
+METHODS = ("oracle", "random_routing", "centroid", "DUME", "BTX", "DUMEplus")
+DEFAULTS = {  # the paper's per-method defaults (Section 3.1)
+    "BTX": {"k": 2, "lr": 1e-4},
+    "DUMEplus": {"k": 1, "lr": 1e-5},
+}
+
+
+def parse(argv):
+    p = base_parser(__doc__)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--domains", default="all", help="experts to combine (comma-separated), or 'all'")
+    p.add_argument("--k", type=int, default=None, help="experts per token (default 1; BTX 2)")
+    p.add_argument("--temp", type=float, default=1.0, help="router softmax temperature (CLM: 1)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.01, help="ridge regulariser λ")
+    p.add_argument("--relative-lambda", action="store_true", help="use λ·trace(A)/H (scale-free λ)")
+    p.add_argument("--num-dume-tokens", type=int, default=None, help="tokens per document for the statistics (default: all)")
+    p.add_argument("--num-dume-stats-steps", type=int, default=None, help="batches per domain for the statistics (default: all)")
+    p.add_argument("--stats-batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="router lr (BTX 1e-4, DUME+ 1e-5)")
+    p.add_argument("--num-steps", type=int, default=100, help="router training steps (paper: 1000)")
+    p.add_argument("--warmup", type=int, default=None, help="router warmup steps (default: 10%% of --num-steps)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--alpha", type=float, default=0.0, help="load-balancing coefficient (off, as in the paper)")
+    p.add_argument("--tag", default=None, help="suffix for the result name, e.g. for sweeps")
+    args = p.parse_args(argv)
+    defaults = DEFAULTS.get(args.method, {})
+    args.k = args.k if args.k is not None else defaults.get("k", 1)
+    args.lr = args.lr if args.lr is not None else defaults.get("lr", 1e-4)
+    return args
+
+
+def validate(args, num_experts: int) -> None:
+    """Every flag checked before any heavy work."""
+    if not 1 <= args.k <= num_experts:
+        raise DumeError(f"--k {args.k} is out of range: choose 1..{num_experts} (the number of experts)")
+    if not args.temp > 0:
+        raise DumeError(f"--temp must be > 0, got {args.temp}")
+    if not args.lam > 0:
+        raise DumeError(f"--lambda must be > 0, got {args.lam}")
+    if args.num_dume_tokens is not None and args.num_dume_tokens < 1:
+        raise DumeError("--num-dume-tokens must be at least 1")
+    if args.num_dume_stats_steps is not None and args.num_dume_stats_steps < 1:
+        raise DumeError("--num-dume-stats-steps must be at least 1")
+    if args.alpha < 0:
+        raise DumeError("--alpha must be >= 0")
+
+
+def stats_key(args) -> str:
+    return f"tokens-{args.num_dume_tokens or 'all'}_steps-{args.num_dume_stats_steps or 'all'}"
+
+
+def get_stats(run: Run, args, experts, domains, base_dir):
+    """The ridge statistics for this expert set, collected once and cached."""
+    from dume import data
+    from dume.checkpoints import model_fingerprint
+    from dume.collect import collect_domain
+    from dume.merge import build_oracle_model
+    from dume.ridge import RidgeStats
+
+    fingerprint = model_fingerprint(base_dir)
+    cache = run.run_dir / "stats" / stats_key(args)
+    if (cache / "stats.json").is_file() and not args.redo:
+        stats = RidgeStats.load(cache)
+        if stats.meta.get("model_fingerprint") == fingerprint and list(stats.domains) == list(domains):
+            print(f"using cached statistics {cache}")
+            return stats
+        print(f"cached statistics {cache} belong to another model or domain set; recollecting")
+    config = build_oracle_model(experts, 0).config
+    stats = RidgeStats(config.num_hidden_layers, config.hidden_size, domains, model_fingerprint=fingerprint,
+                       num_dume_tokens=args.num_dume_tokens, data_source=f"{run.source}:train",
+                       extra_meta={"experts": [str(e) for e in experts],
+                                   "num_dume_stats_steps": args.num_dume_stats_steps})
+    for i, domain in enumerate(domains):
+        model = build_oracle_model(experts, i)
+        docs = data.load_documents(domain, "train", run.source, data_dir=run.data_dir)
+        batches = data.document_batches(docs, run.tokenizer, run.seq_len, args.stats_batch_size)
+        n = collect_domain(model, stats, domain, batches, args.num_dume_tokens, args.num_dume_stats_steps)
+        print(f"statistics {domain}: {n} tokens per layer")
+    stats.save(cache)
+    return stats
+
+
+def main(argv=None):
+    import torch
+
+    from dume.checkpoints import check_experts
+    from dume.merge import build_oracle_model, load_moe, moerge_experts, set_gates, write_oracle
+    from dume.router_training import mixed_blocks, train_routers
+    from dume.routers import centroid_gates, dume_gates, random_gates
+    from dume.routing import routing_accuracy, routing_shares
+    from dume.train import TrainConfig
+
+    args = parse(argv)
+    run = Run.from_args(args)
+    domains = run.domains() if args.domains == "all" else args.domains.split(",")
+    for d in domains:
+        run.check_domain(d)
+    validate(args, len(domains))
+    name = args.method if not args.tag else f"{args.method}_{args.tag}"
+    out = run.result_path(name)
+    if out.is_file() and not args.redo:
+        print(f"{out} exists; skipping (--redo to recompute)")
+        return
+    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
+    expert_set = check_experts(experts)
+    run.load(experts[0], "clm_train_experts.py")  # tokenizer/vocabulary check before heavy work
+    model_dir = run.model_dir(name)
+    payload = {"method": args.method, "domains": domains, "experts": [str(e) for e in experts],
+               "settings": {k: v for k, v in vars(args).items() if k not in ("redo",)}}
+
+    if args.method == "oracle":
+        results = {}
+        for i, d in enumerate(domains):
+            path = model_dir / d
+            if args.redo or not is_complete_checkpoint(path):
+                write_oracle(experts, i, path)
+            results[d] = run.evaluate(run.load(path, "clm_moerging_strategies_eval.py"), [d],
+                                      args.eval_batch_size, label=f"oracle[{d}]")[d]
+        payload.update(model=str(model_dir), results=results)
+        write_result(run, name, payload)
+        print("oracle".ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
+        return
+
+    config = expert_set.config
+    base_dir = run.model_dir("_moe_base") if args.domains == "all" else run.model_dir(f"_moe_base_{len(domains)}")
+    if args.redo or not is_complete_checkpoint(base_dir):
+        moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1, extra_config={"dume_domains": domains})
+
+    stats = None
+    if args.method in ("DUME", "DUMEplus", "centroid"):
+        stats = get_stats(run, args, experts, domains, base_dir)
+    if args.method in ("DUME", "DUMEplus"):
+        gates = dume_gates(stats, args.lam, args.temp, relative_lambda=args.relative_lambda)
+        payload["token_counts"] = stats.token_counts()
+    elif args.method == "centroid":
+        gates = centroid_gates(stats, args.temp)
+    else:
+        gates = random_gates(config.num_hidden_layers, len(domains), config.hidden_size, seed=args.seed)
+    set_gates(base_dir, gates, out_dir=model_dir, num_experts_per_tok=args.k)
+    model = load_moe(model_dir)
+
+    if args.method in ("BTX", "DUMEplus"):
+        warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
+        cfg = TrainConfig(lr=args.lr, steps=args.num_steps, warmup=warmup, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum, eval_every=max(1, args.num_steps // 4), seed=args.seed,
+                          mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
+        train_data = mixed_blocks([run.blocks(d, "train") for d in domains])
+        val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])
+        model, history = train_routers(model, train_data, val_data, cfg, alpha=args.alpha, desc=name)
+        trained = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
+        set_gates(base_dir, trained, out_dir=model_dir, num_experts_per_tok=args.k)
+        model = load_moe(model_dir)
+        payload["history"] = history
+    if stats is not None:
+        stats.save(model_dir / "dume_stats")
+
+    with torch.no_grad():
+        results = run.evaluate(model, domains, args.eval_batch_size, label=name)
+        shares = routing_shares(model, {d: run.blocks(d, "test") for d in domains}, args.eval_batch_size)
+    accuracy = routing_accuracy(shares, {d: i for i, d in enumerate(domains)})
+    payload.update(model=str(model_dir), results=results, routing_shares=shares, routing_accuracy=accuracy)
+    write_result(run, name, payload)
+    print(name.ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
+    print("routing accuracy, last layer:", {d: round(a[-1], 3) for d, a in accuracy.items()})
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

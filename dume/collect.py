@@ -1,0 +1,85 @@
+"""Collecting DUME's ridge statistics.
+
+Domain d's documents go through the dense model "averaged non-MLP + expert d's MLPs" —
+exactly what the MoErged model computes with every router forced to expert d — and the
+input of every layer's MLP (the output of `post_attention_layernorm`) is captured by a
+forward hook in the same pass (the paper's Eq. 7: one pass serves every layer). Only the
+first `num_dume_tokens` real tokens of each document count; padding never does. No
+gradients, no backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DumeError
+
+
+class MLPInputCapture:
+    """Forward pre-hooks on every decoder layer's MLP that keep its input."""
+
+    def __init__(self, model):
+        layers = model.model.layers
+        self.features: list[torch.Tensor | None] = [None] * len(layers)
+        self._handles = [layer.mlp.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, index):
+        def hook(module, args):
+            self.features[index] = args[0].detach()
+        return hook
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def token_mask(attention_mask: torch.Tensor, num_dume_tokens: int | None) -> torch.Tensor:
+    """Which positions count: real tokens, and among them only each row's first N."""
+    mask = attention_mask.bool()
+    if num_dume_tokens is not None:
+        if num_dume_tokens < 1:
+            raise DumeError(f"num_dume_tokens must be at least 1, got {num_dume_tokens}")
+        mask = mask & (mask.long().cumsum(dim=1) <= num_dume_tokens)
+    return mask
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """True when every row's real tokens come first (then padding)."""
+    m = mask.long()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+@torch.no_grad()
+def collect_domain(model, stats, domain: str, batches, num_dume_tokens: int | None = None,
+                   max_batches: int | None = None, desc: str | None = None) -> int:
+    """Add `domain`'s statistics from `batches` of (input_ids, attention_mask) into `stats`.
+
+    Returns the number of tokens counted per layer.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    counted = 0
+    with MLPInputCapture(model) as capture:
+        for i, (ids, mask) in enumerate(tqdm(batches, desc=desc or f"stats {domain}", leave=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            ids, mask = ids.to(device), mask.to(device)
+            if num_dume_tokens is not None and _right_padded(mask):
+                # Later positions cannot influence earlier ones (causal attention), so
+                # the forward can stop at the last position that counts.
+                ids, mask = ids[:, :num_dume_tokens], mask[:, :num_dume_tokens]
+            model(input_ids=ids, attention_mask=mask)
+            keep = token_mask(mask, num_dume_tokens)
+            for layer, feats in enumerate(capture.features):
+                stats.update(layer, domain, feats, keep)
+            counted += int(keep.sum())
+    if counted == 0:
+        raise DumeError(f"domain {domain!r} gave no tokens for the DUME statistics")
+    return counted
