@@ -1,0 +1,644 @@
+"""Merging D dense Llama experts: model averaging, MoErging into Mixtral, oracles.
+
+Everything streams tensor by tensor (mergekit style): all experts are opened lazily,
+each output tensor is computed from the D inputs read one at a time (float32
+accumulation, cast back to the experts' dtype) and written into a safetensors shard,
+so peak memory is about one output shard, not D models. The original code loaded all
+experts at once.
+
+A merge is a *plan*: a list of output tensors, each with a recipe (average over
+experts, take one expert's tensor, a given constant). Which tensor gets which recipe
+and which name comes from the name tables below, not from if-chains over
+architectures.
+
+The MoE is written as a standard `MixtralForCausalLM` checkpoint under the names
+`save_pretrained` writes in transformers 5 (the legacy per-expert
+`block_sparse_moe.experts.E.w{1,2,3}` names, converted to the fused in-memory
+`mlp.experts.gate_up_proj` / `down_proj` by `from_pretrained`), so
+`AutoModelForCausalLM.from_pretrained` and every tool built on it load it with no custom
+code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoints import (
+    CONFIG_NAME,
+    MUST_MATCH_FIELDS,
+    GENERATION_CONFIG_NAME,
+    TOKENIZER_FILES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointReader,
+    ExpertSet,
+    check_experts,
+    load_config,
+)
+from .errors import DumeError
+from .io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
+
+# ------------------------------------------------------------------ architecture tables
+
+# A dense Llama MLP tensor: layer, projection, weight/bias.
+LLAMA_MLP = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias)$")
+# Llama tensors that every Mixtral layer holds under the same name (averaged by MoErging).
+LLAMA_SHARED = tuple(
+    re.compile(p)
+    for p in (
+        r"^model\.embed_tokens\.weight$",
+        r"^model\.norm\.weight$",
+        r"^lm_head\.weight$",
+        r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$",
+        r"^model\.layers\.\d+\.(input|post_attention)_layernorm\.weight$",
+    )
+)
+# Stored by some old Llama checkpoints, recomputed by the model: not carried into a MoE.
+LLAMA_DROPPED = (re.compile(r"\.rotary_emb\.inv_freq$"),)
+
+# Llama MLP projection -> Mixtral expert matrix (as written by save_pretrained).
+LLAMA_TO_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+MIXTRAL_EXPERT_NAME = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+MIXTRAL_GATE_NAME = "model.layers.{layer}.block_sparse_moe.gate.weight"
+# Names a router may be stored under when reading (legacy first, then the in-memory one).
+MIXTRAL_GATE_NAMES = (MIXTRAL_GATE_NAME, "model.layers.{layer}.mlp.gate.weight")
+
+# LlamaConfig fields copied verbatim into the MixtralConfig.
+LLAMA_TO_MIXTRAL_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "attention_dropout",
+    "use_cache",
+)
+# MoE settings: a DUME MoE is a plain inference model; no jitter, no aux loss by default,
+# full attention like the Llama experts (Mixtral's default would add a sliding window).
+MIXTRAL_MOE_DEFAULTS: dict[str, Any] = {
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.0,
+    "router_jitter_noise": 0.0,
+    "sliding_window": None,
+}
+
+# Output shards: peak memory is about twice one shard (safetensors serialises a shard
+# into one buffer), whatever the model size.
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
+# ------------------------------------------------------------------------ plan/execute
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output: its name, shape, dtype and how to compute it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float] | None:
+    """None (plain mean) or n non-negative weights scaled to sum to 1."""
+    if weights is None:
+        return None
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise DumeError(f"got {len(w)} averaging weights for {n} experts")
+    if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise DumeError(f"averaging weights must be finite, non-negative and not all zero: {w}")
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def _average(readers: list[CheckpointReader], name: str, weights: list[float] | None, dtype: torch.dtype):
+    """Mean (or weighted mean) of one tensor over the experts, reading one at a time."""
+
+    def make() -> torch.Tensor:
+        acc: torch.Tensor | None = None
+        for i, rd in enumerate(readers):
+            t = rd.get(name).to(torch.float32)
+            if weights is not None:
+                t = t * weights[i]
+            acc = t if acc is None else acc.add_(t)
+            del t
+        if weights is None:
+            acc.div_(len(readers))
+        return acc.to(dtype)
+
+    return make
+
+
+def _take(reader: CheckpointReader, name: str, dtype: torch.dtype):
+    return lambda: reader.get(name).to(dtype)
+
+
+def _const(t: torch.Tensor):
+    return lambda: t
+
+
+def _shared_or_mlp(name: str) -> str:
+    """'mlp', 'shared', 'dropped' or 'unknown' for a dense Llama tensor name."""
+    if LLAMA_MLP.match(name):
+        return "mlp"
+    if any(p.search(name) for p in LLAMA_DROPPED):
+        return "dropped"
+    if any(p.match(name) for p in LLAMA_SHARED):
+        return "shared"
+    return "unknown"
+
+
+def _plan_average(es: ExpertSet, readers, weights) -> list[OutTensor]:
+    return [
+        OutTensor(n, shape, dtype, _average(readers, n, weights, dtype))
+        for n, (shape, dtype) in es.tensors.items()
+    ]
+
+
+def _plan_oracle(es: ExpertSet, readers, domain_index: int, weights) -> list[OutTensor]:
+    out = []
+    for n, (shape, dtype) in es.tensors.items():
+        if LLAMA_MLP.match(n):
+            out.append(OutTensor(n, shape, dtype, _take(readers[domain_index], n, dtype)))
+        else:
+            out.append(OutTensor(n, shape, dtype, _average(readers, n, weights, dtype)))
+    return out
+
+
+def _check_moe_layout(es: ExpertSet) -> None:
+    """Every tensor must have a place in a Mixtral checkpoint, every layer an MLP."""
+    unknown = [n for n in es.tensors if _shared_or_mlp(n) == "unknown"]
+    if unknown:
+        raise DumeError(
+            f"{es.dirs[0]}: tensors with no place in a Mixtral checkpoint: {unknown[:5]}"
+            f"{'...' if len(unknown) > 5 else ''} (expected LlamaForCausalLM tensor names)"
+        )
+    L = es.config.num_hidden_layers
+    for layer in range(L):
+        for proj in LLAMA_TO_MIXTRAL_EXPERT:
+            n = f"model.layers.{layer}.mlp.{proj}.weight"
+            if n not in es.tensors:
+                raise DumeError(f"{es.dirs[0]}: missing MLP tensor {n}")
+
+
+def _plan_moe(es: ExpertSet, readers, gates: list[torch.Tensor], weights) -> list[OutTensor]:
+    """Shared tensors averaged; layer l's MLPs become its experts; then its gate."""
+    out: list[OutTensor] = []
+    mlp_by_layer: dict[int, list[tuple[str, str]]] = {}
+    for n, (shape, dtype) in es.tensors.items():
+        kind = _shared_or_mlp(n)
+        if kind == "shared":
+            out.append(OutTensor(n, shape, dtype, _average(readers, n, weights, dtype)))
+        elif kind == "mlp":
+            m = LLAMA_MLP.match(n)
+            mlp_by_layer.setdefault(int(m["layer"]), []).append((n, m["proj"]))
+    for layer in sorted(mlp_by_layer):
+        for e, rd in enumerate(readers):
+            for n, proj in sorted(mlp_by_layer[layer], key=lambda x: x[1]):
+                shape, dtype = es.tensors[n]
+                name = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=e, w=LLAMA_TO_MIXTRAL_EXPERT[proj])
+                out.append(OutTensor(name, shape, dtype, _take(rd, n, dtype)))
+        g = gates[layer]
+        out.append(OutTensor(MIXTRAL_GATE_NAME.format(layer=layer), tuple(g.shape), g.dtype, _const(g)))
+    return out
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_safetensors(plan: list[OutTensor], out_dir: Path, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Compute the plan's tensors shard by shard and write them (+ index if sharded).
+
+    Shards are planned from the known shapes first, so the file names are final and
+    only one shard's tensors are in memory at a time.
+    """
+    if max_shard_size <= 0:
+        raise DumeError(f"max_shard_size must be positive, got {max_shard_size}")
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    names = _shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    for fname, shard in zip(names, shards):
+        tensors: dict[str, torch.Tensor] = {}
+        for t in shard:
+            v = t.make()
+            if tuple(v.shape) != t.shape or v.dtype != t.dtype:
+                raise DumeError(f"internal error: {t.name} computed as {tuple(v.shape)} {v.dtype}, planned {t.shape} {t.dtype}")
+            tensors[t.name] = v.contiguous()
+            weight_map[t.name] = fname
+        save_file(tensors, str(out_dir / fname), metadata=dict(SAFETENSORS_METADATA))
+        del tensors
+    if len(names) > 1:
+        total = sum(t.nbytes for t in plan)
+        atomic_write_json(out_dir / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+# ------------------------------------------------------------------------- small helpers
+
+
+def _check_out_dir(out_dir: str | Path, protected: Iterable[Path]) -> Path:
+    """Refuse an output directory that would replace (or contain) an input."""
+    out = Path(out_dir).resolve()
+    for p in protected:
+        p = Path(p).resolve()
+        if out == p or out in p.parents:
+            raise DumeError(f"output directory {out_dir} would overwrite the input checkpoint {p}")
+    return Path(out_dir)
+
+
+def _copy_side_files(es: ExpertSet, dst: Path) -> None:
+    """Tokenizer files (from the first expert that has them) and generation config."""
+    if es.tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = es.tokenizer_dir / name
+            if src.is_file():
+                shutil.copy2(src, dst / name)
+    for d in es.dirs:
+        src = d / GENERATION_CONFIG_NAME
+        if src.is_file():
+            shutil.copy2(src, dst / GENERATION_CONFIG_NAME)
+            break
+
+
+# Config keys `extra_config` may not set: they describe the weights (or have their own
+# argument), so overriding them would make config and tensors disagree.
+PROTECTED_CONFIG_KEYS = frozenset(
+    (*MUST_MATCH_FIELDS, *LLAMA_TO_MIXTRAL_FIELDS, "model_type", "architectures", "num_local_experts", "num_experts_per_tok")
+)
+
+
+def _apply_extra(config, extra_config: dict | None) -> None:
+    """Attach extra attributes (e.g. `dume={...}`); they round-trip through config.json."""
+    bad = sorted(set(extra_config or {}) & PROTECTED_CONFIG_KEYS)
+    if bad:
+        raise DumeError(f"extra_config may not set {bad}: these fields must match the weights")
+    for k, v in (extra_config or {}).items():
+        setattr(config, k, v)
+
+
+@contextlib.contextmanager
+def _open_all(es: ExpertSet) -> Iterator[list[CheckpointReader]]:
+    """All experts opened lazily (headers only) for the duration of a merge."""
+    readers = es.readers()
+    try:
+        yield readers
+    finally:
+        for rd in readers:
+            rd.close()
+
+
+def _experts_dtype(es: ExpertSet) -> torch.dtype:
+    """The experts' storage dtype (of their floating tensors; float32 if none)."""
+    dts = [dt for _, dt in es.tensors.values() if dt.is_floating_point]
+    return max(set(dts), key=dts.count) if dts else torch.float32
+
+
+def _validate_gates(gates: Sequence[torch.Tensor], num_layers: int, num_experts: int, hidden: int, where: str) -> list[torch.Tensor]:
+    gates = list(gates)
+    if len(gates) != num_layers:
+        raise DumeError(f"{where}: got {len(gates)} gates for {num_layers} layers")
+    out = []
+    for layer, g in enumerate(gates):
+        if not isinstance(g, torch.Tensor):
+            raise DumeError(f"{where}: gate {layer} is a {type(g).__name__}, not a tensor")
+        if tuple(g.shape) != (num_experts, hidden):
+            raise DumeError(
+                f"{where}: gate {layer} has shape {list(g.shape)}, expected [num_experts={num_experts}, hidden={hidden}]"
+            )
+        if g.is_floating_point() and not torch.isfinite(g).all():
+            raise DumeError(f"{where}: gate {layer} has non-finite values")
+        out.append(g.detach().to("cpu"))
+    return out
+
+
+def _validate_k(k: int, num_experts: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
+        raise DumeError(f"num_experts_per_tok must be an integer in [1, {num_experts}], got {k!r}")
+    return k
+
+
+# ------------------------------------------------------------------------- public API
+
+
+def mixtral_config_from_llama(llama_config, num_experts: int, num_experts_per_tok: int = 1, extra_config: dict | None = None):
+    """The `MixtralConfig` whose model computes what the MoErged Llama experts compute.
+
+    Everything architectural is copied from the Llama config (notably `rope_parameters`:
+    Mixtral's default rope theta is 1e6, Llama's 1e4, and `rms_norm_eps`), plus the MoE
+    fields. `extra_config` entries (e.g. `dume={"domains": [...]}`) become config
+    attributes and round-trip through save/load.
+    """
+    from transformers import MixtralConfig
+
+    _validate_k(num_experts_per_tok, num_experts)
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(llama_config, flag, False):
+            raise DumeError(f"{flag}=True: a Mixtral MoE has no biases, so this Llama cannot be MoErged")
+    kwargs = {f: getattr(llama_config, f) for f in LLAMA_TO_MIXTRAL_FIELDS if hasattr(llama_config, f)}
+    if isinstance(kwargs.get("rope_parameters"), dict):
+        kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
+    kwargs.update(MIXTRAL_MOE_DEFAULTS)
+    kwargs.update(num_local_experts=num_experts, num_experts_per_tok=num_experts_per_tok)
+    dtype = getattr(llama_config, "dtype", None)
+    cfg = MixtralConfig(**kwargs)
+    if dtype is not None:
+        cfg.dtype = dtype
+    cfg.architectures = ["MixtralForCausalLM"]
+    _apply_extra(cfg, extra_config)
+    return cfg
+
+
+def average_experts(
+    expert_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    weights: Sequence[float] | None = None,
+    *,
+    extra_config: dict | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = True,
+) -> Path:
+    """Model averaging: every parameter (MLPs included) averaged into one Llama checkpoint."""
+    es = check_experts(expert_dirs)
+    w = _normalised_weights(weights, es.num_experts)
+    out_dir = _check_out_dir(out_dir, es.dirs)
+    config = load_config(es.dirs[0], "llama")
+    config.architectures = ["LlamaForCausalLM"]
+    _apply_extra(config, extra_config)
+    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_safetensors(_plan_average(es, readers, w), tmp, max_shard_size)
+        config.save_pretrained(str(tmp))
+        _copy_side_files(es, tmp)
+    return out_dir
+
+
+def moerge_experts(
+    expert_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    gates: Sequence[torch.Tensor] | None = None,
+    num_experts_per_tok: int = 1,
+    extra_config: dict | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = True,
+) -> Path:
+    """MoErging: shared tensors averaged, layer l's D MLPs -> layer l's D experts.
+
+    Expert e of every layer is `expert_dirs[e]`'s MLP. `gates` are the L router weights
+    [D, H] (zeros when None: the caller sets them later with `set_gates`). `weights`
+    re-weights the averaging of the shared tensors (plain mean by default).
+    """
+    es = check_experts(expert_dirs, require_mixtral_compatible=True)
+    _check_moe_layout(es)
+    w = _normalised_weights(weights, es.num_experts)
+    cfg = es.config
+    D, H, L = es.num_experts, cfg.hidden_size, cfg.num_hidden_layers
+    _validate_k(num_experts_per_tok, D)
+    dtype = _experts_dtype(es)
+    if gates is None:
+        gates = [torch.zeros(D, H, dtype=dtype) for _ in range(L)]
+    else:
+        gates = [g.to(dtype) for g in _validate_gates(gates, L, D, H, "moerge_experts")]
+    mcfg = mixtral_config_from_llama(load_config(es.dirs[0], "llama"), D, num_experts_per_tok, extra_config)
+    out_dir = _check_out_dir(out_dir, es.dirs)
+    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_safetensors(_plan_moe(es, readers, gates, w), tmp, max_shard_size)
+        mcfg.save_pretrained(str(tmp))
+        _copy_side_files(es, tmp)
+    return out_dir
+
+
+def shared_state_dict(expert_dirs: Sequence[str | Path], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """The averaged non-MLP tensors, computed once for building several oracles."""
+    es = check_experts(expert_dirs)
+    w = _normalised_weights(weights, es.num_experts)
+    with _open_all(es) as readers:
+        return {
+            n: _average(readers, n, w, dtype)()
+            for n, (shape, dtype) in es.tensors.items()
+            if not LLAMA_MLP.match(n)
+        }
+
+
+def oracle_state_dict(
+    expert_dirs: Sequence[str | Path],
+    domain_index: int,
+    weights: Sequence[float] | None = None,
+    shared: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Averaged non-MLP tensors + expert `domain_index`'s MLPs, as a Llama state dict.
+
+    This dense model is exactly the MoE with every token routed to that expert, which
+    is what DUME's statistics collection forwards domain d's text through. Pass
+    `shared` (from `shared_state_dict`) to avoid re-averaging for every domain.
+    """
+    es = check_experts(expert_dirs)
+    if not isinstance(domain_index, int) or not 0 <= domain_index < es.num_experts:
+        raise DumeError(f"domain_index must be in [0, {es.num_experts}), got {domain_index!r}")
+    if shared is None:
+        shared = shared_state_dict(expert_dirs, weights)
+    out: dict[str, torch.Tensor] = {}
+    with CheckpointReader(es.dirs[domain_index]) as rd:
+        for n, (shape, dtype) in es.tensors.items():
+            if LLAMA_MLP.match(n):
+                out[n] = rd.get(n).to(dtype)
+            elif n in shared:
+                out[n] = shared[n]
+            else:
+                raise DumeError(f"the shared state dict lacks {n}; was it built from the same experts?")
+    return out
+
+
+def build_oracle_model(
+    expert_dirs: Sequence[str | Path],
+    domain_index: int,
+    weights: Sequence[float] | None = None,
+    shared: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The oracle for one domain as an in-memory `LlamaForCausalLM` (eval mode)."""
+    from transformers import LlamaForCausalLM
+
+    sd = oracle_state_dict(expert_dirs, domain_index, weights, shared)
+    config = load_config(Path(expert_dirs[0]), "llama")
+    if dtype is None:
+        dts = [t.dtype for t in sd.values() if t.is_floating_point()]
+        dtype = max(set(dts), key=dts.count) if dts else torch.float32
+    model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=sd, dtype=dtype)
+    return model.eval()
+
+
+def write_oracle(
+    expert_dirs: Sequence[str | Path],
+    domain_index: int,
+    out_dir: str | Path,
+    weights: Sequence[float] | None = None,
+    *,
+    extra_config: dict | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = True,
+) -> Path:
+    """The oracle for one domain written as a Llama checkpoint (streamed)."""
+    es = check_experts(expert_dirs)
+    if not isinstance(domain_index, int) or not 0 <= domain_index < es.num_experts:
+        raise DumeError(f"domain_index must be in [0, {es.num_experts}), got {domain_index!r}")
+    w = _normalised_weights(weights, es.num_experts)
+    out_dir = _check_out_dir(out_dir, es.dirs)
+    config = load_config(es.dirs[0], "llama")
+    config.architectures = ["LlamaForCausalLM"]
+    _apply_extra(config, extra_config)
+    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_safetensors(_plan_oracle(es, readers, domain_index, w), tmp, max_shard_size)
+        config.save_pretrained(str(tmp))
+        _copy_side_files(es, tmp)
+    return out_dir
+
+
+# ---------------------------------------------------------------- existing MoE checkpoints
+
+
+def _check_moe_dir(moe_dir: str | Path):
+    moe_dir = Path(moe_dir)
+    if not is_complete_checkpoint(moe_dir):
+        raise DumeError(f"{moe_dir} is not a complete checkpoint (config.json + safetensors weights)")
+    return moe_dir, load_config(moe_dir, "mixtral")
+
+
+def _gate_names(reader: CheckpointReader, num_layers: int) -> list[str]:
+    names = []
+    for layer in range(num_layers):
+        for tpl in MIXTRAL_GATE_NAMES:
+            n = tpl.format(layer=layer)
+            if n in reader:
+                names.append(n)
+                break
+        else:
+            raise DumeError(f"{reader.path}: no router weight for layer {layer}")
+    return names
+
+
+def read_gates(moe_dir: str | Path) -> list[torch.Tensor]:
+    """The L router weights [D, H] of a Mixtral checkpoint, without loading the model."""
+    moe_dir, cfg = _check_moe_dir(moe_dir)
+    with CheckpointReader(moe_dir) as rd:
+        return [rd.get(n) for n in _gate_names(rd, cfg.num_hidden_layers)]
+
+
+def load_moe(moe_dir: str | Path, **kwargs):
+    """`MixtralForCausalLM.from_pretrained(moe_dir, **kwargs)` after checking the dir."""
+    from transformers import MixtralForCausalLM
+
+    moe_dir, _ = _check_moe_dir(moe_dir)
+    return MixtralForCausalLM.from_pretrained(str(moe_dir), **kwargs)
+
+
+def _rewrite_file(rd: CheckpointReader, fname: str, replace: dict[str, torch.Tensor], dst: Path) -> None:
+    """Write `fname`'s tensors with some replaced to `dst` (one file in memory)."""
+    tensors = {n: rd.get(n) for n in rd.keys() if rd.file_of(n) == fname}
+    tensors.update(replace)
+    meta = rd.metadata(fname)
+    meta.update(SAFETENSORS_METADATA)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def set_gates(
+    moe_dir: str | Path,
+    gates: Sequence[torch.Tensor],
+    out_dir: str | Path | None = None,
+    num_experts_per_tok: int | None = None,
+) -> Path:
+    """Replace the routers (and optionally k) of a Mixtral checkpoint.
+
+    Only the files holding router weights are rewritten, each to a temporary sibling
+    renamed into place, so an interrupted call leaves the old file. With `out_dir` the
+    checkpoint is copied there (atomically) and `moe_dir` is left untouched. Gates are
+    cast to the stored routers' dtype. Shapes ([D, H] per layer, L layers) are checked
+    before anything is written.
+    """
+    moe_dir, cfg = _check_moe_dir(moe_dir)
+    D, H, L = cfg.num_local_experts, cfg.hidden_size, cfg.num_hidden_layers
+    gates = _validate_gates(gates, L, D, H, f"set_gates({moe_dir})")
+    if num_experts_per_tok is not None:
+        _validate_k(num_experts_per_tok, D)
+    in_place = out_dir is None or Path(out_dir).resolve() == moe_dir.resolve()
+    if not in_place:
+        out_dir = _check_out_dir(out_dir, [moe_dir])
+
+    rd = CheckpointReader(moe_dir)
+    names = _gate_names(rd, L)
+    replace_by_file: dict[str, dict[str, torch.Tensor]] = {}
+    for n, g in zip(names, gates):
+        replace_by_file.setdefault(rd.file_of(n), {})[n] = g.to(rd.dtype(n)).contiguous()
+    raw_config = read_json(moe_dir / CONFIG_NAME)
+    if num_experts_per_tok is not None:
+        raw_config["num_experts_per_tok"] = num_experts_per_tok
+
+    if in_place:
+        tmps: list[tuple[Path, Path]] = []
+        try:
+            for fname, rep in replace_by_file.items():
+                final = moe_dir / fname
+                tmp = final.with_name(f".{fname}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                _rewrite_file(rd, fname, rep, tmp)
+                tmps.append((tmp, final))
+            rd.close()
+            for tmp, final in tmps:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in tmps:
+                tmp.unlink(missing_ok=True)
+        if num_experts_per_tok is not None:
+            atomic_write_json(moe_dir / CONFIG_NAME, raw_config)
+        return moe_dir
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp_dir:
+        for src in moe_dir.iterdir():
+            if src.name in replace_by_file:
+                _rewrite_file(rd, src.name, replace_by_file[src.name], tmp_dir / src.name)
+            elif src.is_file():
+                shutil.copy2(src, tmp_dir / src.name)
+            elif src.is_dir():
+                shutil.copytree(src, tmp_dir / src.name)
+        atomic_write_json(tmp_dir / CONFIG_NAME, raw_config)
+    rd.close()
+    return out_dir
