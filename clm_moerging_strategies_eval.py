@@ -82,7 +82,7 @@ def get_stats(run: Run, args, experts, domains, base_dir):
     from dume import data
     from dume.checkpoints import model_fingerprint
     from dume.collect import collect_domain
-    from dume.merge import build_oracle_model
+    from dume.merge import build_oracle_model, shared_state_dict
     from dume.ridge import RidgeStats
 
     fingerprint = model_fingerprint(base_dir)
@@ -93,13 +93,14 @@ def get_stats(run: Run, args, experts, domains, base_dir):
             print(f"using cached statistics {cache}")
             return stats
         print(f"cached statistics {cache} belong to another model or domain set; recollecting")
-    config = build_oracle_model(experts, 0).config
+    shared = shared_state_dict(experts)  # averaged non-MLP weights, computed once for all domains
+    config = build_oracle_model(experts, 0, shared=shared).config
     stats = RidgeStats(config.num_hidden_layers, config.hidden_size, domains, model_fingerprint=fingerprint,
                        num_dume_tokens=args.num_dume_tokens, data_source=f"{run.source}:train",
                        extra_meta={"experts": [str(e) for e in experts],
                                    "num_dume_stats_steps": args.num_dume_stats_steps})
     for i, domain in enumerate(domains):
-        model = build_oracle_model(experts, i)
+        model = build_oracle_model(experts, i, shared=shared)
         docs = data.load_documents(domain, "train", run.source, data_dir=run.data_dir)
         batches = data.document_batches(docs, run.tokenizer, run.seq_len, args.stats_batch_size)
         n = collect_domain(model, stats, domain, batches, args.num_dume_tokens, args.num_dume_stats_steps)

@@ -5,6 +5,8 @@
   2. clm_train_experts.py       one expert per domain
   3. clm_experts_eval.py        every expert on every domain
   4. clm_weights_avg_eval.py    model averaging
+  5. clm_moerging_strategies_eval.py --method M, for M in oracle, random_routing,
+     centroid, DUME, BTX, DUMEplus
   then the table (RUN_DIR/table.md, RUN_DIR/clm_results.json).
 
 Each step skips what already exists, so an interrupted run resumes; --redo recomputes.
@@ -18,6 +20,7 @@ import sys
 import time
 
 import clm_experts_eval
+import clm_moerging_strategies_eval
 import clm_pretrain
 import clm_train_experts
 import clm_weights_avg_eval
@@ -29,7 +32,7 @@ STEPS = [
     ("experts", clm_train_experts),
     ("experts_eval", clm_experts_eval),
     ("model_averaging", clm_weights_avg_eval),
-]
+] + [(method, clm_moerging_strategies_eval) for method in clm_moerging_strategies_eval.METHODS]
 
 
 def main(argv=None):
@@ -42,9 +45,13 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     common = ["--run-dir", args.run_dir, *rest]
     step_args = {name: [] for name, _ in STEPS}
+    for method in clm_moerging_strategies_eval.METHODS:
+        step_args[method] = ["--method", method]
     if args.smoke:
         step_args["pretrain"] = ["--preset", "test-micro", "--steps", "20", "--warmup", "2", "--eval-every", "10"]
         step_args["experts"] = ["--steps", "4", "--warmup", "1", "--eval-every", "2"]
+        for method in ("BTX", "DUMEplus"):
+            step_args[method] += ["--num-steps", "4"]
         common += ["--seq-len", "64", "--vocab-size", "512", "--max-eval-blocks", "8"]
     timings = {}
     start = time.time()

@@ -19,9 +19,14 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import data
 from .errors import DumeError
 from .io import atomic_write_json, is_complete_checkpoint, read_json
+
+
+MAX_VALIDATION_BLOCKS = 128
 
 
 @dataclass
@@ -85,6 +90,11 @@ class Run:
             ids, mask = data.pack_documents(docs, self.tokenizer, self.seq_len)
             if split == "test" and self.max_eval_blocks:
                 ids, mask = ids[: self.max_eval_blocks], mask[: self.max_eval_blocks]
+            if split == "validation" and len(ids) > MAX_VALIDATION_BLOCKS:
+                # Validation during training only has to rank checkpoints; a fixed
+                # deterministic sample keeps it cheap on a large corpus.
+                pick = torch.linspace(0, len(ids) - 1, MAX_VALIDATION_BLOCKS).long()
+                ids, mask = ids[pick], mask[pick]
             self._blocks[key] = (ids, mask)
         return self._blocks[key]
 
