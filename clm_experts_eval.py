@@ -29,8 +29,8 @@ def main(argv=None):
         return
     models = {"seed": (run.seed_dir, "clm_pretrain.py")}
     models.update({f"{d}_expert": (run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains})
-    for path, made_by in models.values():  # every checkpoint present before any evaluation
-        run.require_checkpoint(path, made_by)
+    for path, made_by in models.values():  # every checkpoint usable before any evaluation
+        run.check_checkpoint(path, made_by)
     results = {}
     for name, (path, made_by) in models.items():
         model = run.load(path, made_by)

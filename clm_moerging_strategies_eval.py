@@ -24,7 +24,7 @@ import sys
 from dume.cli import base_parser, run_main
 from dume.clm import Run, write_result
 from dume.errors import DumeError
-from dume.io import is_complete_checkpoint
+from dume.io import is_complete_checkpoint, read_json
 
 METHODS = ("oracle", "random_routing", "centroid", "DUME", "BTX", "DUMEplus")
 DEFAULTS = {  # the paper's per-method defaults (Section 3.1)
@@ -86,19 +86,25 @@ def get_stats(run: Run, args, experts, domains, base_dir):
     from dume.ridge import RidgeStats
 
     fingerprint = model_fingerprint(base_dir)
+    # Everything besides the fingerprint that decides what the statistics contain. (The
+    # fingerprint covers the averaged shared weights, which change with any expert.)
+    provenance = {"num_dume_stats_steps": args.num_dume_stats_steps,
+                  "stats_batch_size": args.stats_batch_size, "seq_len": run.seq_len, "source": run.source,
+                  "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint()}
     cache = run.run_dir / "stats" / stats_key(args)
     if (cache / "stats.json").is_file() and not args.redo:
         stats = RidgeStats.load(cache)
-        if stats.meta.get("model_fingerprint") == fingerprint and list(stats.domains) == list(domains):
+        same = (stats.meta.get("model_fingerprint") == fingerprint and list(stats.domains) == list(domains)
+                and all(stats.meta.get(k) == v for k, v in provenance.items()))
+        if same:
             print(f"using cached statistics {cache}")
             return stats
-        print(f"cached statistics {cache} belong to another model or domain set; recollecting")
+        print(f"cached statistics {cache} were made from another model, data or domain set; recollecting")
     shared = shared_state_dict(experts)  # averaged non-MLP weights, computed once for all domains
     config = build_oracle_model(experts, 0, shared=shared).config
     stats = RidgeStats(config.num_hidden_layers, config.hidden_size, domains, model_fingerprint=fingerprint,
                        num_dume_tokens=args.num_dume_tokens, data_source=f"{run.source}:train",
-                       extra_meta={"experts": [str(e) for e in experts],
-                                   "num_dume_stats_steps": args.num_dume_stats_steps})
+                       extra_meta={**provenance, "experts": [str(e) for e in experts]})
     for i, domain in enumerate(domains):
         model = build_oracle_model(experts, i, shared=shared)
         docs = data.load_documents(domain, "train", run.source, data_dir=run.data_dir)
@@ -125,6 +131,11 @@ def main(argv=None):
     for d in domains:
         run.check_domain(d)
     validate(args, len(domains))
+    if args.method != "oracle":  # every domain has training text, before any heavy work
+        from dume import data
+
+        for d in domains:
+            data.load_documents(d, "train", run.source, data_dir=run.data_dir)
     name = args.method if not args.tag else f"{args.method}_{args.tag}"
     out = run.result_path(name)
     if out.is_file() and not args.redo:
@@ -134,7 +145,7 @@ def main(argv=None):
     expert_set = check_experts(experts)
     run.load(experts[0], "clm_train_experts.py")  # tokenizer/vocabulary check before heavy work
     model_dir = run.model_dir(name)
-    payload = {"method": args.method, "domains": domains, "experts": [str(e) for e in experts],
+    payload = {"name": name, "method": args.method, "domains": domains, "experts": [str(e) for e in experts],
                "settings": {k: v for k, v in vars(args).items() if k not in ("redo",)}}
 
     if args.method == "oracle":
@@ -151,9 +162,13 @@ def main(argv=None):
         return
 
     config = expert_set.config
-    base_dir = run.model_dir("_moe_base") if args.domains == "all" else run.model_dir(f"_moe_base_{len(domains)}")
-    if args.redo or not is_complete_checkpoint(base_dir):
-        moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1, extra_config={"dume_domains": domains})
+    # The MoErged model with zero gates, built once and reused by every router; it is
+    # rebuilt when it was made from other experts.
+    base_dir = run.model_dir("_moe_base")
+    made_from = {"dume_domains": domains, "dume_experts": [str(e) for e in experts]}
+    if args.redo or not is_complete_checkpoint(base_dir) or any(
+            read_json(base_dir / "config.json").get(k) != v for k, v in made_from.items()):
+        moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1, extra_config=made_from)
 
     stats = None
     if args.method in ("DUME", "DUMEplus", "centroid"):

@@ -8,7 +8,7 @@ import sys
 
 from dume.cli import base_parser, run_main
 from dume.clm import Run, write_result
-from dume.io import is_complete_checkpoint
+from dume.io import is_complete_checkpoint, read_json
 
 
 def parse(argv):
@@ -29,14 +29,16 @@ def main(argv=None):
     if out.is_file() and not args.redo:
         print(f"{out} exists; skipping (--redo to recompute)")
         return
-    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
+    experts = [run.check_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
     model_dir = run.model_dir("model_averaging")
-    if args.redo or not is_complete_checkpoint(model_dir):
-        average_experts(experts, model_dir)
+    made_from = {"dume_experts": [str(e) for e in experts]}
+    if args.redo or not is_complete_checkpoint(model_dir) or \
+            read_json(model_dir / "config.json").get("dume_experts") != made_from["dume_experts"]:
+        average_experts(experts, model_dir, extra_config=made_from)
     model = run.load(model_dir, "clm_weights_avg_eval.py")
     results = run.evaluate(model, domains, args.eval_batch_size, label="model_averaging")
     print("model_averaging".ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
-    write_result(run, "model_averaging", {"domains": domains, "experts": [str(e) for e in experts],
+    write_result(run, "model_averaging", {"name": "model_averaging", "domains": domains, "experts": [str(e) for e in experts],
                                           "model": str(model_dir), "results": results})
 
 

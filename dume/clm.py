@@ -104,6 +104,25 @@ class Run:
             raise DumeError(f"missing checkpoint {path}: run {made_by} first")
         return path
 
+    def check_checkpoint(self, path: Path, made_by: str) -> Path:
+        """Complete, readable (safetensors headers parse) and embeds the run's tokenizer:
+        checked for every input before a script does any heavy work."""
+        from .checkpoints import CheckpointReader, load_config
+        from .models import check_tokenizer_matches
+
+        self.require_checkpoint(path, made_by)
+        with CheckpointReader(path):
+            pass
+        config = load_config(path, model_type=read_json(path / "config.json").get("model_type", "llama"))
+        check_tokenizer_matches(config, self.tokenizer, where=str(path))
+        return path
+
+    def tokenizer_fingerprint(self) -> str:
+        import hashlib
+
+        vocab = sorted(self.tokenizer.get_vocab().items())
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
     def load(self, path: Path, made_by: str):
         from .models import check_tokenizer_matches, load_model
 

@@ -75,7 +75,8 @@ def collect_domain(model, stats, domain: str, batches, num_dume_tokens: int | No
                 # Later positions cannot influence earlier ones (causal attention), so
                 # the forward can stop at the last position that counts.
                 ids, mask = ids[:, :num_dume_tokens], mask[:, :num_dume_tokens]
-            model(input_ids=ids, attention_mask=mask)
+            # The logits are never read: logits_to_keep=1 skips most of the lm_head's work.
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
             keep = token_mask(mask, num_dume_tokens)
             for layer, feats in enumerate(capture.features):
                 stats.update(layer, domain, feats, keep)

@@ -45,7 +45,7 @@ def gather_clm_methods(results_dir: Path) -> tuple[list[str], dict[str, dict[str
         content = read_json(path)
         if path.name == "experts_eval.json" or "results" not in content:
             continue
-        name = content.get("method", path.stem)
+        name = content.get("name", path.stem)
         if set(content["results"]) >= set(domains):
             methods[name] = _ppl(content["results"])
             sources[name] = str(path)

@@ -159,15 +159,17 @@ class RidgeStats:
                 raise DumeError(
                     f"mask shape {tuple(mask.shape)} does not match features' leading shape {tuple(features.shape[:-1])}"
                 )
-            # Multiplying by a 0/1 mask instead of boolean indexing avoids a device sync.
+            # Selecting with `where` instead of boolean indexing avoids a device sync, and
+            # unlike multiplying by the mask it cannot turn an inf at a padding position into NaN.
             m = mask.reshape(-1).to(device=x.device).bool()
-            x = x * m.unsqueeze(1).to(torch.float32)
+            x = torch.where(m.unsqueeze(1), x, 0.0)
             count = m.sum()
         else:
             count = torch.tensor(x.shape[0])
         xtx = x.T @ x
         sx = x.sum(dim=0)
-        if not (torch.isfinite(sx).all() and torch.isfinite(xtx).all()):
+        # A NaN/inf feature always reaches Σx, so one check on the H-vector suffices.
+        if not bool(torch.isfinite(sx).all()):
             raise DumeError(f"non-finite router inputs at layer {layer} for domain {domain!r} (NaN/inf in features)")
         self.A[layer, j] += xtx.to(device=self.device, dtype=torch.float64)
         self.s[layer, j] += sx.to(device=self.device, dtype=torch.float64)

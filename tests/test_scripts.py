@@ -311,10 +311,7 @@ def test_corrupted_seed_checkpoint(tmp_path, trained_run, corpus_dir, capsys, mo
 
 
 @pytest.mark.parametrize("script", [
-    pytest.param(clm_experts_eval, marks=pytest.mark.xfail(
-        strict=True, reason="clm_experts_eval.py checks only that checkpoint files exist before evaluating; a "
-                            "corrupted expert is found after the seed and the earlier experts were already "
-                            "evaluated (see report)")),
+    clm_experts_eval,
     clm_weights_avg_eval,
 ])
 def test_corrupted_expert_is_refused_before_any_evaluation(tmp_path, trained_run, corpus_dir, capsys,
@@ -340,10 +337,7 @@ def test_corrupted_expert_is_refused_before_any_evaluation(tmp_path, trained_run
 @pytest.mark.parametrize("script", [
     clm_train_experts,
     clm_experts_eval,
-    pytest.param(clm_weights_avg_eval, marks=pytest.mark.xfail(
-        strict=True, reason="clm_weights_avg_eval.py averages the experts into models/model_averaging before "
-                            "checking the tokenizer against the model (run.load comes after average_experts); "
-                            "see report")),
+    clm_weights_avg_eval,
 ])
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, trained_run, corpus_dir, capsys, monkeypatch,
                                                     script):
