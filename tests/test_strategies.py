@@ -364,3 +364,21 @@ def test_domain_without_training_text_is_refused(tmp_path, strategy_run, corpus_
     assert {k: v for k, v in after.items() if k in before} == before, "existing outputs were changed"
     assert not (run_dir / "results" / "DUME_zoo.json").exists()
     assert not (run_dir / "models" / "DUME_zoo").exists()
+
+
+def test_saved_dume_model_equals_a_handwritten_routed_forward(strategy_run):
+    """The DUME checkpoint, loaded with plain from_pretrained, computes top-1 routing with
+    the gates solved from its statistics over the experts' own MLPs."""
+    from dume.routers import dume_gates
+    from tests.test_merge import reference_moe
+
+    res = _result(strategy_run, "DUME")
+    stats = RidgeStats.load(strategy_run / "models" / "DUME" / "dume_stats")
+    gates = [g.float() for g in dume_gates(stats, res["settings"]["lam"], res["settings"]["temp"])]
+    moe = AutoModelForCausalLM.from_pretrained(strategy_run / "models" / "DUME").eval()
+    assert isinstance(moe, MixtralForCausalLM) and moe.config.num_experts_per_tok == 1
+    ref, routed = reference_moe([strategy_run / "experts" / d for d in DOMAINS], gates, k=1)
+    ids = torch.randint(0, moe.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert any(len(r.chosen) >= 2 for r in routed)  # the routing really mixes experts
