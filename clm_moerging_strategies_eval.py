@@ -24,7 +24,7 @@ import sys
 from dume.cli import base_parser, run_main
 from dume.clm import Run, write_result
 from dume.errors import DumeError
-from dume.io import is_complete_checkpoint, read_json
+from dume.io import atomic_write_json, is_complete_checkpoint, read_json
 
 METHODS = ("oracle", "random_routing", "centroid", "DUME", "BTX", "DUMEplus")
 DEFAULTS = {  # the paper's per-method defaults (Section 3.1)
@@ -197,6 +197,11 @@ def main(argv=None):
         payload["history"] = history
     if stats is not None:
         stats.save(model_dir / "dume_stats")
+    # What a later tool needs to re-solve this router (add/remove an expert): the recipe.
+    atomic_write_json(model_dir / "dume_router.json", {
+        "method": args.method, "domains": domains, "experts": [str(e) for e in experts],
+        "lambda": args.lam, "relative_lambda": args.relative_lambda, "temperature": args.temp, "k": args.k,
+        "num_dume_tokens": args.num_dume_tokens, "trained_steps": args.num_steps if args.method in ("BTX", "DUMEplus") else 0})
 
     with torch.no_grad():
         results = run.evaluate(model, domains, args.eval_batch_size, label=name)
