@@ -642,3 +642,308 @@ def set_gates(
         atomic_write_json(tmp_dir / CONFIG_NAME, raw_config)
     rd.close()
     return out_dir
+
+
+# ------------------------------------------------------- editing an existing MoE's experts
+#
+# Adding or removing an expert of a DUME MoE leaves every shared tensor where it is: the
+# router is a closed-form function of statistics collected *through* those shared
+# weights, so keeping them is what makes the edit exact (DESIGN.md §5). An edit is a
+# list of expert "slots": an int keeps that expert of the MoE (renumbered by its place
+# in the list), a path takes a dense Llama's MLPs as a new expert.
+
+# The Llama MLP projection each saved Mixtral expert matrix comes from.
+MIXTRAL_TO_LLAMA_EXPERT = {w: proj for proj, w in LLAMA_TO_MIXTRAL_EXPERT.items()}
+LLAMA_MLP_NAME = "model.layers.{layer}.mlp.{proj}.weight"
+
+
+def llama_config_from_mixtral(mixtral_config):
+    """The dense `LlamaConfig` of "shared weights + one expert's MLPs" of a MoErged Mixtral:
+    the inverse of `mixtral_config_from_llama` (no biases: a Mixtral has none)."""
+    from transformers import LlamaConfig
+
+    kwargs = {f: getattr(mixtral_config, f) for f in LLAMA_TO_MIXTRAL_FIELDS if hasattr(mixtral_config, f)}
+    if isinstance(kwargs.get("rope_parameters"), dict):
+        kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
+    cfg = LlamaConfig(**kwargs, attention_bias=False, mlp_bias=False)
+    dtype = getattr(mixtral_config, "dtype", None)
+    if dtype is not None:
+        cfg.dtype = dtype
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def _moe_expert_names(reader: CheckpointReader, num_layers: int, num_experts: int) -> None:
+    """Refuse a Mixtral checkpoint whose experts are not stored one matrix per expert."""
+    for layer in range(num_layers):
+        for e in range(num_experts):
+            for w in MIXTRAL_TO_LLAMA_EXPERT:
+                n = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=e, w=w)
+                if n not in reader:
+                    raise DumeError(
+                        f"{reader.path}: missing expert tensor {n} (expected a MixtralForCausalLM checkpoint "
+                        "saved with per-expert w1/w2/w3 matrices, as save_pretrained writes)"
+                    )
+
+
+def expert_mlp_state_dict(source: str | Path, expert: int | None = None) -> dict[str, torch.Tensor]:
+    """One expert's MLPs under dense Llama names (`model.layers.L.mlp.gate_proj.weight`, ...).
+
+    `source` is a dense Llama checkpoint (expert=None) or a Mixtral checkpoint (expert = the
+    slot index). The same names either way, so an expert can be compared, hashed or put
+    into a dense model whatever checkpoint it lives in."""
+    source = Path(source)
+    with CheckpointReader(source) as rd:
+        if expert is None:
+            cfg = load_config(source, "llama")
+            names = {
+                LLAMA_MLP_NAME.format(layer=layer, proj=proj): LLAMA_MLP_NAME.format(layer=layer, proj=proj)
+                for layer in range(cfg.num_hidden_layers)
+                for proj in LLAMA_TO_MIXTRAL_EXPERT
+            }
+        else:
+            cfg = load_config(source, "mixtral")
+            if not isinstance(expert, int) or not 0 <= expert < cfg.num_local_experts:
+                raise DumeError(f"{source}: expert must be in [0, {cfg.num_local_experts}), got {expert!r}")
+            _moe_expert_names(rd, cfg.num_hidden_layers, cfg.num_local_experts)
+            names = {
+                LLAMA_MLP_NAME.format(layer=layer, proj=proj):
+                    MIXTRAL_EXPERT_NAME.format(layer=layer, expert=expert, w=w)
+                for layer in range(cfg.num_hidden_layers)
+                for proj, w in LLAMA_TO_MIXTRAL_EXPERT.items()
+            }
+        missing = [src for src in names.values() if src not in rd]
+        if missing:
+            raise DumeError(f"{source}: missing MLP tensor {missing[0]}")
+        return {dst: rd.get(src) for dst, src in names.items()}
+
+
+def moe_shared_state_dict(moe_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A Mixtral checkpoint's shared tensors (everything but experts and routers)."""
+    from .checkpoints import is_routed
+
+    moe_dir, _ = _check_moe_dir(moe_dir)
+    with CheckpointReader(moe_dir) as rd:
+        return {n: rd.get(n) for n in rd.keys() if not is_routed(n)}
+
+
+def build_dense_from_moe(moe_dir: str | Path, expert: int | str | Path, shared: dict[str, torch.Tensor] | None = None):
+    """The MoE with every token routed to one expert, as an in-memory dense Llama (eval mode).
+
+    `expert` is a slot of the MoE (int) or a dense Llama checkpoint whose MLPs stand in for
+    a new expert. This is the model DUME's statistics of that domain are collected through;
+    it needs the MoE only (plus the new expert's checkpoint), not the experts it was built
+    from. Pass `shared` (from `moe_shared_state_dict`) to read the shared tensors once."""
+    from transformers import LlamaForCausalLM
+
+    moe_dir, mcfg = _check_moe_dir(moe_dir)
+    if shared is None:
+        shared = moe_shared_state_dict(moe_dir)
+    if isinstance(expert, int):
+        mlp = expert_mlp_state_dict(moe_dir, expert)
+    else:
+        mlp = expert_mlp_state_dict(expert, None)
+    cfg = llama_config_from_mixtral(mcfg)
+    dtypes = [t.dtype for t in shared.values() if t.is_floating_point()]
+    dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    sd = {**shared, **{n: t.to(dtype) for n, t in mlp.items()}}
+    return LlamaForCausalLM.from_pretrained(None, config=cfg, state_dict=sd, dtype=dtype).eval()
+
+
+def check_expert_fits_moe(moe_dir: str | Path, expert_dir: str | Path) -> list[str]:
+    """Refuse a dense Llama that cannot become one more expert of this MoE; return notes.
+
+    `check_experts` compares Llama checkpoints with each other; here one side is a Mixtral,
+    so the architecture fields both configs share are compared, then the tokenizers, then
+    the MLP tensors' shapes (headers only). Every error names the field and both values."""
+    from .checkpoints import _canonical, tokenizer_fingerprints
+
+    moe_dir, mcfg = _check_moe_dir(moe_dir)
+    expert_dir = Path(expert_dir)
+    if not is_complete_checkpoint(expert_dir):
+        raise DumeError(f"new expert {expert_dir}: not a complete checkpoint (config.json + safetensors weights)")
+    try:
+        lcfg = load_config(expert_dir, "llama")
+    except DumeError as e:
+        raise DumeError(f"new expert: {e}") from e
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(lcfg, flag, False):
+            raise DumeError(f"new expert {expert_dir}: {flag}=True, which a Mixtral expert cannot hold")
+    for f in MUST_MATCH_FIELDS:
+        if f not in LLAMA_TO_MIXTRAL_FIELDS:
+            continue
+        a, b = _canonical(getattr(mcfg, f, None)), _canonical(getattr(lcfg, f, None))
+        if a != b:
+            raise DumeError(f"new expert {expert_dir} differs from the MoE {moe_dir} in {f}: {b!r} != {a!r}")
+    notes = []
+    fa, fb = tokenizer_fingerprints(moe_dir), tokenizer_fingerprints(expert_dir)
+    common = [k for k in fa if k in fb]
+    if not fa or not fb:
+        notes.append(f"{moe_dir if not fa else expert_dir} has no tokenizer files; the tokenizers are assumed to match")
+    elif not common:
+        raise DumeError(
+            f"new expert {expert_dir}: its tokenizer files ({', '.join(fb)}) cannot be compared with the MoE's "
+            f"({', '.join(fa)}); save both tokenizers the same way"
+        )
+    elif fa[common[0]] != fb[common[0]]:
+        raise DumeError(
+            f"new expert {expert_dir} has a different tokenizer than the MoE {moe_dir} "
+            f"({common[0]} fingerprint {fb[common[0]][:16]} != {fa[common[0]][:16]})"
+        )
+    with CheckpointReader(moe_dir) as moe, CheckpointReader(expert_dir) as rd:
+        for layer in range(mcfg.num_hidden_layers):
+            for proj, w in LLAMA_TO_MIXTRAL_EXPERT.items():
+                n = LLAMA_MLP_NAME.format(layer=layer, proj=proj)
+                ref = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=0, w=w)
+                if n not in rd:
+                    raise DumeError(f"new expert {expert_dir}: missing MLP tensor {n}")
+                if ref in moe and rd.shape(n) != moe.shape(ref):
+                    raise DumeError(
+                        f"new expert {expert_dir}: tensor {n} has shape {list(rd.shape(n))}, "
+                        f"the MoE's experts {list(moe.shape(ref))}"
+                    )
+    return notes
+
+
+def _check_slots(slots: Sequence, num_experts: int) -> list:
+    slots = list(slots)
+    if not slots:
+        raise DumeError("a MoE needs at least one expert; refusing to write one with none")
+    kept = [s for s in slots if isinstance(s, int) and not isinstance(s, bool)]
+    bad = [s for s in kept if not 0 <= s < num_experts]
+    if bad:
+        raise DumeError(f"expert index {bad[0]} out of range: the MoE has {num_experts} experts")
+    if len(set(kept)) != len(kept):
+        raise DumeError(f"expert slots {kept} name an expert twice")
+    return [s if isinstance(s, int) and not isinstance(s, bool) else Path(s) for s in slots]
+
+
+def _plan_moe_edit(
+    moe: CheckpointReader, mcfg, slots: list, new_readers: dict, gates: list[torch.Tensor]
+) -> list[OutTensor]:
+    """Shared tensors copied; layer l's experts taken slot by slot; then its new gate."""
+    from .checkpoints import is_routed
+
+    L, D = mcfg.num_hidden_layers, mcfg.num_local_experts
+    gate_names = set(_gate_names(moe, L))
+    expert_names = {MIXTRAL_EXPERT_NAME.format(layer=layer, expert=e, w=w)
+                    for layer in range(L) for e in range(D) for w in MIXTRAL_TO_LLAMA_EXPERT}
+    out: list[OutTensor] = []
+    for n in moe.keys():
+        if not is_routed(n):
+            out.append(OutTensor(n, moe.shape(n), moe.dtype(n), _take(moe, n, moe.dtype(n))))
+        elif n not in gate_names and n not in expert_names:
+            raise DumeError(f"{moe.path}: tensor {n} is neither shared, an expert nor a router; cannot edit this MoE")
+    for layer in range(L):
+        for new_e, slot in enumerate(slots):
+            for w, proj in sorted(MIXTRAL_TO_LLAMA_EXPERT.items()):
+                ref = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=0, w=w)
+                shape, dtype = moe.shape(ref), moe.dtype(ref)
+                name = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=new_e, w=w)
+                if isinstance(slot, int):
+                    src = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=slot, w=w)
+                    out.append(OutTensor(name, shape, dtype, _take(moe, src, dtype)))
+                else:
+                    src = LLAMA_MLP_NAME.format(layer=layer, proj=proj)
+                    out.append(OutTensor(name, shape, dtype, _take(new_readers[slot], src, dtype)))
+        g = gates[layer]
+        out.append(OutTensor(MIXTRAL_GATE_NAME.format(layer=layer), tuple(g.shape), g.dtype, _const(g)))
+    return out
+
+
+def write_moe_experts(
+    moe_dir: str | Path,
+    slots: Sequence,
+    dst: str | Path,
+    gates: Sequence[torch.Tensor] | None = None,
+    num_experts_per_tok: int | None = None,
+    extra_config: dict | None = None,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a Mixtral checkpoint into the existing directory `dst` whose experts are `slots`.
+
+    An int slot keeps that expert of `moe_dir`; a path takes that dense Llama's MLPs (check
+    it first with `check_expert_fits_moe`). Shared tensors are copied bit for bit, gates
+    are `gates` (zeros if None, cast to the stored routers' dtype), config.json is the
+    MoE's with `num_local_experts`, k and `extra_config` updated. Not atomic by itself:
+    `extend_moe` / `drop_experts`, or a caller writing more files beside it, wrap it in
+    `atomic_dir`."""
+    moe_dir, mcfg = _check_moe_dir(moe_dir)
+    slots = _check_slots(slots, mcfg.num_local_experts)
+    D, H, L = len(slots), mcfg.hidden_size, mcfg.num_hidden_layers
+    k = mcfg.num_experts_per_tok if num_experts_per_tok is None else num_experts_per_tok
+    _validate_k(k, D)
+    bad = sorted(set(extra_config or {}) & PROTECTED_CONFIG_KEYS)
+    if bad:
+        raise DumeError(f"extra_config may not set {bad}: these fields must match the weights")
+    dst = Path(dst)
+    with CheckpointReader(moe_dir) as moe, contextlib.ExitStack() as stack:
+        _moe_expert_names(moe, L, mcfg.num_local_experts)
+        gate_dtype = moe.dtype(_gate_names(moe, L)[0])
+        if gates is None:
+            gates = [torch.zeros(D, H, dtype=gate_dtype) for _ in range(L)]
+        else:
+            gates = [g.to(gate_dtype) for g in _validate_gates(gates, L, D, H, "write_moe_experts")]
+        new_readers = {s: stack.enter_context(CheckpointReader(s)) for s in slots if isinstance(s, Path)}
+        write_safetensors(_plan_moe_edit(moe, mcfg, slots, new_readers, gates), dst, max_shard_size)
+    raw = read_json(moe_dir / CONFIG_NAME)
+    raw.update(extra_config or {})
+    raw.update(num_local_experts=D, num_experts_per_tok=k)
+    atomic_write_json(dst / CONFIG_NAME, raw)
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG_NAME):
+        if (moe_dir / name).is_file():
+            shutil.copy2(moe_dir / name, dst / name)
+    return dst
+
+
+def extend_moe(
+    moe_dir: str | Path,
+    expert_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    gates: Sequence[torch.Tensor] | None = None,
+    num_experts_per_tok: int | None = None,
+    extra_config: dict | None = None,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = True,
+) -> Path:
+    """The MoE plus the dense experts' MLPs as experts D, D+1, ... (shared tensors kept as
+    they are, not re-averaged), written atomically to `out_dir`, streamed tensor by tensor."""
+    moe_dir, mcfg = _check_moe_dir(moe_dir)
+    if not expert_dirs:
+        raise DumeError("extend_moe needs at least one new expert")
+    for d in expert_dirs:
+        check_expert_fits_moe(moe_dir, d)
+    out_dir = _check_out_dir(out_dir, [moe_dir, *map(Path, expert_dirs)])
+    slots = [*range(mcfg.num_local_experts), *map(Path, expert_dirs)]
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_moe_experts(moe_dir, slots, tmp, gates, num_experts_per_tok, extra_config, max_shard_size=max_shard_size)
+    return out_dir
+
+
+def drop_experts(
+    moe_dir: str | Path,
+    drop: Sequence[int],
+    out_dir: str | Path,
+    gates: Sequence[torch.Tensor] | None = None,
+    num_experts_per_tok: int | None = None,
+    extra_config: dict | None = None,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = True,
+) -> Path:
+    """The MoE without the experts `drop` (the others renumbered in order, shared tensors
+    kept), written atomically to `out_dir`. Dropping every expert is refused."""
+    moe_dir, mcfg = _check_moe_dir(moe_dir)
+    D = mcfg.num_local_experts
+    bad = [e for e in drop if not isinstance(e, int) or not 0 <= e < D]
+    if bad:
+        raise DumeError(f"expert index {bad[0]!r} out of range: the MoE has {D} experts")
+    keep = [e for e in range(D) if e not in set(drop)]
+    if not keep:
+        raise DumeError(f"cannot drop all {D} experts of {moe_dir}: a MoE needs at least one")
+    out_dir = _check_out_dir(out_dir, [moe_dir])
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_moe_experts(moe_dir, keep, tmp, gates, num_experts_per_tok, extra_config, max_shard_size=max_shard_size)
+    return out_dir
