@@ -1,0 +1,556 @@
+"""The reasoning setting (paper §3.1, Table 3): four dense Llama experts (math,
+multilingual, coding, instruction following), ten strategies, four lm-eval tasks.
+
+Every strategy's model is a plain Hugging Face checkpoint built with the core:
+
+| strategy              | checkpoint                                                         |
+|-----------------------|--------------------------------------------------------------------|
+| `<domain>_expert`     | the expert itself (its directory, or its hub snapshot)             |
+| `model_averaging`     | `merge.average_experts`                                            |
+| `oracle`              | `merge.write_oracle` for the evaluated task's domain               |
+| `random_routing`      | MoErged (`moerge_experts`) + `routers.random_gates`, k = 1         |
+| `DUME`                | MoErged + `routers.dume_gates` (λ 0.01, T 0.1, k 1, 1024 tokens)   |
+| `BTX`                 | random gates trained on the tasks' mixed data (k 2, lr 1e-4)       |
+| `DUMEplus`            | DUME gates trained likewise (k 1, lr 1e-5)                         |
+
+DUME's statistics come, by default, from the evaluation tasks' own data (train split
+where one exists, else test) — what the original code did for Table 3. With `ood` they
+come from the experts' training sets (Magicoder-OSS-Instruct-75K, dart-math-hard,
+aya_dataset, tulu-3-sft-personas-instruction-following): Table 3's "DUME OOD" row.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .errors import DumeError
+from .io import atomic_write_json, is_complete_checkpoint, read_json
+from .tasks import DOMAINS
+
+DEFAULT_EXPERTS = {
+    "math": "MergeBench/Llama-3.2-3B_math",
+    "multilingual": "MergeBench/Llama-3.2-3B_multilingual",
+    "coding": "MergeBench/Llama-3.2-3B_coding",
+    "instruction": "MergeBench/Llama-3.2-3B_instruction",
+}
+EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
+STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "DUME", "BTX", "DUMEplus")
+MOE_STRATEGIES = ("random_routing", "DUME", "BTX", "DUMEplus")
+
+# The paper's reasoning settings (§3.1).
+PAPER = {"lam": 0.01, "k": 1, "temperature": 0.1, "num_dume_tokens": 1024}
+ROUTER_TRAINING = {"BTX": {"k": 2, "lr": 1e-4, "steps": 1000}, "DUMEplus": {"k": 1, "lr": 1e-5, "steps": 1000}}
+
+# DUME OOD: the experts' training sets (hub id, config, fields joined into one text).
+OOD_DATASETS = {
+    "coding": ("ise-uiuc/Magicoder-OSS-Instruct-75K", None, ("problem", "solution")),
+    "math": ("hkust-nlp/dart-math-hard", None, ("query", "response")),
+    "multilingual": ("CohereForAI/aya_dataset", None, ("inputs", "targets")),
+    "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("prompt", "messages")),
+}
+# Fields tried, in order, when reading local OOD files.
+TEXT_FIELDS = ("text", "problem", "solution", "query", "response", "inputs", "targets", "prompt", "messages",
+               "question", "answer", "instruction", "output", "content")
+
+
+def parse_experts(spec: str | Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """`math=PATH,coding=ID,...` (or a mapping, or four values in DOMAINS order) ->
+    {domain: hub id or local path}, in DOMAINS order; missing domains get the paper's id."""
+    out = dict(DEFAULT_EXPERTS)
+    if spec is None:
+        return out
+    if isinstance(spec, Mapping):
+        items = dict(spec)
+    else:
+        parts = spec.split(",") if isinstance(spec, str) else list(spec)
+        if all("=" in p for p in parts):
+            items = dict(p.split("=", 1) for p in parts)
+        elif len(parts) == len(DOMAINS):
+            items = dict(zip(DOMAINS, parts))
+        else:
+            raise DumeError(f"--experts: give {len(DOMAINS)} values ({', '.join(DOMAINS)}) or domain=path pairs")
+    for d in items:
+        if d not in DOMAINS:
+            raise DumeError(f"--experts: unknown domain {d!r}; domains are {', '.join(DOMAINS)}")
+    out.update({d: str(v).strip() for d, v in items.items()})
+    return {d: out[d] for d in DOMAINS}
+
+
+def resolve_expert(id_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (safetensors + config +
+    tokenizer only) into the Hugging Face cache. Offline, a hub id that is not cached
+    is a clear error."""
+    p = Path(id_or_path).expanduser()
+    if p.is_dir():
+        if not is_complete_checkpoint(p):
+            raise DumeError(f"{p} is not a complete checkpoint (config.json + safetensors weights)")
+        return p.resolve()
+    if p.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") != 1:
+        raise DumeError(f"expert {id_or_path!r}: no such checkpoint directory, and not a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(id_or_path, cache_dir=cache_dir,
+                                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    except Exception as e:
+        raise DumeError(f"cannot get expert {id_or_path} from the hub ({type(e).__name__}: {str(e)[:200]}); "
+                        f"pass a local checkpoint directory instead") from e
+    return Path(path)
+
+
+def resolve_experts(experts: Mapping[str, str], cache_dir=None) -> dict[str, Path]:
+    return {d: resolve_expert(v, cache_dir) for d, v in experts.items()}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _record_text(rec: dict, fields: Sequence[str]) -> str:
+    parts = []
+    for f in fields:
+        v = rec.get(f)
+        if isinstance(v, list):  # chat messages
+            v = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in v)
+        if v:
+            parts.append(str(v))
+    return "\n".join(parts)
+
+
+def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
+                  max_num_samples: int | None = None) -> tuple[list[str], str]:
+    """Text from the expert's training set: local files OOD_DATA_DIR/<domain>/*.jsonl|*.json|*.txt
+    (fields tried: TEXT_FIELDS), else the hub dataset of OOD_DATASETS."""
+    from .tasks import _read_jsonl
+
+    if ood_data_dir is not None:
+        root = Path(ood_data_dir) / domain
+        files = sorted(f for f in root.glob("*") if f.suffix in (".jsonl", ".json", ".txt", ".gz")) if root.is_dir() else []
+        if not files:
+            raise DumeError(f"--ood-data-dir: no files for {domain} in {root} (*.jsonl, *.json or *.txt)")
+        texts: list[str] = []
+        for f in files:
+            if f.suffix == ".txt":
+                texts += [t for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+            else:
+                texts += [_record_text(r, TEXT_FIELDS) for r in _read_jsonl(f) if isinstance(r, dict)]
+            if max_num_samples is not None and len(texts) >= max_num_samples:
+                break
+        source = f"local:{root}"
+    else:
+        import datasets
+
+        path, name, fields = OOD_DATASETS[domain]
+        try:
+            split = f"train[:{max_num_samples}]" if max_num_samples else "train"
+            ds = datasets.load_dataset(path, name, split=split)
+        except Exception as e:
+            raise DumeError(f"DUME OOD: cannot load {path} from the hub ({type(e).__name__}: {str(e)[:200]}); "
+                            f"pass --ood-data-dir with local files") from e
+        texts = [_record_text(r, fields) for r in ds]
+        source = f"hub:{path} (train)"
+    texts = [t for t in texts if t.strip()]
+    if max_num_samples is not None:
+        texts = texts[:max_num_samples]
+    if not texts:
+        raise DumeError(f"DUME OOD: no text for {domain} ({source})")
+    return texts, source
+
+
+def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None, max_num_samples: int | None = None,
+                         languages=None) -> tuple[dict[str, list[str]], dict[str, str], str]:
+    """{domain: texts}, {domain: source} and a one-line description of where they came from."""
+    from .tasks import task_documents
+
+    docs, sources = {}, {}
+    for d in DOMAINS:
+        if ood:
+            docs[d], sources[d] = ood_documents(d, ood_data_dir, max_num_samples)
+        else:
+            docs[d], sources[d] = task_documents(d, data_dir, max_num_samples, languages)
+    what = ("DUME OOD: statistics from the experts' training datasets (not the evaluation tasks)" if ood else
+            "DUME statistics from the evaluation tasks' own data (train split where one exists, else test) "
+            "- the paper's default for Table 3")
+    return docs, sources, what
+
+
+def collect_statistics(experts: Mapping[str, Path], docs: Mapping[str, list[str]], tokenizer, *,
+                       num_dume_tokens: int | None = PAPER["num_dume_tokens"], batch_size: int = 8,
+                       max_len: int | None = None, base_dir: Path | None = None, device: str = "cpu",
+                       dtype=None, data_source: str = "", extra_meta: dict | None = None):
+    """Ridge statistics of the four domains: domain d's texts through the oracle d
+    (averaged shared weights + expert d's MLPs), first `num_dume_tokens` tokens each."""
+    import torch
+
+    from .checkpoints import model_fingerprint
+    from .collect import collect_domain
+    from .data import document_batches
+    from .merge import build_oracle_model, shared_state_dict
+    from .ridge import RidgeStats
+
+    dirs = [experts[d] for d in DOMAINS]
+    shared = shared_state_dict(dirs)
+    first = build_oracle_model(dirs, 0, shared=shared, dtype=dtype)
+    cfg = first.config
+    del first
+    max_len = max_len or min(num_dume_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    stats = RidgeStats(cfg.num_hidden_layers, cfg.hidden_size, list(DOMAINS),
+                       model_fingerprint=model_fingerprint(base_dir) if base_dir else None,
+                       num_dume_tokens=num_dume_tokens, data_source=data_source,
+                       extra_meta={**(extra_meta or {}), "experts": {d: str(p) for d, p in experts.items()}},
+                       device=device)
+    counts = {}
+    for i, d in enumerate(DOMAINS):
+        model = build_oracle_model(dirs, i, shared=shared, dtype=dtype).to(device)
+        with torch.no_grad():
+            counts[d] = collect_domain(model, stats, d, document_batches(docs[d], tokenizer, max_len, batch_size),
+                                       num_dume_tokens)
+        del model
+    return stats, counts
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def moe_base(experts: Mapping[str, Path], out_dir: Path, redo: bool = False) -> Path:
+    """The MoErged model (zero gates), built once per expert set."""
+    from .merge import moerge_experts
+
+    made_from = {"dume_domains": list(DOMAINS), "dume_experts": [str(experts[d]) for d in DOMAINS]}
+    if redo or not is_complete_checkpoint(out_dir) or any(
+            read_json(out_dir / "config.json").get(k) != v for k, v in made_from.items()):
+        moerge_experts([experts[d] for d in DOMAINS], out_dir, gates=None, num_experts_per_tok=1,
+                       extra_config=made_from)
+    return out_dir
+
+
+def write_router_recipe(model_dir: Path, strategy: str, experts, **settings) -> None:
+    atomic_write_json(Path(model_dir) / "dume_router.json", {
+        "method": strategy, "domains": list(DOMAINS), "experts": [str(experts[d]) for d in DOMAINS], **settings})
+
+
+def train_router_model(model_dir: Path, base_dir: Path, strategy: str, docs: Mapping[str, list[str]], tokenizer, *,
+                       steps: int, lr: float, k: int, seq_len: int, batch_size: int, seed: int = 0,
+                       mixed_precision: str = "no", val_fraction: float = 0.1) -> dict:
+    """BTX / DUME+: train only the gates of `model_dir` on the tasks' mixed text, then
+    write the trained gates back into `model_dir`. Returns the training history."""
+    import torch
+
+    from .data import pack_documents
+    from .merge import load_moe, set_gates
+    from .router_training import mixed_blocks, train_routers
+    from .train import TrainConfig
+
+    train_blocks, val_blocks = [], []
+    for d in DOMAINS:
+        ids, mask = pack_documents(docs[d], tokenizer, seq_len)
+        n_val = max(1, int(len(ids) * val_fraction)) if len(ids) > 1 else 0
+        train_blocks.append((ids[n_val:] if n_val else ids, mask[n_val:] if n_val else mask))
+        val_blocks.append((ids[:n_val] if n_val else ids, mask[:n_val] if n_val else mask))
+    model = load_moe(model_dir, dtype=torch.float32)
+    cfg = TrainConfig(lr=lr, steps=steps, warmup=max(1, steps // 10), batch_size=batch_size,
+                      eval_every=max(1, steps // 4), seed=seed, mixed_precision=mixed_precision)
+    model, history = train_routers(model, mixed_blocks(train_blocks), mixed_blocks(val_blocks), cfg,
+                                   desc=strategy)
+    trained = [layer.mlp.gate.weight.detach().float().cpu().clone() for layer in model.model.layers]
+    del model
+    set_gates(model_dir, trained, num_experts_per_tok=k)
+    return history
+
+
+def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | os.PathLike, *,
+                   task: str | None = None, stats=None, train_docs: Mapping[str, list[str]] | None = None,
+                   tokenizer=None, lam: float = PAPER["lam"], temperature: float = PAPER["temperature"],
+                   k: int | None = None, seed: int = 0, train_steps: int | None = None, train_lr: float | None = None,
+                   seq_len: int = 512, batch_size: int = 4, mixed_precision: str = "no",
+                   redo: bool = False) -> Path:
+    """The checkpoint directory of `strategy` (built under `work_dir` unless it is an
+    expert). `task` picks the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+
+    need `train_docs` and `tokenizer`. Existing complete checkpoints are reused."""
+    from .merge import average_experts, set_gates, write_oracle
+    from .routers import dume_gates, random_gates
+
+    if strategy not in STRATEGIES:
+        raise DumeError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    missing = [d for d in DOMAINS if d not in experts]
+    if missing:
+        raise DumeError(f"no expert for {missing}")
+    work_dir = Path(work_dir)
+    dirs = [Path(experts[d]) for d in DOMAINS]
+    if strategy in EXPERT_STRATEGIES:
+        return Path(experts[strategy[: -len("_expert")]])
+    if strategy == "model_averaging":
+        out = work_dir / "model_averaging"
+        if redo or not is_complete_checkpoint(out):
+            average_experts(dirs, out)
+        return out
+    if strategy == "oracle":
+        if task not in DOMAINS:
+            raise DumeError(f"the oracle needs the evaluated task's domain (one of {', '.join(DOMAINS)}), got {task!r}")
+        out = work_dir / "oracle" / task
+        if redo or not is_complete_checkpoint(out):
+            write_oracle(dirs, DOMAINS.index(task), out)
+        return out
+
+    out = work_dir / strategy
+    # dume_router.json is written last: a checkpoint without it (an interrupted BTX
+    # training, say) is rebuilt.
+    if is_complete_checkpoint(out) and (out / "dume_router.json").is_file() and not redo:
+        return out
+    (out / "dume_router.json").unlink(missing_ok=True)
+    defaults = ROUTER_TRAINING.get(strategy, {})
+    k = k if k is not None else defaults.get("k", PAPER["k"])
+    base = moe_base({d: Path(experts[d]) for d in DOMAINS}, work_dir / "_moe_base", redo)
+    from .checkpoints import load_config
+
+    cfg = load_config(base, "mixtral")
+    if strategy in ("DUME", "DUMEplus"):
+        if stats is None:
+            raise DumeError(f"{strategy} needs DUME statistics (reasoning_generate_dume_params.py)")
+        if list(stats.domains) != list(DOMAINS):
+            raise DumeError(f"the statistics are for domains {stats.domains}, the MoE's experts are {list(DOMAINS)}")
+        gates = dume_gates(stats, lam, temperature)
+    else:
+        gates = random_gates(cfg.num_hidden_layers, len(DOMAINS), cfg.hidden_size, seed=seed)
+    set_gates(base, gates, out_dir=out, num_experts_per_tok=k)
+    settings = {"lambda": lam, "temperature": temperature if strategy in ("DUME", "DUMEplus") else None, "k": k,
+                "seed": seed, "trained_steps": 0}
+    if strategy in ("BTX", "DUMEplus"):
+        if train_docs is None or tokenizer is None:
+            raise DumeError(f"{strategy} trains its routers on the tasks' mixed data: give train_docs and tokenizer")
+        steps = train_steps if train_steps is not None else defaults["steps"]
+        lr = train_lr if train_lr is not None else defaults["lr"]
+        history = train_router_model(out, base, strategy, train_docs, tokenizer, steps=steps, lr=lr, k=k,
+                                     seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                     mixed_precision=mixed_precision)
+        settings.update(trained_steps=steps, lr=lr, final_val=(history.get("val") or [{}])[-1].get("loss"))
+    if stats is not None and strategy in ("DUME", "DUMEplus"):
+        stats.save(out / "dume_stats")
+    write_router_recipe(out, strategy, experts, **settings)
+    return out
+
+
+def load_tokenizer_of(expert_dir: Path):
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(expert_dir)
+
+
+def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike, *, ood: bool = False,
+                         data_dir=None, ood_data_dir=None, max_num_samples: int | None = None,
+                         num_dume_tokens: int | None = PAPER["num_dume_tokens"], lam: float = PAPER["lam"],
+                         k: int = PAPER["k"], temperature: float = PAPER["temperature"], batch_size: int = 8,
+                         device: str = "cpu", dtype=None, languages=None, work_dir=None, log=print) -> dict:
+    """DUME's router for the four experts: statistics (tasks' data, or with `ood` the
+    experts' training sets), the solved gates, the MoE checkpoint, the statistics and a
+    metadata JSON (`dume_params.json`) in `out_dir`. Returns the metadata."""
+    from .checkpoints import check_experts
+    from .merge import set_gates
+    from .routers import dume_gates
+
+    if not (lam > 0 and temperature > 0):
+        raise DumeError(f"λ and the temperature must be > 0, got {lam} and {temperature}")
+    if not 1 <= k <= len(DOMAINS):
+        raise DumeError(f"k must be in 1..{len(DOMAINS)}, got {k}")
+    if num_dume_tokens is not None and num_dume_tokens < 1:
+        raise DumeError("num_dume_tokens must be >= 1")
+    if max_num_samples is not None and max_num_samples < 1:
+        raise DumeError("max_num_samples must be >= 1")
+    out_dir = Path(out_dir)
+    experts = {d: Path(experts[d]) for d in DOMAINS}
+    es = check_experts([experts[d] for d in DOMAINS], require_mixtral_compatible=True)
+    for n in es.notes:
+        log(f"note: {n}")
+    docs, sources, what = statistics_documents(ood=ood, data_dir=data_dir, ood_data_dir=ood_data_dir,
+                                               max_num_samples=max_num_samples, languages=languages)
+    log(what)
+    for d in DOMAINS:
+        log(f"  {d}: {len(docs[d])} documents from {sources[d]}")
+    tokenizer = load_tokenizer_of(experts["math"])
+    work_dir = Path(work_dir) if work_dir is not None else out_dir.parent
+    base = moe_base(experts, work_dir / "_moe_base")
+    stats, counts = collect_statistics(experts, docs, tokenizer, num_dume_tokens=num_dume_tokens,
+                                       batch_size=batch_size, base_dir=base, device=device, dtype=dtype,
+                                       data_source="ood" if ood else "tasks",
+                                       extra_meta={"sources": sources, "max_num_samples": max_num_samples})
+    gates = dume_gates(stats, lam, temperature)
+    set_gates(base, gates, out_dir=out_dir, num_experts_per_tok=k)
+    stats.save(out_dir / "dume_stats")
+    meta = {"statistics_from": "ood" if ood else "tasks", "description": what, "sources": sources,
+            "experts": {d: str(experts[d]) for d in DOMAINS}, "lambda": lam, "k": k, "temperature": temperature,
+            "num_dume_tokens": num_dume_tokens, "max_num_samples": max_num_samples, "token_counts": counts,
+            "model": str(out_dir)}
+    atomic_write_json(out_dir / "dume_params.json", meta)
+    write_router_recipe(out_dir, "DUME_OOD" if ood else "DUME", experts, **{
+        "lambda": lam, "temperature": temperature, "k": k, "num_dume_tokens": num_dume_tokens,
+        "statistics_from": meta["statistics_from"], "trained_steps": 0})
+    log(f"DUME MoE written to {out_dir} (tokens per domain: {counts})")
+    return meta
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _preflight_hub(spec) -> None:
+    """A stock task reads a hub dataset: fail with one line when it cannot be had."""
+    if not spec.source.startswith("hub:"):
+        return
+    import datasets
+
+    from .tasks import HUB_DATASETS
+
+    path, name = HUB_DATASETS[spec.domain]
+    if spec.domain == "multilingual":
+        name = spec.tasks[0].split("_", 1)[1]
+    try:
+        datasets.load_dataset_builder(path, name)
+    except Exception as e:
+        raise DumeError(f"task {spec.domain} ({', '.join(spec.tasks[:3])}{'...' if len(spec.tasks) > 3 else ''}) "
+                        f"needs the hub dataset {path}, which cannot be reached ({type(e).__name__}); run online "
+                        f"once to cache it, or pass --data-dir with local files (docs/reasoning.md)") from None
+
+
+def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str | os.PathLike, *,
+                        data_dir=None, languages=None, limit: int | None = None, batch_size: int | str = 1,
+                        device: str = "cpu", dtype: str = "float32", num_fewshot: int | None = None,
+                        max_gen_toks: int | None = None, parallelize: bool = False, seed: int = 0,
+                        model=None) -> dict | None:
+    """Evaluate a saved checkpoint on one of the four tasks with lm-eval's own `HFLM`.
+
+    Returns {"score", "metric", "per_task", ...}; None on non-zero ranks of a
+    multi-process (accelerate launch) run, where only rank 0 gets results."""
+    from .tasks import write_task_configs
+
+    spec = write_task_configs(task, tasks_dir, data_dir, languages)
+    _preflight_hub(spec)
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise DumeError(f"lm-eval is not installed ({e}): pip install 'lm-eval==0.4.13'") from e
+    if model is None:
+        lm = HFLM(pretrained=str(model_path), device=device, dtype=dtype, batch_size=batch_size,
+                  parallelize=parallelize, trust_remote_code=False)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size)
+    nshot = spec.num_fewshot if num_fewshot is None else num_fewshot
+    gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
+    # Our own tasks (dume_*) include lm-eval's stock YAMLs by absolute path: indexing
+    # lm-eval's thousands of built-in tasks (seconds) is only needed for the hub tasks.
+    own = all(t.startswith("dume_") for t in spec.tasks)
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=not own)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=nshot, limit=limit,
+                                  task_manager=tm, gen_kwargs=gen_kwargs, bootstrap_iters=0, log_samples=False,
+                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed, confirm_run_unsafe_code=True)
+    if out is None:  # not rank 0
+        return None
+    per_task = {}
+    for t in spec.tasks:
+        res = out["results"].get(t)
+        if res is None or spec.metric not in res:
+            raise DumeError(f"lm-eval returned no {spec.metric} for {t} (got {sorted(res or {})})")
+        per_task[t] = float(res[spec.metric])
+    score = sum(per_task.values()) / len(per_task)
+    raw = {t: {k: v for k, v in out["results"][t].items() if isinstance(v, (int, float, str))} for t in spec.tasks}
+    return {"score": score, "metric": spec.metric, "per_task": per_task, "lm_eval_tasks": list(spec.tasks),
+            "num_fewshot": nshot, "limit": limit, "data": spec.source, "notes": list(spec.notes),
+            "lm_eval_version": getattr(lm_eval, "__version__", None), "raw_results": raw,
+            "n_samples": {t: out.get("n-samples", {}).get(t) for t in spec.tasks}}
+
+
+# ------------------------------------------------------------------------------ Table 3
+
+TABLE_ROWS = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "BTX", "DUME", "DUME_OOD", "DUMEplus")
+
+
+def gather_results(results_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:
+    """{name: {task: result}} from RUN_DIR/results/<name>__<task>.json."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise DumeError(f"no results directory {results_dir}: run reasoning_eval.py first")
+    out: dict[str, dict[str, dict]] = {}
+    for path in sorted(results_dir.glob("*__*.json")):
+        r = read_json(path)
+        if not isinstance(r, dict) or "score" not in r or r.get("task") not in DOMAINS:
+            continue
+        out.setdefault(r.get("name", path.stem.split("__")[0]), {})[r["task"]] = {**r, "source": str(path)}
+    if not out:
+        raise DumeError(f"no result files in {results_dir}")
+    return out
+
+
+def build_reasoning_table(results_dir: str | os.PathLike) -> dict:
+    """Table 3: each method's raw metric per task and the normalised score 100·p_d/p̂_d
+    (p̂_d: the domain's own expert on its task; `dume.report.reasoning_scores`).
+
+    A task whose expert result is missing or 0 has no normalised score (division by
+    zero); the average is then over the tasks that have one, and says so."""
+    from .report import reasoning_scores
+
+    res = gather_results(results_dir)
+    reference = {}
+    for d in DOMAINS:
+        r = res.get(f"{d}_expert", {}).get(d)
+        if r is not None:
+            reference[d] = float(r["score"])
+    usable = {d: v for d, v in reference.items() if v > 0}
+    names = [n for n in TABLE_ROWS if n in res] + sorted(n for n in res if n not in TABLE_ROWS)
+    table = {"tasks": list(DOMAINS), "reference": reference, "methods": {},
+             "normalised_over": sorted(usable, key=DOMAINS.index),
+             "unnormalisable": {d: ("no expert result" if d not in reference else "expert scored 0")
+                                for d in DOMAINS if d not in usable}}
+    for n in names:
+        raw = {d: float(res[n][d]["score"]) for d in DOMAINS if d in res[n]}
+        common = {d: raw[d] for d in usable if d in raw}
+        scores = reasoning_scores(common, {d: usable[d] for d in common}) if common else {"per_domain": {},
+                                                                                         "average": None}
+        complete = set(common) == set(DOMAINS)
+        table["methods"][n] = {"raw": raw, "normalised": scores["per_domain"], "average": scores["average"],
+                               "average_over": sorted(common, key=DOMAINS.index), "complete": complete,
+                               "metrics": {d: res[n][d].get("metric") for d in raw},
+                               "statistics_from": next((res[n][d].get("dume_statistics_from") for d in raw
+                                                        if res[n][d].get("dume_statistics_from")), None)}
+    return table
+
+
+def reasoning_markdown(table: dict) -> str:
+    heads = {"math": "Mathematics", "multilingual": "Multilingual", "coding": "Coding",
+             "instruction": "Instr. following"}
+    lines = ["Normalised score 100·p_d/p̂_d (p̂_d: the domain's own expert on its task = 100), "
+             "raw metric in brackets.", "",
+             "| Method | " + " | ".join(heads[d] for d in DOMAINS) + " | Average |",
+             "|---|" + "---:|" * (len(DOMAINS) + 1)]
+    for n, m in table["methods"].items():
+        cells = []
+        for d in DOMAINS:
+            if d not in m["raw"]:
+                cells.append("—")
+            elif d in m["normalised"]:
+                cells.append(f"{m['normalised'][d]:.1f} ({m['raw'][d]:.3f})")
+            else:
+                cells.append(f"n/a ({m['raw'][d]:.3f})")
+        avg = "—" if m["average"] is None else f"{m['average']:.1f}" + ("" if m["complete"] else "*")
+        label = n + (f" [stats: {m['statistics_from']}]" if m.get("statistics_from") else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
+    foot = []
+    if table["unnormalisable"]:
+        foot.append("n/a: no normalised score because " + "; ".join(
+            f"{d}: {why}" for d, why in table["unnormalisable"].items()) + ".")
+    if table["normalised_over"] and any(not m["complete"] and m["average"] is not None
+                                        for m in table["methods"].values()):
+        foot.append("*: average over " + ", ".join(table["normalised_over"]) + " only (not all four tasks).")
+    return "\n".join(lines + ([""] + foot if foot else [])) + "\n"
+
+
+def write_reasoning_table(run_dir: str | os.PathLike) -> str:
+    from .io import atomic_write_text
+
+    run_dir = Path(run_dir)
+    table = build_reasoning_table(run_dir / "results")
+    md = reasoning_markdown(table)
+    atomic_write_json(run_dir / "reasoning_results.json", table)
+    atomic_write_text(run_dir / "table3.md", md)
+    return md

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""One cell of Table 3: build (or reuse) the checkpoint of --strategy and evaluate it on
+--task with lm-eval's own HFLM; the result goes to RUN_DIR/results/<name>__<task>.json.
+
+  strategies: math_expert multilingual_expert coding_expert instruction_expert
+              model_averaging oracle random_routing DUME BTX DUMEplus
+  tasks:      math (gsm8k 8-shot)  multilingual (Okapi arc_xx, acc_norm averaged)
+              coding (HumanEval pass@1, code run by dume.sandbox)  instruction (ifeval)
+
+DUME reads the MoE written by reasoning_generate_dume_params.py (RUN_DIR/models/DUME, or
+--dume-dir; e.g. --dume-dir RUN_DIR/models/DUME_OOD --name DUME_OOD for the OOD row) and
+builds it with the paper's defaults when it is missing. BTX and DUME+ train the routers on
+the tasks' mixed data (paper: 1000 steps; BTX k=2 lr 1e-4, DUME+ k=1 lr 1e-5).
+
+  python reasoning_eval.py --strategy DUME --task math                      # paper, GPU
+  accelerate launch -m ... / accelerate launch reasoning_eval.py ...        # data-parallel lm-eval
+  python reasoning_eval.py --strategy DUME --task math --experts math=E1,... --data-dir D --limit 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dume.cli import run_main
+
+
+def parse(argv):
+    from dume.reasoning import PAPER, STRATEGIES
+    from dume.tasks import DOMAINS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategy", required=True, choices=STRATEGIES)
+    p.add_argument("--task", required=True, choices=DOMAINS)
+    p.add_argument("--name", default=None, help="result name (default: the strategy), e.g. DUME_OOD")
+    p.add_argument("--experts", default=None, help="domain=hub-id-or-path pairs (default: MergeBench 3B experts)")
+    p.add_argument("--run-dir", default="runs/reasoning")
+    p.add_argument("--data-dir", default=None, help="local task data (JSONL in each task's format); default: hub")
+    p.add_argument("--languages", default=None, help="m_arc languages (comma-separated; default: all)")
+    p.add_argument("--dume-dir", default=None, help="DUME MoE from reasoning_generate_dume_params.py")
+    p.add_argument("--max-num-samples", type=int, default=None, help="documents per domain for statistics/training")
+    p.add_argument("--num-dume-tokens", type=int, default=PAPER["num_dume_tokens"])
+    p.add_argument("--lambda", dest="lam", type=float, default=PAPER["lam"])
+    p.add_argument("--temp", type=float, default=PAPER["temperature"])
+    p.add_argument("--k", type=int, default=None, help="experts per token (default 1; BTX 2)")
+    p.add_argument("--train-steps", type=int, default=None, help="BTX/DUME+ router steps (paper: 1000)")
+    p.add_argument("--train-lr", type=float, default=None, help="BTX 1e-4, DUME+ 1e-5")
+    p.add_argument("--seq-len", type=int, default=1024, help="BTX/DUME+ training block length")
+    p.add_argument("--train-batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None, help="documents per lm-eval task (default: all)")
+    p.add_argument("--batch-size", default="1", help="lm-eval batch size (int or 'auto')")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override the task's shots (gsm8k: 8)")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="cap generated tokens (CPU smoke runs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="router training")
+    p.add_argument("--parallelize", action="store_true", help="HFLM model parallelism over the visible GPUs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--redo", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import contextlib
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from dume.io import atomic_write_json
+    from dume.reasoning import evaluate_checkpoint
+
+    args = parse(argv)
+    name = args.name or args.strategy
+    run_dir = Path(args.run_dir)
+    out = run_dir / "results" / f"{name}__{args.task}.json"
+    if out.is_file() and not args.redo:
+        print(f"{out} exists; skipping (--redo to recompute)")
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    languages = args.languages.split(",") if args.languages else None
+    if args.task == "instruction":  # fail before any heavy work
+        from dume.tasks import check_ifeval_runnable
+
+        check_ifeval_runnable()
+    # Under `accelerate launch` (data-parallel lm-eval), rank 0 builds the checkpoint
+    # while the other ranks wait, then every rank loads it.
+    guard = contextlib.nullcontext()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        guard = PartialState().main_process_first()
+    with guard:
+        model_dir, experts, stats = _build(args, languages, device, dtype)
+    tasks_dir = run_dir / "lm_eval_tasks" / f"{name}__{args.task}"
+    result = evaluate_checkpoint(model_dir, args.task, tasks_dir, data_dir=args.data_dir, languages=languages,
+                                 limit=args.limit, batch_size=args.batch_size, device=device, dtype=dtype,
+                                 num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
+                                 parallelize=args.parallelize, seed=args.seed)
+    if result is None or int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 writes
+    payload = {"name": name, "strategy": args.strategy, "task": args.task, "model": str(model_dir),
+               "experts": {d: str(p) for d, p in experts.items()}, **result,
+               "settings": {k: v for k, v in vars(args).items() if k != "redo"}, "device": device, "dtype": dtype}
+    if stats is not None:
+        payload["dume_statistics_from"] = stats.data_source
+    atomic_write_json(out, payload)
+    print(f"{name} on {args.task}: {result['metric']} = {result['score']:.4f} ({out})")
+    if result["notes"]:
+        print("notes: " + "; ".join(result["notes"]))
+
+
+def _build(args, languages, device, dtype):
+    """The checkpoint directory of the strategy (built when missing), the experts, the
+    DUME statistics (or None)."""
+    from pathlib import Path
+
+    import torch
+
+    from dume.io import is_complete_checkpoint
+    from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, generate_dume_params, load_tokenizer_of,
+                                parse_experts, resolve_experts, statistics_documents)
+    from dume.ridge import RidgeStats
+
+    run_dir = Path(args.run_dir)
+    experts = resolve_experts(parse_experts(args.experts), args.cache_dir)
+    models = run_dir / "models"
+    stats = train_docs = tokenizer = None
+    if args.strategy in ("DUME", "DUMEplus"):
+        dume_dir = Path(args.dume_dir) if args.dume_dir else models / "DUME"
+        if not (is_complete_checkpoint(dume_dir) and (dume_dir / "dume_stats").is_dir()):
+            print(f"no DUME parameters in {dume_dir}: generating them (reasoning_generate_dume_params.py defaults)")
+            generate_dume_params(experts, dume_dir, data_dir=args.data_dir, max_num_samples=args.max_num_samples,
+                                 num_dume_tokens=args.num_dume_tokens, lam=args.lam, temperature=args.temp,
+                                 device=device, dtype=getattr(torch, dtype), languages=languages, work_dir=models)
+        stats = RidgeStats.load(dume_dir / "dume_stats")
+        print(f"DUME statistics: {stats.data_source or 'tasks'} ({dume_dir})")
+    if args.strategy in ("BTX", "DUMEplus"):
+        train_docs, _, what = statistics_documents(ood=False, data_dir=args.data_dir,
+                                                   max_num_samples=args.max_num_samples, languages=languages)
+        tokenizer = load_tokenizer_of(experts["math"])
+        print(f"router training data: {what.split(' - ')[0].replace('DUME statistics', 'text')}")
+    if args.strategy == "DUME":
+        model_dir = dume_dir
+    else:
+        model_dir = build_strategy(args.strategy, experts, models, task=args.task, stats=stats, train_docs=train_docs,
+                                   tokenizer=tokenizer, lam=args.lam, temperature=args.temp, k=args.k, seed=args.seed,
+                                   train_steps=args.train_steps, train_lr=args.train_lr, seq_len=args.seq_len,
+                                   batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
+                                   redo=args.redo and args.strategy not in EXPERT_STRATEGIES)
+    return model_dir, experts, stats
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

