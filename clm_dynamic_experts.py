@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dume.cli import base_parser, run_main
 from dume.clm import Run, environment, read_result
-from dume.io import atomic_write_json, atomic_write_text
+from dume.io import atomic_write_json, atomic_write_text, read_json
 
 WORK = "dynamic"
 
@@ -106,6 +106,18 @@ def same_tensors(a: Path, b: Path) -> dict:
     return {"non_router_tensors_identical": equal, "router_max_abs_diff": gate_diff}
 
 
+def versus_table2(run: Run, perplexity: dict[str, float]) -> float | None:
+    """Largest relative perplexity difference from the run's own DUME row (None if absent):
+    the all-at-once model here is built by the same script and must reproduce it."""
+    path = run.result_path("DUME")
+    if not path.is_file():
+        return None
+    table2 = read_json(path).get("results", {})
+    if set(table2) != set(perplexity):
+        return None
+    return max(abs(perplexity[d] / table2[d]["perplexity"] - 1) for d in perplexity)
+
+
 def markdown(doc: dict) -> str:
     domains, rows = doc["domains"], doc["rows"]
     n = len(domains)
@@ -117,7 +129,7 @@ def markdown(doc: dict) -> str:
     for row in rows.values():
         cells = [f"{row['perplexity'][d]:.2f} ({row['normalised'][d]:.1f}){'' if d in row['experts'] else '†'}"
                  for d in domains]
-        secs = "—" if row["seconds"] is None else f"{row['seconds']:.1f}"
+        secs = "—" if row["seconds"] is None else f"{row['seconds']:.{2 if row['seconds'] < 1 else 1}f}"
         lines.append(f"| {row['label']} | {len(row['experts'])} | {row['how']} | {secs} | " + " | ".join(cells)
                      + f" | **{row['average_own_domains']:.1f}** | {row['average_all_domains']:.1f} |")
     c = doc["checks"]
@@ -126,6 +138,8 @@ def markdown(doc: dict) -> str:
               f"router max |Δ| {same['router_max_abs_diff']:.2e}",
               f"- keep-shared vs all at once: router max |Δ| {keep['router_max_abs_diff']:.2e} (its shared weights "
               f"are the {n - 1}-expert average, so its features and routers differ)",
+              f"- all at once vs Table 2's DUME row (results/DUME.json): max relative perplexity difference "
+              + ("n/a" if c["all_at_once_vs_table2_DUME"] is None else f"{c['all_at_once_vs_table2_DUME']:.1e}"),
               "- time: the operation alone (statistics collection + writing the checkpoint); "
               "the strategies-built rows were not timed here"]
     return "\n".join(lines) + "\n"
@@ -179,7 +193,8 @@ def main(argv=None):
         print(f"{label} ({how}): avg own {rows[name]['average_own_domains']:.1f}, "
               f"all {rows[name]['average_all_domains']:.1f}")
     checks = {"reaverage_vs_all_at_once": same_tensors(plan["add_reaverage"][3], plan["all_at_once"][3]),
-              "keep_shared_vs_all_at_once": same_tensors(plan["add_keep_shared"][3], plan["all_at_once"][3])}
+              "keep_shared_vs_all_at_once": same_tensors(plan["add_keep_shared"][3], plan["all_at_once"][3]),
+              "all_at_once_vs_table2_DUME": versus_table2(run, rows["all_at_once"]["perplexity"])}
     doc = {"table": "dynamic", "name": "dynamic_experts", "domains": domains, "new_domain": new,
            "removed_domain": removed, "reference_perplexity": reference, "rows": rows, "checks": checks,
            "settings": {**run.settings(), "stats_batch_size": args.stats_batch_size,
