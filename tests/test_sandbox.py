@@ -153,11 +153,23 @@ def test_harness_keeps_going_after_hostile_programs(problem):
     """pass@1 over a mix of good, wrong, looping and crashing completions finishes."""
     p, good, bad = problem
     problems = {p["task_id"]: p}
-    comps = {p["task_id"]: [good, bad, "    while True:\n        pass\n",
-                            "    import os\n    os._exit(9)\n", good]}
-    out = pass_at_1(problems, comps, Limits(timeout_s=1.0, cpu_s=5, memory_bytes=512 << 20))
-    assert out["pass@1"] == pytest.approx(2 / 5)
-    assert out["status"][p["task_id"]] == ["passed", "failed", "timeout", "failed", "passed"]
+    hostile = [
+        "    while True:\n        pass\n",                                   # loops
+        "    import os\n    os._exit(9)\n",                                  # exits hard
+        "    x = bytearray(4 << 30)\n",                                      # memory hog
+        "    f = open('fill', 'wb')\n    for _ in range(64):\n        f.write(b'x' * (1 << 20))\n",  # disk
+        # forks: at most 100 children, each sleeps and exits (bounded even if unlimited)
+        "    import os, time\n    for _ in range(100):\n        if os.fork() == 0:\n"
+        "            time.sleep(5)\n            os._exit(0)\n",
+    ]
+    comps = {p["task_id"]: [good, bad, *hostile, good]}
+    out = pass_at_1(problems, comps, Limits(timeout_s=1.0, cpu_s=5, memory_bytes=512 << 20,
+                                            file_size_bytes=1 << 20, max_processes=8))
+    statuses = out["status"][p["task_id"]]
+    assert statuses[0] == statuses[-1] == "passed"
+    assert statuses[2] == "timeout"
+    assert all(s in ("failed", "timeout") for s in statuses[1:-1])
+    assert out["pass@1"] == pytest.approx(2 / len(statuses))
 
 
 def test_program_text_and_limits_are_checked():
