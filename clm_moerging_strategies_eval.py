@@ -77,6 +77,12 @@ def stats_key(args) -> str:
     return f"tokens-{args.num_dume_tokens or 'all'}_steps-{args.num_dume_stats_steps or 'all'}"
 
 
+def expert_set_key(run: Run, domains: list[str]) -> str:
+    """'' for the run's full expert set, else a name for the subset, so that a subset's
+    MoE base and statistics never replace the full set's."""
+    return "" if list(domains) == run.domains() else "_" + "-".join(domains)
+
+
 def get_stats(run: Run, args, experts, domains, base_dir):
     """The ridge statistics for this expert set, collected once and cached."""
     from dume import data
@@ -91,7 +97,7 @@ def get_stats(run: Run, args, experts, domains, base_dir):
     provenance = {"num_dume_stats_steps": args.num_dume_stats_steps,
                   "stats_batch_size": args.stats_batch_size, "seq_len": run.seq_len, "source": run.source,
                   "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint()}
-    cache = run.run_dir / "stats" / stats_key(args)
+    cache = run.run_dir / f"stats{expert_set_key(run, domains)}" / stats_key(args)
     if (cache / "stats.json").is_file() and not args.redo:
         stats = RidgeStats.load(cache)
         same = (stats.meta.get("model_fingerprint") == fingerprint and list(stats.domains) == list(domains)
@@ -141,7 +147,9 @@ def main(argv=None):
     if out.is_file() and not args.redo:
         print(f"{out} exists; skipping (--redo to recompute)")
         return
-    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
+    # Absolute paths: the recipe written beside the model must resolve from anywhere.
+    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}").resolve()
+               for d in domains]
     expert_set = check_experts(experts)
     run.load(experts[0], "clm_train_experts.py")  # tokenizer/vocabulary check before heavy work
     model_dir = run.model_dir(name)
@@ -164,7 +172,7 @@ def main(argv=None):
     config = expert_set.config
     # The MoErged model with zero gates, built once and reused by every router; it is
     # rebuilt when it was made from other experts.
-    base_dir = run.model_dir("_moe_base")
+    base_dir = run.model_dir(f"_moe_base{expert_set_key(run, domains)}")
     made_from = {"dume_domains": domains, "dume_experts": [str(e) for e in experts]}
     if args.redo or not is_complete_checkpoint(base_dir) or any(
             read_json(base_dir / "config.json").get(k) != v for k, v in made_from.items()):

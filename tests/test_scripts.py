@@ -87,7 +87,7 @@ def test_pipeline_writes_results_and_table(trained_run, corpus_dir):
     for path in results.glob("*.json"):  # every result file with a full row is a row
         content = json.loads(path.read_text())
         if path.name != "experts_eval.json" and set(content.get("results", {})) >= set(DOMAINS):
-            expected_rows.add(content.get("method", path.stem))
+            expected_rows.add(content.get("name", path.stem))
     assert set(table["methods"]) == expected_rows
     table_rows = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")} - {"method"}
     assert table_rows == expected_rows
