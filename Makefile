@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test clm test bench clean-run
+.PHONY: install install-test clm dynamic test bench clean-run
 
 # torch==2.13.0 is the CPU build on this machine's disk; on a GPU machine install a CUDA
 # build of torch first (see README) and `pip install -e .` keeps it.
@@ -19,6 +19,9 @@ install-test: install
 
 clm: install
 	$(PYTHON) run_clm.py --run-dir $(RUN_DIR)
+
+dynamic: install
+	$(PYTHON) clm_dynamic_experts.py --run-dir $(RUN_DIR)
 
 test: install-test
 	$(PYTHON) -m pytest tests
