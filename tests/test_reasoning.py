@@ -238,3 +238,20 @@ def test_table3_from_result_files(tmp_path):
     assert "n/a (0.440)" in md and "expert scored 0" in md
     with pytest.raises(DumeError):
         write_reasoning_table(tmp_path / "empty")
+
+
+def test_task_specs_match_the_paper(tmp_path):
+    pytest.importorskip("lm_eval")
+    from dume.tasks import ARC_LANGUAGES, write_task_configs
+
+    math = write_task_configs("math", tmp_path)
+    assert math.tasks == ("gsm8k",) and math.num_fewshot == 8 and math.source.startswith("hub:")
+    multi = write_task_configs("multilingual", tmp_path)
+    assert multi.tasks == tuple(f"arc_{lang}" for lang in ARC_LANGUAGES) and multi.metric == "acc_norm,none"
+    coding = write_task_configs("coding", tmp_path)
+    assert coding.tasks == ("dume_humaneval",) and coding.metric == "pass@1,none"
+    assert "dume.tasks.humaneval.process_results" in (tmp_path / "dume_humaneval.yaml").read_text()
+    with pytest.raises(DumeError):
+        write_task_configs("physics", tmp_path)
+    with pytest.raises(DumeError):
+        write_task_configs("math", tmp_path, data_dir=tmp_path / "missing")
