@@ -20,12 +20,8 @@ def parse(argv):
 def main(argv=None):
     args = parse(argv)
     run = Run.from_args(args)
-    domains = run.domains() if args.domains == "all" else args.domains.split(",")
-    for d in domains:
-        run.check_domain(d)
-    out = run.result_path("experts_eval")
-    if out.is_file() and not args.redo:
-        print(f"{out} exists; skipping (--redo to recompute)")
+    domains = run.select_domains(args.domains)
+    if run.done("experts_eval", args.redo):
         return
     models = {"seed": (run.seed_dir, "clm_pretrain.py")}
     models.update({f"{d}_expert": (run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains})

@@ -133,9 +133,7 @@ def main(argv=None):
 
     args = parse(argv)
     run = Run.from_args(args)
-    domains = run.domains() if args.domains == "all" else args.domains.split(",")
-    for d in domains:
-        run.check_domain(d)
+    domains = run.select_domains(args.domains)
     validate(args, len(domains))
     if args.method != "oracle":  # every domain has training text, before any heavy work
         from dume import data
@@ -143,9 +141,7 @@ def main(argv=None):
         for d in domains:
             data.load_documents(d, "train", run.source, data_dir=run.data_dir)
     name = args.method if not args.tag else f"{args.method}_{args.tag}"
-    out = run.result_path(name)
-    if out.is_file() and not args.redo:
-        print(f"{out} exists; skipping (--redo to recompute)")
+    if run.done(name, args.redo):
         return
     # Absolute paths: the recipe written beside the model must resolve from anywhere.
     experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}").resolve()

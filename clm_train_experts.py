@@ -34,9 +34,7 @@ def main(argv=None):
 
     args = parse(argv)
     run = Run.from_args(args)
-    domains = run.domains() if args.domain == "all" else [d.strip() for d in args.domain.split(",")]
-    for d in domains:
-        run.check_domain(d)
+    domains = run.select_domains(args.domain)
     cfg = TrainConfig(lr=args.lr, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, eval_every=args.eval_every, patience=args.patience,
                       seed=args.seed, mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)

@@ -22,12 +22,8 @@ def main(argv=None):
 
     args = parse(argv)
     run = Run.from_args(args)
-    domains = run.domains() if args.domains == "all" else args.domains.split(",")
-    for d in domains:
-        run.check_domain(d)
-    out = run.result_path("model_averaging")
-    if out.is_file() and not args.redo:
-        print(f"{out} exists; skipping (--redo to recompute)")
+    domains = run.select_domains(args.domains)
+    if run.done("model_averaging", args.redo):
         return
     experts = [run.check_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
     model_dir = run.model_dir("model_averaging")

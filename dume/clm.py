@@ -66,6 +66,21 @@ class Run:
     def domains(self) -> list[str]:
         return list(data.available_domains(self.source, self.data_dir))
 
+    def select_domains(self, spec: str) -> list[str]:
+        """'all' or a comma-separated list, every name checked before any work."""
+        domains = self.domains() if spec == "all" else [d.strip() for d in spec.split(",") if d.strip()]
+        for d in domains:
+            self.check_domain(d)
+        return domains
+
+    def done(self, name: str, redo: bool) -> bool:
+        """True (and says so) when result `name` exists and the user did not ask to redo it."""
+        path = self.result_path(name)
+        if path.is_file() and not redo:
+            print(f"{path} exists; skipping (--redo to recompute)")
+            return True
+        return False
+
     def check_domain(self, domain: str) -> None:
         valid = self.domains()
         if domain not in valid:
