@@ -45,6 +45,8 @@ def gather_clm_methods(results_dir: Path) -> tuple[list[str], dict[str, dict[str
         content = read_json(path)
         if path.name == "experts_eval.json" or "results" not in content:
             continue
+        if (content.get("settings") or {}).get("tag"):
+            continue  # a tagged result is a sweep point or a variant, not a row of Table 2
         name = content.get("name", path.stem)
         if set(content["results"]) >= set(domains):
             methods[name] = _ppl(content["results"])

@@ -187,6 +187,7 @@ def test_a_tagged_sweep_does_not_replace_the_method_row(tmp_path, strategy_run, 
     hot = {d: r["perplexity"] for d, r in _result(run_dir, "DUME_hot")["results"].items()}
     assert default != hot
     assert table["methods"]["DUME"]["perplexity"] == default
+    assert "DUME_hot" not in table["methods"]  # a tagged sweep point is not a Table 2 row
 
 
 def _force_expert(model, expert: int) -> None:
