@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from .checkpoints import (
     CONFIG_NAME,
+    MAY_DIFFER_FIELDS,
     MUST_MATCH_FIELDS,
     GENERATION_CONFIG_NAME,
     TOKENIZER_FILES,
@@ -76,21 +77,10 @@ MIXTRAL_GATE_NAMES = (MIXTRAL_GATE_NAME, "model.layers.{layer}.mlp.gate.weight")
 
 # LlamaConfig fields copied verbatim into the MixtralConfig.
 LLAMA_TO_MIXTRAL_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
+    # Everything experts must share (less the biases Mixtral cannot hold), what may differ
+    # (expert 0's value is used), and the training/runtime settings.
+    *(f for f in MUST_MATCH_FIELDS if f not in ("attention_bias", "mlp_bias")),
+    *MAY_DIFFER_FIELDS,
     "initializer_range",
     "attention_dropout",
     "use_cache",

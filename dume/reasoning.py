@@ -150,12 +150,9 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
                             f"pass --ood-data-dir with local files") from e
         texts = [_record_text(r, fields) for r in ds]
         source = f"hub:{path} (train)"
-    texts = [t for t in texts if t.strip()]
-    if max_num_samples is not None:
-        texts = texts[:max_num_samples]
-    if not texts:
-        raise DumeError(f"DUME OOD: no text for {domain} ({source})")
-    return texts, source
+    from .tasks import finish_texts
+
+    return finish_texts(texts, max_num_samples, f"DUME OOD: no text for {domain} ({source})"), source
 
 
 def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None, max_num_samples: int | None = None,

@@ -304,13 +304,19 @@ def task_documents(domain: str, data_dir: str | os.PathLike | None = None, max_n
             docs, source = list(_read_jsonl(files["train"])), f"{files['train']}"
     else:
         docs, source = _hub_task_docs(domain, languages)
-    texts = [_doc_text(domain, d) for d in docs]
+    texts = finish_texts((_doc_text(domain, d) for d in docs), max_num_samples,
+                         f"task {domain}: no documents for the statistics ({source})")
+    return texts, source
+
+
+def finish_texts(texts, max_num_samples: int | None, empty_message: str) -> list[str]:
+    """Non-blank texts, the first `max_num_samples` of them; an error when none is left."""
     texts = [t for t in texts if t.strip()]
     if max_num_samples is not None:
         texts = texts[:max_num_samples]
     if not texts:
-        raise DumeError(f"task {domain}: no documents for the statistics ({source})")
-    return texts, source
+        raise DumeError(empty_message)
+    return texts
 
 
 def _hub_task_docs(domain: str, languages=None) -> tuple[list[dict], str]:
