@@ -340,6 +340,7 @@ def write_report(root, args, seed_dirs, sweep_dirs, domains, timings, invocation
              + ". `centroid` and `seed` are rows this project adds; the paper has none for them.", "",
              "![Table 2 against the paper](figures/table2_bars.png)", ""]
     lines += analysis_lines(agg, tables, args, seed_dirs, sweep_dirs, domains)
+    lines += routing_destination_lines(results, domains)
     lines += ["## Per-token routing accuracy (share of a domain's test tokens whose top-1 expert is its own; "
               "mean over seeds)", ""]
     for m in ROUTING_METHODS:
@@ -365,6 +366,7 @@ def write_report(root, args, seed_dirs, sweep_dirs, domains, timings, invocation
             lines += [f"Centroid router (λ → ∞ reference): {fmt(agg['methods']['centroid']['average'])}.", ""]
         lines += [f"![{n}](figures/sweep_{n}.png)" for n in ("tokens", "k", "lambda")
                   if (figs / f"sweep_{n}.png").is_file()] + [""]
+    lines += trend_lines(sweeps, centroid)
     lines += ["What the paper's text says about Figure 2 (CLM; it prints no values for the curves):", ""]
     lines += [f"- {k}: {v}" for k, v in paper.FIGURE2_TEXT.items()] + [""]
     lines += ["## Setup", "", f"- command: `python reproduce_clm.py {' '.join(argv_echo(args))}`",
@@ -436,6 +438,53 @@ def analysis_lines(agg, tables, args, seed_dirs, sweep_dirs, domains) -> list[st
                   "scored on d's test split (100 = expert d itself; `non-MLP` is exactly the oracle; mean over "
                   f"{len(ablations)} seed(s); dume/diagnostics.py):", "", ablation_markdown(ablations, domains)]
     return lines
+
+
+def routing_destination_lines(results, domains) -> list[str]:
+    """Where each domain's tokens go (last layer, mean over seeds): the misroutes explain
+    a method's losses, domain by domain."""
+    from dume.multiseed import aggregate_routing
+
+    lines = []
+    for m in ("DUME", "BTX"):
+        shares = aggregate_routing(results.get(m) or [], "routing_shares")
+        if not shares:
+            continue
+        lines += [f"**Where {m} sends each domain's tokens** (last layer, share of the domain's test tokens "
+                  "per expert, mean over seeds):", "", "| domain | " + " | ".join(f"→ {e}" for e in domains) + " |",
+                  "|---|" + "---:|" * len(domains)]
+        for d in domains:
+            last = shares[d][-1]
+            lines.append(f"| {d} | " + " | ".join((f"**{v:.2f}**" if e == d else f"{v:.2f}")
+                                                  for e, v in zip(domains, last)) + " |")
+        lines.append("")
+    return lines
+
+
+def trend_lines(sweeps, centroid) -> list[str]:
+    """Figure 2's trends as numbers: the spread of each curve and where it peaks."""
+    from dume import paper
+
+    lines = []
+    for m, by_sweep in sweeps.items():
+        for sweep, pts in by_sweep.items():
+            if len(pts) < 2:
+                continue
+            means = {x: v["mean"] for x, v in pts.items()}
+            best = max(means, key=means.get)
+            worst = min(means, key=means.get)
+            lines.append(f"- {m}, {sweep}: {min(means.values()):.1f} to {max(means.values()):.1f} "
+                         f"(spread {max(means.values()) - min(means.values()):.1f}); best at {best}, worst at {worst}.")
+        tok = by_sweep.get("tokens", {})
+        if 2 in tok:
+            lines.append(f"- {m} with 2 tokens per document: {tok[2]['mean']:.1f} (paper, CLM: two tokens reach "
+                         f"{paper.FIGURE2_TOKENS_2_REACHES:.0f}).")
+    lam = sweeps.get("DUME", {}).get("lambda", {})
+    if lam and centroid is not None:
+        top = max(lam)
+        lines.append(f"- DUME at the largest λ ({top:g}): {lam[top]['mean']:.1f}; the centroid router (λ → ∞): "
+                     f"{centroid:.1f}.")
+    return (["Trends (computed from the sweep tables above):", ""] + lines + [""]) if lines else []
 
 
 def argv_echo(args) -> list[str]:

@@ -134,8 +134,38 @@ def test_sweeps_have_every_point(repro_root):
         assert list(sweeps[m]["tokens"]) == [str(t) for t in reproduce_clm.SMOKE_TOKENS]
         assert list(sweeps[m]["k"]) == [str(k) for k in range(1, len(DOMAINS) + 1)]
         assert len(sweeps[m]["lambda"]) == len(reproduce_clm.SMOKE_LAMBDAS)
+        seeds_run = 1 if m in reproduce_clm.FIRST_SEED_ONLY else len(SEEDS)
         for pts in sweeps[m].values():
-            assert all(p["n"] == len(SEEDS) for p in pts.values())
+            assert all(p["n"] == seeds_run for p in pts.values()), m
+
+
+def test_first_seed_only_sweeps_and_btx_lr_points(repro_root):
+    """DUME+'s sweep points and the BTX lr check exist for the first seed only."""
+    first, other = (repro_root / "sweeps" / f"seed{s}" / "results" for s in SEEDS)
+    for lr in reproduce_clm.BTX_LRS:
+        name = f"BTX_{reproduce_clm.btx_tag(lr)}.json"
+        assert (first / name).is_file() and not (other / name).exists()
+        assert json.loads((first / name).read_text())["settings"]["lr"] == lr
+    assert list(first.glob("DUMEplus_*.json")) and not list(other.glob("DUMEplus_*.json"))
+    assert list(other.glob("DUME_*.json"))
+    args = reproduce_clm.parse(["--seeds", "3,1", "--all-seed-sweeps"])[0]
+    assert reproduce_clm.sweeps_this_seed(args, "DUMEplus", 1)
+    args = reproduce_clm.parse(["--seeds", "3,1"])[0]
+    assert reproduce_clm.sweeps_this_seed(args, "DUMEplus", 3) and not reproduce_clm.sweeps_this_seed(args, "DUMEplus", 1)
+    assert reproduce_clm.sweeps_this_seed(args, "DUME", 1)
+
+
+def test_oracle_ablation_of_all_non_mlp_is_the_oracle(repro_root):
+    """Averaging every non-MLP group inside expert d is the oracle for d: the ablation's
+    `non-MLP` score equals the oracle's Table 2 score, computed by another code path."""
+    from dume.diagnostics import ablation_path
+
+    for s in SEEDS:
+        table = seed_table(repro_root / f"seed{s}")
+        ablation = json.loads(ablation_path(repro_root / f"seed{s}").read_text())["ablation"]
+        for d in DOMAINS:
+            oracle = table["methods"]["oracle"]["normalised"][d]
+            assert ablation["per_domain"][d]["non-MLP"] == pytest.approx(oracle, rel=1e-5), (s, d)
 
 
 def test_figures_are_png(repro_root):
@@ -157,6 +187,9 @@ def test_results_md(repro_root):
         assert f"figures/{name}.png" in md
     assert "routing accuracy" in md and "**centroid**" in md and "**DUMEplus**" in md
     assert "torch " in md and "wall time" in md and "--seed 0, 1" in md
+    for section in ("## Against the paper's shape", "## Where the oracle loses", "BTX's router lr",
+                    "| Oracle ≥ 90 |", "same order:"):
+        assert section in md, section
 
 
 def test_rerun_skips_finished_work(repro_root, corpus_dir):
