@@ -6,14 +6,16 @@ steps).
 Experts stay close to the seed on purpose: MoErging averages every non-MLP parameter, and
 an expert that drifts far makes that average useless (DESIGN.md §4). On the embedded
 default what drifts harmfully is the embeddings and the lm_head, not attention: averaging
-only attention keeps ~99 % of an expert, averaging the embeddings/lm_head loses 10-20 %
-(RESULTS.md, "Where the oracle loses"). The default lr 1e-4 (1/30 of the pretraining lr)
-was chosen by a probe of the whole pipeline at 100 steps (one H100, fp32; normalised averages,
-averaging / DUME / oracle): lr 3e-4 74.5 / 77.1 / 85.0, 2e-4 77.4 / 80.8 / 86.7,
-1e-4 83.2 / 85.9 / 90.3, 5e-5 88.5 / 90.7 / 93.6. 1e-4 is the largest lr whose oracle
-keeps >= 90 % of the experts (the paper: 94.8) while averaging still loses as much as the
-paper's (83.2 here, 83.4 there). Small domains stop on validation loss (--patience) and
-keep their best weights.
+only attention keeps ~99 % of an expert, averaging the embeddings and lm_head alone costs
+nearly all that the oracle loses (RESULTS.md, "Where the oracle loses"). The default lr
+1e-4 (1/30 of the pretraining lr) was chosen by a probe of the whole pipeline at 100
+steps (normalised averages, averaging / DUME / oracle; docs/clm_design_probe.md):
+lr 3e-4 74.2 / 77.1 / 85.0 and
+1e-4 83.0 / 85.5 / 90.3 on this project's 2-CPU machine; 2e-4 77.4 / 80.8 / 86.7 and
+5e-5 88.5 / 90.7 / 93.6 on one H100 in fp32 (where 1e-4 gave 83.2 / 85.9 / 90.3).
+1e-4 is the largest lr whose oracle keeps >= 90 % of the experts (the paper: 94.8) while
+averaging still loses as much as the paper's (83 here, 83.4 there). Small domains stop on
+validation loss (--patience) and keep their best weights.
 """
 
 from __future__ import annotations

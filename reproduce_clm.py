@@ -14,6 +14,8 @@ Layout under RUN_ROOT (every step skips what exists, so a rerun resumes):
                               sweep result can become a Table 2 row
     figures/*.png             table2_bars, sweep_tokens, sweep_k, sweep_lambda, routing_heatmap
     RESULTS.md, results.json  the aggregated tables (mean ± std over seeds) and the paper's
+                              (these two and figures/ go to --report-dir instead when given:
+                              the repository's copy is reproduction/clm/)
 
 Figure 2's sweeps, for DUME and DUME+ (every other setting at its default): (a) tokens per
 document for the statistics 2, 8, 32, 128, all; (b) top-k 1..D (the DUME curve with 2
@@ -145,6 +147,8 @@ def parse(argv):
     p.add_argument("--smoke", action="store_true", help="tiny settings (run_clm.py --smoke) and short sweeps")
     p.add_argument("--skip-sweeps", action="store_true", help="Table 2 only, no Figure 2 sweeps")
     p.add_argument("--sweep-methods", default=",".join(SWEEP_METHODS))
+    p.add_argument("--report-dir", default=None,
+                   help="where RESULTS.md, results.json and figures/ go (default: RUN_ROOT)")
     p.add_argument("--all-seed-sweeps", action="store_true",
                    help=f"run the sweeps of {', '.join(FIRST_SEED_ONLY)} on every seed, not only the first")
     args, rest = p.parse_known_args(argv)
@@ -234,9 +238,10 @@ def main(argv=None):
     else:
         sweep_dirs = {s: root / "sweeps" / f"seed{s}" for s in args.seeds}
 
-    md = write_report(root, args, seed_dirs, sweep_dirs, domains, timer.data, time.time() - start)
+    report_dir = Path(args.report_dir) if args.report_dir else root
+    md = write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timer.data)
     print("\n" + md)
-    print(f"wall time of this invocation: {time.time() - start:.0f}s; report in {root / 'RESULTS.md'}")
+    print(f"wall time of this invocation: {time.time() - start:.0f}s; report in {report_dir / 'RESULTS.md'}")
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -286,14 +291,18 @@ def hardware() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def write_report(root, args, seed_dirs, sweep_dirs, domains, timings, invocation_s) -> str:
+def write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timings) -> str:
+    """RESULTS.md, results.json and figures/ in `report_dir`, from the run's files alone, so
+    a rerun that finds everything done rewrites the same report (the invocation's own
+    wall time is printed, not written)."""
     from dume import paper, plots
     from dume.multiseed import (aggregate_routing, aggregate_tables, fmt, paper_markdown, seed_table,
                                 table2_markdown)
 
     tables = {s: seed_table(d) for s, d in seed_dirs.items()}
     agg = aggregate_tables([tables[s] for s in args.seeds])
-    figs = root / "figures"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    figs = report_dir / "figures"
     written = []
     written.append(plots.table2_bars(agg, paper.TABLE2, figs / "table2_bars.png",
                                      [m for m in TABLE_METHODS_ORDER if m in agg["methods"]]))
@@ -373,14 +382,14 @@ def write_report(root, args, seed_dirs, sweep_dirs, domains, timings, invocation
               f"- flags passed to every step (a later repeat wins): `{' '.join(step_flags(args.smoke)[0] + args_rest(args))}`",
               "- hardware: " + ", ".join(f"{k}={v}" for k, v in hardware().items()),
               "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
-              f"- wall time: {total:.0f} s summed over the steps (each step as long as the run that did it); "
-              f"this invocation {invocation_s:.0f} s", "", "Step times (s):", "",
+              f"- wall time: {total:.0f} s ({total / 60:.1f} min) summed over the steps (each step as long as "
+              "the run that did it)", "", "Step times (s):", "",
               "| step | s |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in timings.items()] + [""]
     md = "\n".join(lines)
-    atomic_write_text(root / "RESULTS.md", md)
-    atomic_write_json(root / "results.json", {"table2": agg, "paper_table2": paper.TABLE2, "sweeps": {
+    atomic_write_text(report_dir / "RESULTS.md", md)
+    atomic_write_json(report_dir / "results.json", {"table2": agg, "paper_table2": paper.TABLE2, "sweeps": {
         m: {sw: {str(x): v for x, v in pts.items()} for sw, pts in by.items()} for m, by in sweeps.items()},
-        "seeds": args.seeds, "figures": [str(p) for p in written], "timings": timings,
+        "seeds": args.seeds, "figures": [f"figures/{Path(p).name}" for p in written], "timings": timings,
         "hardware": hardware(), "versions": versions()})
     return md
 
@@ -492,6 +501,7 @@ def argv_echo(args) -> list[str]:
     out += ["--smoke"] if args.smoke else []
     out += ["--skip-sweeps"] if args.skip_sweeps else []
     out += ["--all-seed-sweeps"] if args.all_seed_sweeps else []
+    out += ["--report-dir", str(args.report_dir)] if args.report_dir else []
     return out + args_rest(args)
 
 

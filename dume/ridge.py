@@ -304,13 +304,9 @@ class RidgeStats:
         eye = torch.eye(H, dtype=torch.float64, device=A.device)
         M = A + lam_l[:, None, None] * eye
         chol, info = torch.linalg.cholesky_ex(M)
-        if bool((info != 0).any()):
-            bad = (info != 0).nonzero().flatten().tolist()
-            raise DumeError(
-                f"A + lambda*I is not positive definite at layer(s) {bad} (lambda'={lam_l[bad[0]].item():.3g}); "
-                "the statistics may be corrupted, or try a larger lambda (or relative=True)"
-            )
         W = torch.cholesky_solve(b, chol)
+        for layer in (info != 0).nonzero().flatten().tolist():
+            W[layer] = _solve_rank_deficient(A[layer], float(lam_l[layer]), b[layer], layer)
         return _normalise_columns(W, [self.domains[i] for i in idx], "ridge solution")
 
     @torch.no_grad()
@@ -407,6 +403,31 @@ class RidgeStats:
             raise DumeError(f"{tensor_file} holds negative token counts")
         stats.A, stats.s, stats.n = (tensors[k].to(stats.device) for k in ("A", "s", "n"))
         return stats
+
+
+# A is a sum of x xᵀ, so positive semi-definite; negative eigenvalues smaller than this
+# fraction of the largest are the float32 batch products' rounding, not corruption.
+PSD_ROUNDING = 1e-6
+
+
+def _solve_rank_deficient(A: torch.Tensor, lam: float, b: torch.Tensor, layer: int) -> torch.Tensor:
+    """(A + λI)⁻¹ b when the Cholesky factorisation failed.
+
+    That happens when the features span fewer than H directions (e.g. two tokens per
+    document: every document's first position is the same BOS token) and λ is smaller
+    than the rounding noise of A's null-space eigenvalues. Those eigenvalues are exactly
+    0 in exact arithmetic, so they are clamped to 0 and the ridge solution is taken in
+    A's eigenbasis: the same W that exact arithmetic would give. A matrix with genuinely
+    negative eigenvalues (corrupted statistics) is still refused."""
+    e, V = torch.linalg.eigh(A)
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    if float(e.min()) < -PSD_ROUNDING * max(scale, 1e-300):
+        raise DumeError(
+            f"A + lambda*I is not positive definite at layer(s) [{layer}] (lambda'={lam:.3g}; A has eigenvalue "
+            f"{float(e.min()):.3g} against a largest {scale:.3g}); the statistics may be corrupted, or try a "
+            "larger lambda (or relative=True)"
+        )
+    return V @ ((V.T @ b) / (e.clamp(min=0.0) + lam)[:, None])
 
 
 def _check_domain_list(domains: Iterable[str]) -> list[str]:

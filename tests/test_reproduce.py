@@ -202,6 +202,22 @@ def test_rerun_skips_finished_work(repro_root, corpus_dir):
         assert after == before, sub
 
 
+def test_report_regenerates_identically_elsewhere(repro_root, corpus_dir, tmp_path):
+    """--report-dir rewrites the same report from the same files (only the echoed command
+    differs): what the repository commits is what the command writes."""
+    out = tmp_path / "report"
+    assert run_script(reproduce_clm.main, _argv(repro_root, corpus_dir) + ["--report-dir", str(out)]) == 0
+
+    def body(path):
+        return [ln for ln in path.read_text().splitlines() if not ln.startswith("- command:")]
+
+    assert body(out / "RESULTS.md") == body(repro_root / "RESULTS.md")
+    assert json.loads((out / "results.json").read_text()) == json.loads((repro_root / "results.json").read_text())
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.png").read_bytes() == (repro_root / "figures" / f"{name}.png").read_bytes()
+    assert not (out / "seed0").exists()  # the report only: checkpoints stay under the run root
+
+
 def test_bad_flags_refused(tmp_path):
     assert run_script(reproduce_clm.main, ["--run-root", str(tmp_path / "r"), "--seeds", "0,0"]) == 2
     assert run_script(reproduce_clm.main, ["--run-root", str(tmp_path / "r"), "--seed", "3"]) == 2
