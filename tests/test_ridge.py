@@ -403,3 +403,28 @@ def test_save_refuses_unserialisable_meta(tmp_path):
     with pytest.raises(DumeError, match="JSON"):
         st.save(tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_rank_deficient_statistics_solve_as_in_exact_arithmetic():
+    """Features spanning fewer than H directions (two tokens per document: every first
+    position is BOS) leave A with zero eigenvalues that float32 rounding can push just
+    below 0, and a small λ then breaks the Cholesky factorisation. The solve must give
+    the ridge solution of the PSD matrix that exact arithmetic would have built."""
+    g = torch.Generator().manual_seed(0)
+    V, _ = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))
+    e = torch.zeros(H, dtype=torch.float64)
+    e[:5] = torch.tensor([1e5, 3e4, 2e3, 50.0, 1.0], dtype=torch.float64)
+    e[5:9] = -1e-2  # rounding-sized (1e-7 of the largest), larger than λ
+    s = RidgeStats(1, H, DOMAINS)
+    s.A[0, 0] = V @ torch.diag(e) @ V.T
+    s.s[0] = torch.randn(len(DOMAINS), H, generator=g, dtype=torch.float64) @ torch.diag(e.clamp(min=0).sqrt()) @ V.T
+    s.n[0] = 10
+    lam = 1e-3
+    assert torch.linalg.cholesky_ex(s.A[0, 0] + lam * torch.eye(H, dtype=torch.float64))[1] != 0
+    exact = V @ torch.diag(e.clamp(min=0)) @ V.T + lam * torch.eye(H, dtype=torch.float64)
+    expected = torch.from_numpy(scipy.linalg.solve(exact.numpy(), s.s[0].T.numpy(), assume_a="pos"))
+    expected = expected / expected.norm(dim=0, keepdim=True)
+    torch.testing.assert_close(s.solve(lam)[0], expected, rtol=1e-6, atol=1e-8)  # cond(A + λI) ~ 1e8
+    s.A[0, 0] -= 1e3 * torch.outer(V[:, 7], V[:, 7])  # a clearly negative direction: corrupted
+    with pytest.raises(DumeError, match=r"not positive definite at layer\(s\) \[0\]"):
+        s.solve(lam)
