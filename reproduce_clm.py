@@ -53,6 +53,9 @@ from dume.io import atomic_write_json, atomic_write_text, read_json
 
 TOKENS = [2, 8, 32, 128, "all"]
 LAMBDAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
+# DUME+ starts from DUME's router, so its λ curve follows DUME's; every point costs a
+# router training run (~1 min here), so it gets every second decade.
+DUMEPLUS_LAMBDAS = [1e-4, 1e-2, 1.0, 1000.0]
 SMOKE_TOKENS = [2, 8, "all"]
 SMOKE_LAMBDAS = [1e-4, 1e-2, 1e3]
 SWEEP_METHODS = ("DUME", "DUMEplus")
@@ -70,7 +73,7 @@ def lam_tag(lam: float) -> str:
 def sweep_points(method: str, num_domains: int, smoke: bool = False) -> list[tuple[str, object, str | None, list]]:
     """(sweep, x, tag or None for 'the default result', extra flags) of one method."""
     tokens = SMOKE_TOKENS if smoke else TOKENS
-    lambdas = SMOKE_LAMBDAS if smoke else LAMBDAS
+    lambdas = SMOKE_LAMBDAS if smoke else (DUMEPLUS_LAMBDAS if method == "DUMEplus" else LAMBDAS)
     pts = []
     for t in tokens:
         pts.append(("tokens", t, None if t == "all" else f"tok{t}",
@@ -128,8 +131,14 @@ class Timer:
     def __init__(self, root: Path):
         self.path = root / "timings.json"
         self.data = read_json(self.path) if self.path.is_file() else {}
+        self.visited: list[str] = []  # this invocation's plan, done now or earlier
+
+    def plan_times(self) -> dict:
+        """The times of this invocation's steps only (an earlier plan's extra steps drop out)."""
+        return {k: self.data[k] for k in self.visited if k in self.data}
 
     def __call__(self, name: str, fn, *a):
+        self.visited.append(name)
         t = time.time()
         print(f"\n=== {name} ===", flush=True)
         fn(*a)
@@ -239,7 +248,7 @@ def main(argv=None):
         sweep_dirs = {s: root / "sweeps" / f"seed{s}" for s in args.seeds}
 
     report_dir = Path(args.report_dir) if args.report_dir else root
-    md = write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timer.data)
+    md = write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timer.plan_times())
     print("\n" + md)
     print(f"wall time of this invocation: {time.time() - start:.0f}s; report in {report_dir / 'RESULTS.md'}")
 
@@ -379,7 +388,7 @@ def write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timings
     lines += ["What the paper's text says about Figure 2 (CLM; it prints no values for the curves):", ""]
     lines += [f"- {k}: {v}" for k, v in paper.FIGURE2_TEXT.items()] + [""]
     lines += ["## Setup", "", f"- command: `python reproduce_clm.py {' '.join(argv_echo(args))}`",
-              f"- flags passed to every step (a later repeat wins): `{' '.join(step_flags(args.smoke)[0] + args_rest(args))}`",
+              f"- flags passed to every step (a later repeat wins): `{' '.join(step_flags(args.smoke)[0] + args_rest(args)) or '(none)'}`",
               "- hardware: " + ", ".join(f"{k}={v}" for k, v in hardware().items()),
               "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
               f"- wall time: {total:.0f} s ({total / 60:.1f} min) summed over the steps (each step as long as "
@@ -407,7 +416,9 @@ def analysis_lines(agg, tables, args, seed_dirs, sweep_dirs, domains) -> list[st
 
     meth = agg["methods"]
     avg = {m: meth[m]["average"]["mean"] for m in meth}
-    lines = ["## Against the paper's shape", "", GOALS_TEXT, ""]
+    lines = ["## Against the paper's shape", "", GOALS_TEXT,
+             "How the defaults were chosen, and what else was tried to close the gap (expert lr, model "
+             "size, balanced statistics, BTX's lr and steps): `docs/clm_design_probe.md`.", ""]
     need = ("model_averaging", "oracle", "DUME", "BTX")
     if all(m in avg for m in need):
         gap = avg["oracle"] - avg["model_averaging"]
@@ -422,12 +433,22 @@ def analysis_lines(agg, tables, args, seed_dirs, sweep_dirs, domains) -> list[st
                  f"{p['DUME'] - p['model_averaging']:+.1f}", avg["DUME"] - avg["model_averaging"] >= 8)]
         lines += ["| goal | here (mean over seeds) | paper | met |", "|---|---:|---:|---|"]
         lines += [f"| {g} | {h} | {q} | {'yes' if ok else 'no'} |" for g, h, q, ok in rows] + [""]
-    ours = sorted((m for m in avg if m in paper.TABLE2 and not m.endswith("_expert")), key=lambda m: -avg[m])
-    theirs = sorted(ours, key=lambda m: -paper.TABLE2[m]["average"][0])
+    ranked = [m for m in sorted(avg, key=lambda m: -avg[m]) if m in paper.TABLE2 and not m.endswith("_expert")]
+    theirs = sorted(ranked, key=lambda m: -paper.TABLE2[m]["average"][0])
+    flips, ties = [], []
+    for i, a in enumerate(theirs):  # a above b in the paper
+        for b in theirs[i + 1:]:
+            d = avg[a] - avg[b]
+            if abs(d) < FLAT:
+                ties.append(f"{a} = {b} ({avg[a]:.2f} vs {avg[b]:.2f})")
+            elif d < 0:
+                flips.append(f"{b} > {a} here ({avg[b]:.1f} vs {avg[a]:.1f}; paper {a} "
+                             f"{paper.TABLE2[a]['average'][0]:.1f} > {paper.TABLE2[b]['average'][0]:.1f})")
     lines += ["Methods ranked by normalised average (best first):", "",
-              "- here:  " + " > ".join(f"{m} {avg[m]:.1f}" for m in ours),
+              "- here:  " + " > ".join(f"{m} {avg[m]:.1f}" for m in ranked),
               "- paper: " + " > ".join(f"{m} {paper.TABLE2[m]['average'][0]:.1f}" for m in theirs),
-              f"- same order: {'yes' if ours == theirs else 'no'}", ""]
+              f"- pairs in the paper's order: {'all' if not flips else 'all but ' + '; '.join(flips)}"
+              + (f"; ties (within {FLAT}): " + "; ".join(ties) if ties else ""), ""]
     first = args.seeds[0]
     reference = tables[first]["reference_perplexity"]
     btx = {"1e-4 (paper, Table 2 row)": result_scores(seed_dirs[first] / "results" / "BTX.json", reference)}
@@ -470,6 +491,9 @@ def routing_destination_lines(results, domains) -> list[str]:
     return lines
 
 
+FLAT = 0.1  # score points: differences below this are ties (seeds differ by about as much)
+
+
 def trend_lines(sweeps, centroid) -> list[str]:
     """Figure 2's trends as numbers: the spread of each curve and where it peaks."""
     from dume import paper
@@ -482,8 +506,11 @@ def trend_lines(sweeps, centroid) -> list[str]:
             means = {x: v["mean"] for x, v in pts.items()}
             best = max(means, key=means.get)
             worst = min(means, key=means.get)
+            spread = max(means.values()) - min(means.values())
+            where = (f"best at {best}, worst at {worst}" if spread >= FLAT else
+                     f"flat: every point within {FLAT} of the others")
             lines.append(f"- {m}, {sweep}: {min(means.values()):.1f} to {max(means.values()):.1f} "
-                         f"(spread {max(means.values()) - min(means.values()):.1f}); best at {best}, worst at {worst}.")
+                         f"(spread {spread:.2f}); {where}.")
         tok = by_sweep.get("tokens", {})
         if 2 in tok:
             lines.append(f"- {m} with 2 tokens per document: {tok[2]['mean']:.1f} (paper, CLM: two tokens reach "
