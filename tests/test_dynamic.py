@@ -227,7 +227,8 @@ def test_remove_down_to_one_expert_then_the_last_is_refused(dyn, tmp_path, capsy
 
 
 def _env() -> dict:
-    return {**os.environ, "DUME_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+    return {**os.environ, "DUME_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 @pytest.fixture(scope="module")
