@@ -30,26 +30,23 @@ GROUPS = {
 }
 
 
-def average_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    keys = states[0].keys()
-    return {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in keys}
-
-
 @torch.no_grad()
 def oracle_ablation(run, domains: list[str], made_by: str = "clm_train_experts.py") -> dict:
     """{domain: {group: normalised score of expert d with that group averaged}, "average": {...}}.
 
     Scores are 100·p̂_d/p with p̂_d expert d's own test perplexity, as in Table 2."""
+    from .merge import shared_state_dict
+
     experts = {d: run.load(run.expert_dir(d), made_by) for d in domains}
     states = {d: {k: v.clone() for k, v in m.state_dict().items()} for d, m in experts.items()}
-    avg = average_state(list(states.values()))
+    avg = shared_state_dict([run.expert_dir(d) for d in domains])  # MoErging's own average
     per_domain = {}
     for d in domains:
         model = experts[d]
         own = run.evaluate(model, [d], label=f"{d}_expert")[d]["perplexity"]
         row = {}
         for group, member in GROUPS.items():
-            model.load_state_dict({k: (avg[k] if member(k) else v) for k, v in states[d].items()})
+            model.load_state_dict({k: (avg[k] if member(k) and k in avg else v) for k, v in states[d].items()})
             ppl = run.evaluate(model, [d], label=f"{d} with averaged {group}")[d]["perplexity"]
             row[group] = clm_scores({d: ppl}, {d: own})["average"]
         model.load_state_dict(states[d])
