@@ -32,3 +32,15 @@ def tiny_llama(vocab_size: int = 300, seed: int = 0, **overrides) -> LlamaForCau
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def one_error_line(capsys, rc: int, *needles) -> str:
+    """A refused command: exit status 2 and exactly one `error: ...` line on stderr (no
+    traceback) that names every needle. Returns that line."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

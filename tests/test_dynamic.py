@@ -24,6 +24,7 @@ import dume_experts
 from dume.checkpoints import CheckpointReader, is_routed
 from dume.merge import read_gates
 from dume.ridge import RidgeStats
+from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
     SEQ_LEN,
@@ -301,13 +302,7 @@ def test_accelerate_launch_two_processes_equals_one(dyn, apart, tmp_path):
 
 def _expect_error(capsys, argv, *needles) -> str:
     capsys.readouterr()
-    assert _cli(*argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+    return one_error_line(capsys, _cli(*argv), *needles)
 
 
 def _llama_like(dst: Path, run_dir: Path, **config) -> Path:

@@ -21,6 +21,7 @@ import clm_pretrain
 import clm_train_experts
 import clm_weights_avg_eval
 from dume.io import is_complete_checkpoint
+from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
     PRETRAIN_FLAGS,
@@ -268,15 +269,7 @@ def test_sigkill_during_training_then_rerun(tmp_path, trained_run, corpus_dir, d
 
 def _expect_error(capsys, main, argv, *needles) -> str:
     capsys.readouterr()
-    assert run_script(main, argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err  # one clear line, no traceback
-    assert "Traceback" not in err
-    err = errors[0]
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
+    return one_error_line(capsys, run_script(main, argv), *needles)
 
 
 @pytest.mark.parametrize("script, flag", [(clm_train_experts, "--domain"), (clm_experts_eval, "--domains"),

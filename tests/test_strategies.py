@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 import clm_moerging_strategies_eval as strategies
 from dume.merge import read_gates
 from dume.ridge import RidgeStats
+from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
     ROUTER_STEPS,
@@ -261,13 +262,7 @@ def test_btx_trains_random_top2_routers(strategy_run):
 
 def _expect_error(capsys, argv, *needles) -> str:
     capsys.readouterr()
-    assert run_script(strategies.main, argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+    return one_error_line(capsys, run_script(strategies.main, argv), *needles)
 
 
 @pytest.mark.parametrize("method, flags, needle", [
