@@ -21,18 +21,20 @@ def main(argv=None):
     args = parse(argv)
     run = Run.from_args(args)
     domains = run.select_domains(args.domains)
-    if run.done("experts_eval", args.redo):
-        return
     models = {"seed": (run.seed_dir, "clm_pretrain.py")}
     models.update({f"{d}_expert": (run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains})
+    inputs = {name: path for name, (path, _) in models.items()}
+    if run.done("experts_eval", args.redo, inputs=inputs):
+        return
     for path, made_by in models.values():  # every checkpoint usable before any evaluation
         run.check_checkpoint(path, made_by)
+    input_fps = run.begin("experts_eval", inputs)
     results = {}
     for name, (path, made_by) in models.items():
         model = run.load(path, made_by)
         results[name] = run.evaluate(model, domains, args.eval_batch_size, label=name)
         print(name.ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results[name].items()))
-    write_result(run, "experts_eval", {"domains": domains, "results": results})
+    write_result(run, "experts_eval", {"domains": domains, "results": results}, inputs=input_fps)
 
 
 if __name__ == "__main__":

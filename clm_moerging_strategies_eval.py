@@ -20,6 +20,7 @@ The paper trains BTX/DUME+ for 1000 steps; the CPU default is --num-steps 100.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from dume.cli import base_parser, run_main
 from dume.clm import Run, write_result
@@ -83,31 +84,39 @@ def expert_set_key(run: Run, domains: list[str]) -> str:
     return "" if list(domains) == run.domains() else "_" + "-".join(domains)
 
 
-def get_stats(run: Run, args, experts, domains, base_dir):
-    """The ridge statistics for this expert set, collected once and cached."""
+def get_stats(run: Run, args, expert_set, domains, base_dir):
+    """The ridge statistics for this expert set, collected once and cached.
+
+    The cache is keyed by everything the sums depend on: every expert's content
+    fingerprint (an MLP-only change of one expert changes it, while the shared-weight
+    fingerprint of the base does not), the base's shared weights, the domains, the data,
+    the tokenizer and the collection settings. Any difference recollects, saying why."""
     from dume import data
     from dume.checkpoints import model_fingerprint
     from dume.collect import collect_domain
     from dume.merge import build_oracle_model, shared_state_dict
     from dume.ridge import RidgeStats
 
+    experts = list(expert_set.dirs)
     fingerprint = model_fingerprint(base_dir)
-    # Everything besides the fingerprint that decides what the statistics contain. (The
-    # fingerprint covers the averaged shared weights, which change with any expert.)
     provenance = {"num_dume_stats_steps": args.num_dume_stats_steps,
                   "stats_batch_size": args.stats_batch_size, "seq_len": run.seq_len, "source": run.source,
-                  "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint()}
+                  "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint(),
+                  "expert_fingerprints": list(expert_set.fingerprints)}
     cache = run.run_dir / f"stats{expert_set_key(run, domains)}" / stats_key(args)
     if (cache / "stats.json").is_file() and not args.redo:
         stats = RidgeStats.load(cache)
-        same = (stats.meta.get("model_fingerprint") == fingerprint and list(stats.domains) == list(domains)
-                and all(stats.meta.get(k) == v for k, v in provenance.items()))
-        if same:
+        differs = [k for k, v in provenance.items() if stats.meta.get(k) != v]
+        if stats.meta.get("model_fingerprint") != fingerprint:
+            differs.append("shared weights")
+        if list(stats.domains) != list(domains):
+            differs.append("domains")
+        if not differs:
             print(f"using cached statistics {cache}")
             return stats
-        print(f"cached statistics {cache} were made from another model, data or domain set; recollecting")
+        print(f"cached statistics {cache} differ in {', '.join(differs)}; recollecting")
     shared = shared_state_dict(experts)  # averaged non-MLP weights, computed once for all domains
-    config = build_oracle_model(experts, 0, shared=shared).config
+    config = expert_set.config
     stats = RidgeStats(config.num_hidden_layers, config.hidden_size, domains, model_fingerprint=fingerprint,
                        num_dume_tokens=args.num_dume_tokens, data_source=f"{run.source}:train",
                        extra_meta={**provenance, "experts": [str(e) for e in experts]})
@@ -121,11 +130,33 @@ def get_stats(run: Run, args, experts, domains, base_dir):
     return stats
 
 
+def made_from_matches(model_dir, made_from: dict) -> bool:
+    """A reusable intermediate checkpoint: complete, and its config records the same
+    experts (by content fingerprint, not path) it would be built from now."""
+    return is_complete_checkpoint(model_dir) and all(
+        read_json(model_dir / "config.json").get(k) == v for k, v in made_from.items())
+
+
+def router_recipe(args, domains, experts, model_dir) -> dict:
+    """What a later tool needs to re-solve this router (add/remove an expert). Expert paths
+    are stored relative to the model directory (a run directory moved or copied as a whole
+    still resolves them) and, as a fallback, absolute."""
+    from dume.io import portable_path
+
+    return {"method": args.method, "domains": domains,
+            "experts": [portable_path(e, model_dir) for e in experts],
+            "experts_absolute": [str(Path(e).resolve()) for e in experts],
+            "lambda": args.lam, "relative_lambda": args.relative_lambda, "temperature": args.temp, "k": args.k,
+            "num_dume_tokens": args.num_dume_tokens,
+            "trained_steps": args.num_steps if args.method in ("BTX", "DUMEplus") else 0}
+
+
 def main(argv=None):
     import torch
 
     from dume.checkpoints import check_experts
-    from dume.merge import build_oracle_model, load_moe, moerge_experts, set_gates, write_oracle
+    from dume.io import atomic_dir, portable_path
+    from dume.merge import load_moe, moerge_experts, set_gates, write_oracle
     from dume.router_training import mixed_blocks, train_routers
     from dume.routers import centroid_gates, dume_gates, random_gates
     from dume.routing import routing_accuracy, routing_shares
@@ -141,14 +172,16 @@ def main(argv=None):
         for d in domains:
             data.load_documents(d, "train", run.source, data_dir=run.data_dir)
     name = args.method if not args.tag else f"{args.method}_{args.tag}"
-    if run.done(name, args.redo):
-        return
-    # Absolute paths: the recipe written beside the model must resolve from anywhere.
-    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}").resolve()
-               for d in domains]
-    expert_set = check_experts(experts)
-    run.load(experts[0], "clm_train_experts.py")  # tokenizer/vocabulary check before heavy work
     model_dir = run.model_dir(name)
+    inputs = {f"{d} expert": run.expert_dir(d) for d in domains}
+    models = {d: model_dir / d for d in domains} if args.method == "oracle" else {"model": model_dir}
+    if run.done(name, args.redo, inputs=inputs, models=models):
+        return
+    experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
+    expert_set = check_experts(experts)  # configs, tokenizers, shapes, NaN/inf: before anything is written
+    run.load(experts[0], "clm_train_experts.py")  # tokenizer/vocabulary check before heavy work
+    input_fps = run.begin(name, inputs)
+    made_from = {"dume_domains": domains, "dume_expert_fingerprints": list(expert_set.fingerprints)}
     payload = {"name": name, "method": args.method, "domains": domains, "experts": [str(e) for e in experts],
                "settings": {k: v for k, v in vars(args).items() if k not in ("redo",)}}
 
@@ -156,27 +189,26 @@ def main(argv=None):
         results = {}
         for i, d in enumerate(domains):
             path = model_dir / d
-            if args.redo or not is_complete_checkpoint(path):
-                write_oracle(experts, i, path)
+            if args.redo or not made_from_matches(path, made_from):
+                write_oracle(experts, i, path, extra_config=made_from)
             results[d] = run.evaluate(run.load(path, "clm_moerging_strategies_eval.py"), [d],
                                       args.eval_batch_size, label=f"oracle[{d}]")[d]
         payload.update(model=str(model_dir), results=results)
-        write_result(run, name, payload)
+        write_result(run, name, payload, inputs=input_fps, models=models)
         print("oracle".ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
         return
 
     config = expert_set.config
-    # The MoErged model with zero gates, built once and reused by every router; it is
-    # rebuilt when it was made from other experts.
+    # The MoErged model with zero gates, built once and reused by every router; rebuilt
+    # when the experts' contents (or the domain set) differ from those it was made from.
     base_dir = run.model_dir(f"_moe_base{expert_set_key(run, domains)}")
-    made_from = {"dume_domains": domains, "dume_experts": [str(e) for e in experts]}
-    if args.redo or not is_complete_checkpoint(base_dir) or any(
-            read_json(base_dir / "config.json").get(k) != v for k, v in made_from.items()):
-        moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1, extra_config=made_from)
+    if args.redo or not made_from_matches(base_dir, made_from):
+        moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1,
+                       extra_config={**made_from, "dume_experts": [portable_path(e, base_dir) for e in experts]})
 
     stats = None
     if args.method in ("DUME", "DUMEplus", "centroid"):
-        stats = get_stats(run, args, experts, domains, base_dir)
+        stats = get_stats(run, args, expert_set, domains, base_dir)
     if args.method in ("DUME", "DUMEplus"):
         gates = dume_gates(stats, args.lam, args.temp, relative_lambda=args.relative_lambda)
         payload["token_counts"] = stats.token_counts()
@@ -184,35 +216,34 @@ def main(argv=None):
         gates = centroid_gates(stats, args.temp)
     else:
         gates = random_gates(config.num_hidden_layers, len(domains), config.hidden_size, seed=args.seed)
-    set_gates(base_dir, gates, out_dir=model_dir, num_experts_per_tok=args.k)
-    model = load_moe(model_dir)
 
-    if args.method in ("BTX", "DUMEplus"):
-        warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
-        cfg = TrainConfig(lr=args.lr, steps=args.num_steps, warmup=warmup, batch_size=args.batch_size,
-                          grad_accum=args.grad_accum, eval_every=max(1, args.num_steps // 4), seed=args.seed,
-                          mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
-        train_data = mixed_blocks([run.blocks(d, "train") for d in domains])
-        val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])
-        model, history = train_routers(model, train_data, val_data, cfg, alpha=args.alpha, desc=name)
-        trained = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
-        set_gates(base_dir, trained, out_dir=model_dir, num_experts_per_tok=args.k)
-        model = load_moe(model_dir)
-        payload["history"] = history
-    if stats is not None:
-        stats.save(model_dir / "dume_stats")
-    # What a later tool needs to re-solve this router (add/remove an expert): the recipe.
-    atomic_write_json(model_dir / "dume_router.json", {
-        "method": args.method, "domains": domains, "experts": [str(e) for e in experts],
-        "lambda": args.lam, "relative_lambda": args.relative_lambda, "temperature": args.temp, "k": args.k,
-        "num_dume_tokens": args.num_dume_tokens, "trained_steps": args.num_steps if args.method in ("BTX", "DUMEplus") else 0})
-
-    with torch.no_grad():
-        results = run.evaluate(model, domains, args.eval_batch_size, label=name)
-        shares = routing_shares(model, {d: run.blocks(d, "test") for d in domains}, args.eval_batch_size)
+    # Everything is built, trained and evaluated in a hidden sibling directory that
+    # replaces models/<name> only when finished: a run killed halfway (a --redo of BTX at
+    # step 7, say) leaves the previous model and its results as they were.
+    with atomic_dir(model_dir) as stage:
+        set_gates(base_dir, gates, out_dir=stage, num_experts_per_tok=args.k)
+        model = load_moe(stage)
+        if args.method in ("BTX", "DUMEplus"):
+            warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
+            cfg = TrainConfig(lr=args.lr, steps=args.num_steps, warmup=warmup, batch_size=args.batch_size,
+                              grad_accum=args.grad_accum, eval_every=max(1, args.num_steps // 4), seed=args.seed,
+                              mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
+            train_data = mixed_blocks([run.blocks(d, "train") for d in domains])
+            val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])
+            model, history = train_routers(model, train_data, val_data, cfg, alpha=args.alpha, desc=name)
+            trained = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
+            set_gates(base_dir, trained, out_dir=stage, num_experts_per_tok=args.k)
+            model = load_moe(stage)
+            payload["history"] = history
+        if stats is not None:
+            stats.save(stage / "dume_stats")
+        atomic_write_json(stage / "dume_router.json", router_recipe(args, domains, experts, model_dir))
+        with torch.no_grad():
+            results = run.evaluate(model, domains, args.eval_batch_size, label=name)
+            shares = routing_shares(model, {d: run.blocks(d, "test") for d in domains}, args.eval_batch_size)
     accuracy = routing_accuracy(shares, {d: i for i, d in enumerate(domains)})
     payload.update(model=str(model_dir), results=results, routing_shares=shares, routing_accuracy=accuracy)
-    write_result(run, name, payload)
+    write_result(run, name, payload, inputs=input_fps, models=models)
     print(name.ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
     print("routing accuracy, last layer:", {d: round(a[-1], 3) for d, a in accuracy.items()})
 

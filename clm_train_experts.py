@@ -50,20 +50,38 @@ def main(argv=None):
                       seed=args.seed, mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
     cfg.validate()
     run.require_checkpoint(run.seed_dir, "clm_pretrain.py")
+    from dume.fingerprint import fingerprint
+
+    seed_fp = fingerprint(run.seed_dir)
     for domain in domains:
         out = run.expert_dir(domain)
         if is_complete_checkpoint(out) and not args.redo:
-            print(f"expert {domain} exists at {out}; skipping (--redo to retrain)")
-            continue
+            made_from = _recorded_seed(run, domain)
+            if made_from in (None, seed_fp):  # an expert put here by hand has no record: kept
+                print(f"expert {domain} exists at {out}; skipping (--redo to retrain)")
+                continue
+            print(f"expert {domain} was trained from another seed model (fingerprint {made_from} != {seed_fp}); "
+                  "retraining")
         model = run.load(run.seed_dir, "clm_pretrain.py")
         train_blocks, val_blocks = run.blocks(domain, "train"), run.blocks(domain, "validation")
         print(f"expert {domain}: {int(train_blocks[1].sum())} training tokens in {len(train_blocks[0])} blocks")
         model, history = train(model, train_blocks, val_blocks, cfg, desc=f"expert {domain}")
         save_pretrained_atomic(model, out, run.tokenizer)
         write_result(run, f"expert_{domain}", {"domain": domain, "seed_model": str(run.seed_dir),
-                                                 "train_tokens": int(train_blocks[1].sum()), "history": history})
+                                                 "train_tokens": int(train_blocks[1].sum()), "history": history},
+                     inputs={"seed": seed_fp}, models={"expert": out})
         print(f"saved {out} (best validation loss {history['best_val']['loss']:.4f} at step "
               f"{history['best_val']['step']})")
+
+
+def _recorded_seed(run: Run, domain: str):
+    """The seed fingerprint the expert's result records, or None when there is none."""
+    from dume.io import read_json
+
+    path = run.result_path(f"expert_{domain}")
+    if not path.is_file():
+        return None
+    return ((read_json(path).get("fingerprints") or {}).get("inputs") or {}).get("seed")
 
 
 if __name__ == "__main__":

@@ -71,13 +71,21 @@ def main(argv=None):
     from dume.io import atomic_write_json
     from dume.reasoning import evaluate_checkpoint
 
+    from dume.reasoning import check_router_settings
+
     args = parse(argv)
+    check_router_settings(lam=args.lam, k=args.k, temperature=args.temp, num_dume_tokens=args.num_dume_tokens,
+                          max_num_samples=args.max_num_samples, train_steps=args.train_steps,
+                          train_lr=args.train_lr, limit=args.limit)
     name = args.name or args.strategy
     run_dir = Path(args.run_dir)
     out = run_dir / "results" / f"{name}__{args.task}.json"
     if out.is_file() and not args.redo:
-        print(f"{out} exists; skipping (--redo to recompute)")
-        return
+        why = _stale_because(out)
+        if why is None:
+            print(f"{out} exists; skipping (--redo to recompute)")
+            return
+        print(f"{out}: {why}; recomputing")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     languages = args.languages.split(",") if args.languages else None
@@ -101,8 +109,12 @@ def main(argv=None):
                                  parallelize=args.parallelize, seed=args.seed)
     if result is None or int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 writes
+    from dume.fingerprint import fingerprint
+
     payload = {"name": name, "strategy": args.strategy, "task": args.task, "model": str(model_dir),
                "experts": {d: str(p) for d, p in experts.items()}, **result,
+               "fingerprints": {"model": fingerprint(model_dir),
+                                "experts": {d: fingerprint(p) for d, p in experts.items()}},
                "settings": {k: v for k, v in vars(args).items() if k != "redo"}, "device": device, "dtype": dtype}
     if stats is not None:
         payload["dume_statistics_from"] = stats.data_source
@@ -110,6 +122,29 @@ def main(argv=None):
     print(f"{name} on {args.task}: {result['metric']} = {result['score']:.4f} ({out})")
     if result["notes"]:
         print("notes: " + "; ".join(result["notes"]))
+
+
+def _stale_because(result_path):
+    """Why an existing result no longer belongs to its model or experts (None: it does)."""
+    from pathlib import Path
+
+    from dume.errors import DumeError
+    from dume.fingerprint import fingerprint
+    from dume.io import is_complete_checkpoint, read_json
+
+    try:
+        res = read_json(result_path)
+        recorded = res["fingerprints"]
+        checks = {"model": (res["model"], recorded["model"]),
+                  **{f"{d} expert": (p, recorded["experts"][d]) for d, p in res["experts"].items()}}
+    except (DumeError, KeyError, TypeError):
+        return "it records no fingerprints of its model and experts (older or unreadable result)"
+    for label, (path, then) in checks.items():
+        if not is_complete_checkpoint(Path(path)):
+            return f"its {label} {path} is gone"
+        if fingerprint(path) != then:
+            return f"its {label} {path} changed since"
+    return None
 
 
 def _build(args, languages, device, dtype):
@@ -120,8 +155,9 @@ def _build(args, languages, device, dtype):
     import torch
 
     from dume.io import is_complete_checkpoint
-    from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, generate_dume_params, load_tokenizer_of,
-                                parse_experts, resolve_experts, statistics_documents)
+    from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, built_from, experts_made_from,
+                                generate_dume_params, load_tokenizer_of, parse_experts, resolve_experts,
+                                statistics_documents)
     from dume.ridge import RidgeStats
 
     run_dir = Path(args.run_dir)
@@ -130,8 +166,10 @@ def _build(args, languages, device, dtype):
     stats = train_docs = tokenizer = None
     if args.strategy in ("DUME", "DUMEplus"):
         dume_dir = Path(args.dume_dir) if args.dume_dir else models / "DUME"
-        if not (is_complete_checkpoint(dume_dir) and (dume_dir / "dume_stats").is_dir()):
-            print(f"no DUME parameters in {dume_dir}: generating them (reasoning_generate_dume_params.py defaults)")
+        if not (is_complete_checkpoint(dume_dir) and (dume_dir / "dume_stats").is_dir()
+                and built_from(dume_dir, experts_made_from(experts))):
+            print(f"no DUME parameters for these experts in {dume_dir}: generating them "
+                  "(reasoning_generate_dume_params.py defaults)")
             generate_dume_params(experts, dume_dir, data_dir=args.data_dir, max_num_samples=args.max_num_samples,
                                  num_dume_tokens=args.num_dume_tokens, lam=args.lam, temperature=args.temp,
                                  device=device, dtype=getattr(torch, dtype), languages=languages, work_dir=models)

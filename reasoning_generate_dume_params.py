@@ -51,9 +51,11 @@ def main(argv=None):
 
     import torch
 
-    from dume.reasoning import generate_dume_params, parse_experts, resolve_experts
+    from dume.reasoning import check_router_settings, generate_dume_params, parse_experts, resolve_experts
 
     args = parse(argv)
+    check_router_settings(lam=args.lam, k=args.k, temperature=args.temp, num_dume_tokens=args.num_dume_tokens,
+                          max_num_samples=args.max_num_samples)  # before any hub or disk work
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)

@@ -296,6 +296,8 @@ class ExpertSet:
     tokenizer_dir: Path | None
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Content fingerprints (dume.fingerprint), one per expert: what caches are keyed by.
+    fingerprints: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def num_experts(self) -> int:
@@ -414,6 +416,9 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
             notes.append(
                 f"{_expert_label(i, dirs[i])} stores some tensors as {', '.join(dt)}; merged tensors use expert 0's dtypes"
             )
+    from .fingerprint import require_finite
+
+    fingerprints = tuple(require_finite(d, _expert_label(i, d)).digest for i, d in enumerate(dirs))
     return ExpertSet(
         dirs=dirs,
         config=ref,
@@ -421,6 +426,7 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
         tokenizer_dir=tok_dir,
         tensors=lay0,
         notes=tuple(notes),
+        fingerprints=fingerprints,
     )
 
 

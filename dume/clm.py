@@ -15,9 +15,11 @@ Scripts are thin: they parse flags, call these helpers, and write JSON here.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -73,13 +75,64 @@ class Run:
             self.check_domain(d)
         return domains
 
-    def done(self, name: str, redo: bool) -> bool:
-        """True (and says so) when result `name` exists and the user did not ask to redo it."""
+    def pending_path(self, name: str) -> Path:
+        return self.run_dir / "results" / f".{name}.pending"
+
+    def done(self, name: str, redo: bool, inputs: Mapping[str, Path] | None = None,
+             models: Mapping[str, Path] | None = None) -> bool:
+        """True (and says so) when result `name` exists, still belongs to its inputs and its
+        model, and the user did not ask to redo it.
+
+        A result records the content fingerprints (`dume.fingerprint`) of the checkpoints it
+        was computed from (`inputs`, e.g. the experts) and of the model it evaluated
+        (`models`). It is recomputed, with one line saying why, when any of them changed or
+        is gone, when it predates fingerprints, or when an earlier run of it was interrupted
+        (a `--redo` killed halfway leaves the previous result and model in place; the next
+        plain run finishes the job).
+        """
         path = self.result_path(name)
-        if path.is_file() and not redo:
-            print(f"{path} exists; skipping (--redo to recompute)")
-            return True
-        return False
+        if redo:
+            return False
+        if self.pending_path(name).is_file():
+            print(f"an earlier run of {name} was interrupted; finishing it")
+            return False
+        if not path.is_file():
+            return False
+        why = self._stale_because(path, inputs or {}, models or {})
+        if why:
+            print(f"{path}: {why}; recomputing")
+            return False
+        print(f"{path} exists; skipping (--redo to recompute)")
+        return True
+
+    def _stale_because(self, path: Path, inputs: Mapping[str, Path], models: Mapping[str, Path]) -> str | None:
+        from .fingerprint import fingerprint
+
+        try:
+            stored = read_json(path).get("fingerprints")
+        except (DumeError, AttributeError):
+            return "unreadable"
+        if not inputs and not models:
+            return None
+        if not isinstance(stored, dict):
+            return "it records no fingerprints of what it was computed from (older run)"
+        for kind, deps in (("inputs", inputs), ("models", models)):
+            for label, dep in deps.items():
+                if not is_complete_checkpoint(dep):
+                    return f"its {label} {dep} is missing"
+                now, then = fingerprint(dep), (stored.get(kind) or {}).get(label)
+                if now != then:
+                    return f"it was computed from another {label} (fingerprint {then} != {now} now)"
+        return None
+
+    def begin(self, name: str, inputs: Mapping[str, Path] | None = None) -> dict[str, str]:
+        """Mark result `name` as being computed and return its inputs' fingerprints (taken
+        now, before the work, so the result records what it was really computed from)."""
+        from .fingerprint import fingerprint
+
+        fps = {label: fingerprint(dep) for label, dep in (inputs or {}).items()}
+        atomic_write_json(self.pending_path(name), {"inputs": fps})
+        return fps
 
     def check_domain(self, domain: str) -> None:
         valid = self.domains()
@@ -153,6 +206,9 @@ class Run:
         for d in domains:
             ids, mask = self.blocks(d, "test")
             out[d] = perplexity(model, ids, mask, batch_size, desc=f"eval {label} on {d}")
+            if not math.isfinite(out[d]["loss"]) or not math.isfinite(out[d]["perplexity"]):
+                raise DumeError(f"{label or 'model'}: non-finite perplexity on domain {d} (mean loss {out[d]['loss']}); "
+                                "its weights or its router are broken, nothing was written")
         return out
 
     def settings(self) -> dict:
@@ -173,9 +229,19 @@ def environment() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def write_result(run: Run, name: str, payload: dict) -> Path:
+def write_result(run: Run, name: str, payload: dict, inputs: Mapping[str, str] | None = None,
+                 models: Mapping[str, Path] | None = None) -> Path:
+    """Write result `name` (strict JSON), recording the fingerprints of its inputs (as
+    `Run.begin` returned them) and of the models it evaluated, then clear its pending mark."""
+    from .fingerprint import fingerprint
+
     payload = {**payload, "settings": {**run.settings(), **payload.get("settings", {})}, "environment": environment()}
-    return atomic_write_json(run.result_path(name), payload)
+    if inputs is not None or models is not None:
+        payload["fingerprints"] = {"inputs": dict(inputs or {}),
+                                   "models": {label: fingerprint(p) for label, p in (models or {}).items()}}
+    out = atomic_write_json(run.result_path(name), payload)
+    run.pending_path(name).unlink(missing_ok=True)
+    return out
 
 
 def read_result(run: Run, name: str, made_by: str) -> dict:
@@ -184,6 +250,3 @@ def read_result(run: Run, name: str, made_by: str) -> dict:
         raise DumeError(f"missing {path}: run {made_by} first")
     return read_json(path)
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -40,8 +41,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def nonfinite_paths(obj: Any, where: str = "") -> list[str]:
+    """Where in a JSON-like object a float is NaN or ±inf (as 'results.math.perplexity')."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [where or "<value>"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite_paths(v, f"{where}[{i}]")]
+    return []
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON only: NaN/inf (which `json` would write as invalid tokens) are an error
+    naming where they are, and nothing is written."""
+    bad = nonfinite_paths(obj)
+    if bad:
+        raise DumeError(f"refusing to write {path}: non-finite value at {', '.join(bad[:3])}"
+                        f"{' ...' if len(bad) > 3 else ''}")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -83,6 +101,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def portable_path(target: str | os.PathLike, base: str | os.PathLike) -> str:
+    """`target` relative to the directory `base` (a recipe's own directory), so that a run
+    directory copied or moved as a whole still resolves it; see `resolve_stored_path`."""
+    return os.path.relpath(Path(target).resolve(), Path(base).resolve())
+
+
+def resolve_stored_path(stored: str, base: str | os.PathLike, absolute: str | None = None) -> Path:
+    """A path written by `portable_path` (relative to `base`), or an absolute one. When the
+    relative form does not exist but the recorded `absolute` one does (the recipe's
+    directory was moved alone), that one is used."""
+    p = Path(stored)
+    if not p.is_absolute():
+        p = Path(base) / p
+    if not p.exists() and absolute and Path(absolute).exists():
+        return Path(absolute)
+    return Path(os.path.normpath(p))
+
+
 def cleanup_stale_tmp(path: str | os.PathLike) -> None:
     """Remove temporaries left by an interrupted write of `path`."""
     path = Path(path)
@@ -103,8 +139,11 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 def save_pretrained_atomic(model, path: str | os.PathLike, tokenizer=None) -> Path:
     """`model.save_pretrained` (safetensors) into `path`, atomically."""
+    from .fingerprint import content_fingerprint
+
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        content_fingerprint(tmp)  # stored beside the weights now, while they are in the page cache
     return Path(path)

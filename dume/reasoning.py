@@ -212,9 +212,13 @@ def collect_statistics(experts: Mapping[str, Path], docs: Mapping[str, list[str]
 
 def moe_base(experts: Mapping[str, Path], out_dir: Path, redo: bool = False) -> Path:
     """The MoErged model (zero gates), built once per expert set."""
+    from .checkpoints import check_experts
     from .merge import moerge_experts
 
-    made_from = {"dume_domains": list(DOMAINS), "dume_experts": [str(experts[d]) for d in DOMAINS]}
+    es = check_experts([experts[d] for d in DOMAINS], require_mixtral_compatible=True)
+    # Keyed by the experts' contents, not their paths: an expert replaced in place
+    # rebuilds the base, a moved one does not.
+    made_from = {"dume_domains": list(DOMAINS), "dume_expert_fingerprints": list(es.fingerprints)}
     if redo or not is_complete_checkpoint(out_dir) or any(
             read_json(out_dir / "config.json").get(k) != v for k, v in made_from.items()):
         moerge_experts([experts[d] for d in DOMAINS], out_dir, gates=None, num_experts_per_tok=1,
@@ -223,8 +227,12 @@ def moe_base(experts: Mapping[str, Path], out_dir: Path, redo: bool = False) -> 
 
 
 def write_router_recipe(model_dir: Path, strategy: str, experts, **settings) -> None:
-    atomic_write_json(Path(model_dir) / "dume_router.json", {
-        "method": strategy, "domains": list(DOMAINS), "experts": [str(experts[d]) for d in DOMAINS], **settings})
+    """The recipe beside the model; expert paths relative to it (+ absolute fallback)."""
+    from .dynamic import portable_recipe
+
+    atomic_write_json(Path(model_dir) / "dume_router.json", portable_recipe({
+        "method": strategy, "domains": list(DOMAINS), "experts": [str(experts[d]) for d in DOMAINS], **settings},
+        Path(model_dir)))
 
 
 def train_router_model(model_dir: Path, base_dir: Path, strategy: str, docs: Mapping[str, list[str]], tokenizer, *,
@@ -277,25 +285,28 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
     dirs = [Path(experts[d]) for d in DOMAINS]
     if strategy in EXPERT_STRATEGIES:
         return Path(experts[strategy[: -len("_expert")]])
+    from .io import atomic_dir
+
+    made_from = experts_made_from(experts)
     if strategy == "model_averaging":
         out = work_dir / "model_averaging"
-        if redo or not is_complete_checkpoint(out):
-            average_experts(dirs, out)
+        if redo or not built_from(out, made_from):
+            average_experts(dirs, out, extra_config=made_from)
         return out
     if strategy == "oracle":
         if task not in DOMAINS:
             raise DumeError(f"the oracle needs the evaluated task's domain (one of {', '.join(DOMAINS)}), got {task!r}")
         out = work_dir / "oracle" / task
-        if redo or not is_complete_checkpoint(out):
-            write_oracle(dirs, DOMAINS.index(task), out)
+        if redo or not built_from(out, made_from):
+            write_oracle(dirs, DOMAINS.index(task), out, extra_config=made_from)
         return out
 
     out = work_dir / strategy
-    # dume_router.json is written last: a checkpoint without it (an interrupted BTX
-    # training, say) is rebuilt.
-    if is_complete_checkpoint(out) and (out / "dume_router.json").is_file() and not redo:
+    # A routed model is reused only when complete (its recipe is written last) and built
+    # from these very experts; otherwise it is rebuilt in a hidden sibling that replaces
+    # `out` when finished, so a killed BTX training leaves the previous model in place.
+    if not redo and (out / "dume_router.json").is_file() and built_from(out, made_from):
         return out
-    (out / "dume_router.json").unlink(missing_ok=True)
     defaults = ROUTER_TRAINING.get(strategy, {})
     k = k if k is not None else defaults.get("k", PAPER["k"])
     base = moe_base({d: Path(experts[d]) for d in DOMAINS}, work_dir / "_moe_base", redo)
@@ -310,28 +321,61 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
         gates = dume_gates(stats, lam, temperature)
     else:
         gates = random_gates(cfg.num_hidden_layers, len(DOMAINS), cfg.hidden_size, seed=seed)
-    set_gates(base, gates, out_dir=out, num_experts_per_tok=k)
+    if strategy in ("BTX", "DUMEplus") and (train_docs is None or tokenizer is None):
+        raise DumeError(f"{strategy} trains its routers on the tasks' mixed data: give train_docs and tokenizer")
     settings = {"lambda": lam, "temperature": temperature if strategy in ("DUME", "DUMEplus") else None, "k": k,
                 "seed": seed, "trained_steps": 0}
-    if strategy in ("BTX", "DUMEplus"):
-        if train_docs is None or tokenizer is None:
-            raise DumeError(f"{strategy} trains its routers on the tasks' mixed data: give train_docs and tokenizer")
-        steps = train_steps if train_steps is not None else defaults["steps"]
-        lr = train_lr if train_lr is not None else defaults["lr"]
-        history = train_router_model(out, base, strategy, train_docs, tokenizer, steps=steps, lr=lr, k=k,
-                                     seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                     mixed_precision=mixed_precision)
-        settings.update(trained_steps=steps, lr=lr, final_val=(history.get("val") or [{}])[-1].get("loss"))
-    if stats is not None and strategy in ("DUME", "DUMEplus"):
-        stats.save(out / "dume_stats")
-    write_router_recipe(out, strategy, experts, **settings)
+    with atomic_dir(out) as stage:
+        set_gates(base, gates, out_dir=stage, num_experts_per_tok=k)
+        if strategy in ("BTX", "DUMEplus"):
+            steps = train_steps if train_steps is not None else defaults["steps"]
+            lr = train_lr if train_lr is not None else defaults["lr"]
+            history = train_router_model(stage, base, strategy, train_docs, tokenizer, steps=steps, lr=lr, k=k,
+                                         seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                         mixed_precision=mixed_precision)
+            settings.update(trained_steps=steps, lr=lr, final_val=(history.get("val") or [{}])[-1].get("loss"))
+        if stats is not None and strategy in ("DUME", "DUMEplus"):
+            stats.save(stage / "dume_stats")
+        write_router_recipe(stage, strategy, experts, **settings)
     return out
+
+
+def experts_made_from(experts: Mapping[str, Path]) -> dict:
+    """The config attribute that ties a built model to the experts' contents."""
+    from .checkpoints import check_experts
+
+    es = check_experts([Path(experts[d]) for d in DOMAINS])
+    return {"dume_expert_fingerprints": list(es.fingerprints)}
+
+
+def built_from(model_dir: Path, made_from: dict) -> bool:
+    """A complete checkpoint whose config records these experts' fingerprints."""
+    return is_complete_checkpoint(model_dir) and all(
+        read_json(Path(model_dir) / "config.json").get(k) == v for k, v in made_from.items())
 
 
 def load_tokenizer_of(expert_dir: Path):
     from .tokenizer import load_tokenizer
 
     return load_tokenizer(expert_dir)
+
+
+def check_router_settings(*, lam=None, k=None, temperature=None, num_dume_tokens=None, max_num_samples=None,
+                          train_steps=None, train_lr=None, limit=None) -> None:
+    """Every numeric flag of the reasoning scripts, checked before any hub or disk work
+    (a bad flag must not hide behind a slow download or a hub error). None = not given."""
+    if lam is not None and not lam > 0:
+        raise DumeError(f"--lambda must be > 0, got {lam}")
+    if temperature is not None and not temperature > 0:
+        raise DumeError(f"--temp must be > 0, got {temperature}")
+    if k is not None and not 1 <= k <= len(DOMAINS):
+        raise DumeError(f"--k must be in 1..{len(DOMAINS)} (the number of experts), got {k}")
+    for flag, value in (("--num-dume-tokens", num_dume_tokens), ("--max-num-samples", max_num_samples),
+                        ("--train-steps", train_steps), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise DumeError(f"{flag} must be >= 1, got {value}")
+    if train_lr is not None and not train_lr > 0:
+        raise DumeError(f"--train-lr must be > 0, got {train_lr}")
 
 
 def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike, *, ood: bool = False,
@@ -343,17 +387,12 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
     experts' training sets), the solved gates, the MoE checkpoint, the statistics and a
     metadata JSON (`dume_params.json`) in `out_dir`. Returns the metadata."""
     from .checkpoints import check_experts
+    from .io import atomic_dir
     from .merge import set_gates
     from .routers import dume_gates
 
-    if not (lam > 0 and temperature > 0):
-        raise DumeError(f"λ and the temperature must be > 0, got {lam} and {temperature}")
-    if not 1 <= k <= len(DOMAINS):
-        raise DumeError(f"k must be in 1..{len(DOMAINS)}, got {k}")
-    if num_dume_tokens is not None and num_dume_tokens < 1:
-        raise DumeError("num_dume_tokens must be >= 1")
-    if max_num_samples is not None and max_num_samples < 1:
-        raise DumeError("max_num_samples must be >= 1")
+    check_router_settings(lam=lam, k=k, temperature=temperature, num_dume_tokens=num_dume_tokens,
+                          max_num_samples=max_num_samples)
     out_dir = Path(out_dir)
     experts = {d: Path(experts[d]) for d in DOMAINS}
     es = check_experts([experts[d] for d in DOMAINS], require_mixtral_compatible=True)
@@ -372,16 +411,17 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
                                        data_source="ood" if ood else "tasks",
                                        extra_meta={"sources": sources, "max_num_samples": max_num_samples})
     gates = dume_gates(stats, lam, temperature)
-    set_gates(base, gates, out_dir=out_dir, num_experts_per_tok=k)
-    stats.save(out_dir / "dume_stats")
     meta = {"statistics_from": "ood" if ood else "tasks", "description": what, "sources": sources,
             "experts": {d: str(experts[d]) for d in DOMAINS}, "lambda": lam, "k": k, "temperature": temperature,
             "num_dume_tokens": num_dume_tokens, "max_num_samples": max_num_samples, "token_counts": counts,
             "model": str(out_dir)}
-    atomic_write_json(out_dir / "dume_params.json", meta)
-    write_router_recipe(out_dir, "DUME_OOD" if ood else "DUME", experts, **{
-        "lambda": lam, "temperature": temperature, "k": k, "num_dume_tokens": num_dume_tokens,
-        "statistics_from": meta["statistics_from"], "trained_steps": 0})
+    with atomic_dir(out_dir) as stage:  # the model appears with its statistics and recipe, or not at all
+        set_gates(base, gates, out_dir=stage, num_experts_per_tok=k)
+        stats.save(stage / "dume_stats")
+        atomic_write_json(stage / "dume_params.json", meta)
+        write_router_recipe(stage, "DUME_OOD" if ood else "DUME", experts, **{
+            "lambda": lam, "temperature": temperature, "k": k, "num_dume_tokens": num_dume_tokens,
+            "statistics_from": meta["statistics_from"], "trained_steps": 0})
     log(f"DUME MoE written to {out_dir} (tokens per domain: {counts})")
     return meta
 

@@ -142,9 +142,11 @@ def test_keep_shared_model_and_recipe(dyn, keep_shared, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(keep_shared)
     assert type(model) is MixtralForCausalLM and model.config.num_local_experts == 3
-    recipe = read_json(keep_shared / "dume_router.json")
+    from dume.dynamic import resolve_recipe_paths
+
+    recipe = resolve_recipe_paths(read_json(keep_shared / "dume_router.json"), keep_shared)
     assert recipe["mode"] == "keep-shared" and recipe["domains"] == list(DOMAINS)
-    assert recipe["experts"][-1] == str(dyn / "experts" / "history")
+    assert recipe["experts"][-1] == str((dyn / "experts" / "history").resolve())
     assert recipe["shared_average_of"] == recipe["experts"][:2]
     assert RidgeStats.load(keep_shared / "dume_stats").model_fingerprint == model_fingerprint(keep_shared)
     assert model_fingerprint(keep_shared) == model_fingerprint(_moe(dyn, "DUME_two"))
