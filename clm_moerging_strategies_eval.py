@@ -122,7 +122,7 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
                        extra_meta={**provenance, "experts": [str(e) for e in experts]})
     for i, domain in enumerate(domains):
         model = build_oracle_model(experts, i, shared=shared)
-        docs = data.load_documents(domain, "train", run.source, data_dir=run.data_dir)
+        docs, _ = data.iter_documents(domain, "train", run.source, data_dir=run.data_dir)
         batches = data.document_batches(docs, run.tokenizer, run.seq_len, args.stats_batch_size)
         n = collect_domain(model, stats, domain, batches, args.num_dume_tokens, args.num_dume_stats_steps)
         print(f"statistics {domain}: {n} tokens per layer")
@@ -160,7 +160,7 @@ def main(argv=None):
     from dume.router_training import mixed_blocks, train_routers
     from dume.routers import centroid_gates, dume_gates, random_gates
     from dume.routing import routing_accuracy, routing_shares
-    from dume.train import TrainConfig
+    from dume.train import TrainConfig, windows_budget
 
     args = parse(argv)
     run = Run.from_args(args)
@@ -170,7 +170,7 @@ def main(argv=None):
         from dume import data
 
         for d in domains:
-            data.load_documents(d, "train", run.source, data_dir=run.data_dir)
+            data.has_documents(d, "train", run.source, data_dir=run.data_dir)
     name = args.method if not args.tag else f"{args.method}_{args.tag}"
     model_dir = run.model_dir(name)
     inputs = {f"{d} expert": run.expert_dir(d) for d in domains}
@@ -225,10 +225,12 @@ def main(argv=None):
         model = load_moe(stage)
         if args.method in ("BTX", "DUMEplus"):
             warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
-            cfg = TrainConfig(lr=args.lr, steps=args.num_steps, warmup=warmup, batch_size=args.batch_size,
-                              grad_accum=args.grad_accum, eval_every=max(1, args.num_steps // 4), seed=args.seed,
-                              mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
-            train_data = mixed_blocks([run.blocks(d, "train") for d in domains])
+            cfg = TrainConfig.with_recipe(
+                "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.num_steps,
+                warmup=warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                eval_every=max(1, args.num_steps // 4), seed=args.seed, mixed_precision=args.mixed_precision,
+                wandb_project=args.wandb_project)
+            train_data = mixed_blocks([run.blocks(d, "train", max_windows=windows_budget(cfg)) for d in domains])
             val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])
             model, history = train_routers(model, train_data, val_data, cfg, alpha=args.alpha, desc=name)
             trained = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]

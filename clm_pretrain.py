@@ -2,9 +2,12 @@
 """Pretrain the seed Llama on the pretraining corpus (paper: 115M Llama on OpenWebText,
 lr 6e-4, cosine, 1000 warmup, batch 16 x 4 accumulation, 20 000 steps, 1024 tokens).
 
-Defaults are the embedded CPU setting; the paper's run is
-  python clm_pretrain.py --source hub --preset paper-115m --seq-len 1024 --lr 6e-4 \
-      --steps 20000 --warmup 1000 --grad-accum 4 --mixed-precision bf16
+Defaults are the embedded CPU setting; the paper's run (README, "The paper's setting") is
+  accelerate launch --multi_gpu --num_processes 4 clm_pretrain.py --source hub --preset paper-115m \
+      --seq-len 1024 --lr 6e-4 --steps 20000 --warmup 1000 --batch-size 4 --grad-accum 4 --mixed-precision bf16
+(global batch 4 per device x 4 accumulation x 4 GPUs = the paper's 16 x 4; on 1 GPU:
+--batch-size 16, on 2: --batch-size 8). Only the windows the step budget needs are
+tokenized (dume.tokens); only the main process writes the checkpoint and the results.
 """
 
 from __future__ import annotations
@@ -29,29 +32,34 @@ def parse(argv):
 
 def main(argv=None):
     from dume.models import count_parameters, new_model
-    from dume.train import TrainConfig, train
+    from dume.train import TrainConfig, is_main_process, train, wait_for_everyone, windows_budget
 
     args = parse(argv)
     run = Run.from_args(args)
     if is_complete_checkpoint(run.seed_dir) and not args.redo:
         print(f"seed model exists at {run.seed_dir}; skipping (--redo to retrain)")
         return
-    cfg = TrainConfig(lr=args.lr, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, eval_every=args.eval_every, seed=args.seed,
-                      mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
+    cfg = TrainConfig.with_recipe(
+        "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.steps,
+        warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
+        seed=args.seed, mixed_precision=args.mixed_precision, wandb_project=args.wandb_project,
+        compile=args.compile)
     cfg.validate()
     tokenizer = run.tokenizer
-    train_blocks, val_blocks = run.blocks("pretrain", "train"), run.blocks("pretrain", "validation")
+    train_blocks = run.blocks("pretrain", "train", max_windows=windows_budget(cfg))
+    val_blocks = run.blocks("pretrain", "validation")
     model = new_model(args.preset, tokenizer, seed=args.seed)
     print(f"seed model: {args.preset}, {count_parameters(model) / 1e6:.2f}M parameters, "
-          f"{int(train_blocks[1].sum())} training tokens in {len(train_blocks[0])} blocks of {args.seq_len}")
+          f"{len(train_blocks) * args.seq_len} training tokens in {len(train_blocks)} windows of {args.seq_len} "
+          f"({run.window_recipe.description})")
     model, history = train(model, train_blocks, val_blocks, cfg, desc="pretrain")
-    save_pretrained_atomic(model, run.seed_dir, tokenizer)
-    write_result(run, "pretrain", {"preset": args.preset, "parameters": count_parameters(model),
-                                   "train_tokens": int(train_blocks[1].sum()), "history": history})
-    print(f"saved {run.seed_dir} (final validation loss {history['val'][-1]['loss']:.4f}, "
-          f"{history['tokens_per_second']:.0f} tokens/s)")
-
+    if is_main_process():
+        save_pretrained_atomic(model, run.seed_dir, tokenizer)
+        write_result(run, "pretrain", {"preset": args.preset, "parameters": count_parameters(model),
+                                       "train_windows": len(train_blocks), "history": history})
+        print(f"saved {run.seed_dir} (final validation loss {history['val'][-1]['loss']:.4f}, "
+              f"{history['tokens_per_second']:.0f} tokens/s)")
+    wait_for_everyone()
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

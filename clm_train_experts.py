@@ -40,16 +40,19 @@ def parse(argv):
 
 
 def main(argv=None):
-    from dume.train import TrainConfig, train
+    from dume.train import TrainConfig, is_main_process, train, wait_for_everyone, windows_budget
 
     args = parse(argv)
     run = Run.from_args(args)
     domains = run.select_domains(args.domain)
-    cfg = TrainConfig(lr=args.lr, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, eval_every=args.eval_every, patience=args.patience,
-                      seed=args.seed, mixed_precision=args.mixed_precision, wandb_project=args.wandb_project)
+    cfg = TrainConfig.with_recipe(
+        "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.steps,
+        warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
+        patience=args.patience, seed=args.seed, mixed_precision=args.mixed_precision,
+        wandb_project=args.wandb_project, compile=args.compile)
     cfg.validate()
     run.require_checkpoint(run.seed_dir, "clm_pretrain.py")
+    run.tokenizer  # the run's tokenizer (and a --tokenizer that differs from it refused) before any work
     from dume.fingerprint import fingerprint
 
     seed_fp = fingerprint(run.seed_dir)
@@ -63,15 +66,18 @@ def main(argv=None):
             print(f"expert {domain} was trained from another seed model (fingerprint {made_from} != {seed_fp}); "
                   "retraining")
         model = run.load(run.seed_dir, "clm_pretrain.py")
-        train_blocks, val_blocks = run.blocks(domain, "train"), run.blocks(domain, "validation")
-        print(f"expert {domain}: {int(train_blocks[1].sum())} training tokens in {len(train_blocks[0])} blocks")
+        train_blocks = run.blocks(domain, "train", max_windows=windows_budget(cfg))
+        val_blocks = run.blocks(domain, "validation")
+        print(f"expert {domain}: {len(train_blocks)} training windows of {args.seq_len} tokens")
         model, history = train(model, train_blocks, val_blocks, cfg, desc=f"expert {domain}")
-        save_pretrained_atomic(model, out, run.tokenizer)
-        write_result(run, f"expert_{domain}", {"domain": domain, "seed_model": str(run.seed_dir),
-                                                 "train_tokens": int(train_blocks[1].sum()), "history": history},
-                     inputs={"seed": seed_fp}, models={"expert": out})
-        print(f"saved {out} (best validation loss {history['best_val']['loss']:.4f} at step "
-              f"{history['best_val']['step']})")
+        if is_main_process():
+            save_pretrained_atomic(model, out, run.tokenizer)
+            write_result(run, f"expert_{domain}", {"domain": domain, "seed_model": str(run.seed_dir),
+                                                     "train_windows": len(train_blocks), "history": history},
+                         inputs={"seed": seed_fp}, models={"expert": out})
+            print(f"saved {out} (best validation loss {history['best_val']['loss']:.4f} at step "
+                  f"{history['best_val']['step']})")
+        wait_for_everyone()
 
 
 def _recorded_seed(run: Run, domain: str):

@@ -97,9 +97,9 @@ def main(argv=None):
     # while the other ranks wait, then every rank loads it.
     guard = contextlib.nullcontext()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from dume.train import partial_state
 
-        guard = PartialState().main_process_first()
+        guard = partial_state().main_process_first()
     with guard:
         model_dir, experts, stats = _build(args, languages, device, dtype)
     tasks_dir = run_dir / "lm_eval_tasks" / f"{name}__{args.task}"

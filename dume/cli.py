@@ -19,12 +19,20 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="offline: embedded Wikipedia+stdlib text; hub: OpenWebText + M2D2 (paper); local: --data-dir")
     p.add_argument("--data-dir", default=None, help="data directory for --source local (or a hub cache override)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer name or path; default: a BPE trained on the pretraining corpus, kept in RUN_DIR/tokenizer")
+                   help="tokenizer name or path for a new run (kept in RUN_DIR/tokenizer; later scripts use that copy "
+                        "and refuse one with another vocabulary); 'bpe' trains one on the pretraining corpus. "
+                        "Default: the paper's meta-llama/Meta-Llama-3-8B for --source hub, else 'bpe'")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE tokenizer")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (paper: 1024)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (paper: 16)")
     p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--max-eval-blocks", type=int, default=None, help="cap test blocks per domain (None: all)")
+    p.add_argument("--max-eval-blocks", type=int, default=None,
+                   help="test windows per domain (default: the original's first 4000 x 16 on --source hub, else all)")
+    p.add_argument("--recipe", default="auto", choices=["auto", "original", "embedded"],
+                   help="data + optimizer recipe: 'original' = the original code's (BOS per document, no EOS, "
+                        "L predicted tokens per window; AdamW defaults, bf16 weights); 'embedded' = this project's "
+                        "CPU default (EOS between documents; AdamW b2 0.95, wd 0.1, fp32). auto: original for hub")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="bf16 on GPUs")
     p.add_argument("--wandb-project", default=None, help="log to wandb (off unless given)")

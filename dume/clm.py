@@ -28,7 +28,19 @@ from .errors import DumeError
 from .io import atomic_write_json, is_complete_checkpoint, read_json
 
 
+# Validation during training only ranks checkpoints: MAX_VALIDATION_BLOCKS evenly spaced
+# windows out of the split's first VALIDATION_POOL (the whole split on the embedded default).
 MAX_VALIDATION_BLOCKS = 128
+VALIDATION_POOL = 2048
+# The paper-scale evaluation: the original code's first 4000 test batches of 16 windows.
+HUB_TEST_WINDOWS = 4000 * 16
+# The paper's tokenizer (the original code pre-tokenized with Meta-Llama-3-8B's; the
+# Llama-3.x tokenizers share its 128 000 BPE tokens). Gated: see datasets_setup.md.
+HUB_TOKENIZER = "meta-llama/Meta-Llama-3-8B"
+# The embedded default's BPE is trained on at most this much of the pretraining corpus:
+# a 4096-token vocabulary is settled long before, and a larger corpus must not cost more.
+TOKENIZER_TRAINING_CHARS = 10_000_000
+RECIPE_CHOICES = ("auto", "original", "embedded")
 
 
 @dataclass
@@ -40,16 +52,45 @@ class Run:
     tokenizer_name: str | None = None
     vocab_size: int = 4096
     max_eval_blocks: int | None = None
+    recipe: str = "auto"
     _tokenizer: object = field(default=None, repr=False)
     _blocks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_args(cls, args) -> "Run":
         run = cls(Path(args.run_dir), args.source, args.data_dir, args.seq_len, args.tokenizer,
-                  args.vocab_size, getattr(args, "max_eval_blocks", None))
+                  args.vocab_size, getattr(args, "max_eval_blocks", None), getattr(args, "recipe", "auto"))
         if run.seq_len < 2:
             raise DumeError("--seq-len must be at least 2")
+        if run.recipe not in RECIPE_CHOICES:
+            raise DumeError(f"--recipe must be one of {RECIPE_CHOICES}, got {run.recipe!r}")
+        if run.max_eval_blocks is not None and run.max_eval_blocks < 1:
+            raise DumeError("--max-eval-blocks must be at least 1")
+        if run.tokenizer_name and (run.run_dir / "tokenizer").is_dir():
+            run.tokenizer  # a tokenizer that differs from the run's is refused before any work
         return run
+
+    # ---- recipes ------------------------------------------------------------------
+    @property
+    def recipe_name(self) -> str:
+        """'original' (the original code's data and optimizer recipe) for the hub source,
+        'embedded' (this project's embedded default) otherwise, unless --recipe says."""
+        if self.recipe != "auto":
+            return self.recipe
+        return "original" if self.source == "hub" else "embedded"
+
+    @property
+    def window_recipe(self):
+        from .tokens import get_recipe
+
+        return get_recipe("original" if self.recipe_name == "original" else "eos")
+
+    @property
+    def eval_windows(self) -> int | None:
+        """Test windows per domain: --max-eval-blocks, else the original's 64 000 on the hub, else all."""
+        if self.max_eval_blocks:
+            return self.max_eval_blocks
+        return HUB_TEST_WINDOWS if self.source == "hub" else None
 
     # ---- places -------------------------------------------------------------------
     @property
@@ -142,28 +183,81 @@ class Run:
     # ---- tokenizer and data ---------------------------------------------------------
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from .tokenizer import get_or_train_tokenizer
+        """The run's tokenizer, kept in RUN_DIR/tokenizer from the first script on.
 
-            self._tokenizer = get_or_train_tokenizer(
-                self.run_dir, lambda: data.load_documents("pretrain", "train", self.source, data_dir=self.data_dir),
-                self.vocab_size, self.tokenizer_name)
+        The first script (pretraining) saves the tokenizer it was given (`--tokenizer`;
+        on the hub source the paper's Llama-3 tokenizer by default), or trains the BPE.
+        Every later script uses that copy; a `--tokenizer` whose vocabulary differs from
+        it is refused (one line, exit 2) before any work."""
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer, save_run_tokenizer, train_bpe_tokenizer
+            from .tokens import main_process_first, vocab_fingerprint
+
+            path = self.run_dir / "tokenizer"
+            with main_process_first():
+                if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+                    tok = load_tokenizer(path)
+                    if self.tokenizer_name and self.tokenizer_name != "bpe":
+                        given = load_tokenizer(self.tokenizer_name)
+                        if vocab_fingerprint(given) != vocab_fingerprint(tok):
+                            raise DumeError(
+                                f"--tokenizer {self.tokenizer_name} has a different vocabulary than this run's "
+                                f"tokenizer ({path}, {len(given)} vs {len(tok)} tokens, fingerprint "
+                                f"{vocab_fingerprint(given)} != {vocab_fingerprint(tok)}): its models were trained "
+                                "with the run's; leave out --tokenizer or use another --run-dir")
+                else:
+                    name = self.tokenizer_name or (HUB_TOKENIZER if self.source == "hub" else "bpe")
+                    if name == "bpe":
+                        tok = train_bpe_tokenizer(self._tokenizer_training_texts(), self.vocab_size)
+                    else:
+                        tok = load_tokenizer(name)
+                    save_run_tokenizer(tok, path, made_from=name)
+                    tok = load_tokenizer(path)
+            self._tokenizer = tok
         return self._tokenizer
 
-    def blocks(self, domain: str, split: str):
-        """(input_ids, attention_mask) of `domain`'s `split`, packed into seq_len blocks."""
+    def _tokenizer_training_texts(self):
+        """The first TOKENIZER_TRAINING_CHARS of the pretraining corpus (all of it here)."""
+        docs, _ = data.iter_documents("pretrain", "train", self.source, data_dir=self.data_dir)
+        total = 0
+        for doc in docs:
+            yield doc
+            total += len(doc)
+            if total >= TOKENIZER_TRAINING_CHARS:
+                break
+
+    def windows(self, domain: str, split: str, max_windows: int | None = None):
+        """`domain`'s `split` as training windows (`dume.tokens.TokenWindows`, read lazily
+        from a cached token file holding at least `max_windows` windows; None: all)."""
+        from .tokens import TokenWindows, prepare_tokens, tokens_needed
+
+        recipe = self.window_recipe
+        corpus = {"source": self.source, "domain": domain, "split": split,
+                  **data.corpus_stamp(domain, self.source, self.data_dir)}
+        need = tokens_needed(max_windows, self.seq_len, recipe) if max_windows else None
+        tok = self.tokenizer
+        tf = prepare_tokens(lambda: data.iter_documents(domain, split, self.source, data_dir=self.data_dir)[0],
+                            tok, recipe, corpus, need, desc=f"tokenize {domain}/{split}")
+        if tf.n_tokens == 0:
+            raise DumeError(f"domain {domain!r} split {split!r} has no tokens to train or evaluate on")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return TokenWindows(tf.tokens(), self.seq_len, recipe, max_windows, pad_id=pad or 0)
+
+    def blocks(self, domain: str, split: str, max_windows: int | None = None):
+        """Validation and test: (input_ids, attention_mask) tensors, bounded (see
+        MAX_VALIDATION_BLOCKS, `eval_windows`). Train: the lazy windows, `max_windows` of them."""
+        if split == "train":
+            return self.windows(domain, split, max_windows)
         key = (domain, split)
         if key not in self._blocks:
-            docs = data.load_documents(domain, split, self.source, data_dir=self.data_dir)
-            ids, mask = data.pack_documents(docs, self.tokenizer, self.seq_len)
-            if split == "test" and self.max_eval_blocks:
-                ids, mask = ids[: self.max_eval_blocks], mask[: self.max_eval_blocks]
-            if split == "validation" and len(ids) > MAX_VALIDATION_BLOCKS:
-                # Validation during training only has to rank checkpoints; a fixed
-                # deterministic sample keeps it cheap on a large corpus.
-                pick = torch.linspace(0, len(ids) - 1, MAX_VALIDATION_BLOCKS).long()
-                ids, mask = ids[pick], mask[pick]
-            self._blocks[key] = (ids, mask)
+            if split == "validation":
+                w = self.windows(domain, split, VALIDATION_POOL)
+                pick = None
+                if len(w) > MAX_VALIDATION_BLOCKS:
+                    pick = torch.linspace(0, len(w) - 1, MAX_VALIDATION_BLOCKS).long().tolist()
+                self._blocks[key] = w.tensors(pick)
+            else:
+                self._blocks[key] = self.windows(domain, split, self.eval_windows).tensors()
         return self._blocks[key]
 
     # ---- checkpoints ------------------------------------------------------------------
@@ -186,10 +280,9 @@ class Run:
         return path
 
     def tokenizer_fingerprint(self) -> str:
-        import hashlib
+        from .tokens import vocab_fingerprint
 
-        vocab = sorted(self.tokenizer.get_vocab().items())
-        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+        return vocab_fingerprint(self.tokenizer)
 
     def load(self, path: Path, made_by: str):
         from .models import check_tokenizer_matches, load_model
@@ -213,7 +306,8 @@ class Run:
 
     def settings(self) -> dict:
         return {"source": self.source, "data_dir": self.data_dir, "seq_len": self.seq_len,
-                "tokenizer": self.tokenizer_name or str(self.run_dir / "tokenizer")}
+                "tokenizer": str(self.run_dir / "tokenizer"), "recipe": self.recipe_name,
+                "window_recipe": self.window_recipe.description, "eval_windows": self.eval_windows}
 
 
 def environment() -> dict:

@@ -25,7 +25,7 @@ Sources
       (DESIGN.md section 4), and OpenWebText, which it stands in for, holds some code.
 
 ``hub`` (the paper's setting; needs the Hugging Face hub or a pre-filled cache)
-    OpenWebText (``Skylion007/openwebtext``) for ``pretrain`` and the M2D2 domains the
+    OpenWebText (``vietgpt/openwebtext_en``, the copy the original code used) for ``pretrain`` and the M2D2 domains the
     original DUME code trained its experts on (``machelreid/m2d2`` configs ``cs_l1``,
     ``math_l1``, ``physics_l1``, ``History_and_events``, ``Philosophy_and_thinking``).
 
@@ -101,7 +101,9 @@ PRETRAIN_CODE_FRACTION = 0.10
 
 # ---- hub source ----------------------------------------------------------------------------
 
-HUB_PRETRAIN_REPO = "Skylion007/openwebtext"
+#: The copy of OpenWebText the original code pre-tokenized (parquet, one `train` split,
+#: field `text`); its split is by document index (see `_split_by_index`).
+HUB_PRETRAIN_REPO = "vietgpt/openwebtext_en"
 HUB_M2D2_REPO = "machelreid/m2d2"
 #: The M2D2 configs the original DUME/HDEE code trained its five experts on.
 HUB_M2D2_CONFIGS = {
@@ -199,6 +201,56 @@ def available_domains(source: str = "offline", data_dir: str | os.PathLike | Non
     return tuple(known + sorted(d for d in names if d not in known))
 
 
+def iter_documents(domain: str, split: str, source: str = "offline", *,
+                   data_dir: str | os.PathLike | None = None) -> tuple[Iterator[str], str]:
+    """(the documents of one domain and split, read lazily in the corpus's order; where
+    they come from). Nothing is read before the iterator is advanced, and reading stops
+    where the caller stops: a step budget over OpenWebText reads only what it needs.
+    The order and content equal `load_documents`'s."""
+    _check_source(source)
+    _check_split(split)
+    if source == "offline":
+        docs, where = _documents(domain, split, source, data_dir, None)
+        return iter(docs), where
+    if source == "hub":
+        _check_known_domain(domain, source)
+        return _hub_documents(domain, split, data_dir)
+    return _local_documents(domain, split, data_dir)
+
+
+def corpus_stamp(domain: str, source: str = "offline", data_dir=None) -> dict:
+    """What the documents of `domain` depend on, for cache keys: the data files' names,
+    sizes and modification times (local and mirrored hub data), the wiki package's file
+    and the Python version (offline: the stdlib is the code corpus), or the hub repo."""
+    _check_source(source)
+    if source == "offline":
+        st = wiki_data_path().stat()
+        return {"python": sysconfig.get_python_version(), "wiki": [st.st_size, st.st_mtime_ns]}
+    if source == "local":
+        entry = _local_layout(_local_root(data_dir)).get(domain)
+        root = Path(data_dir).resolve()
+        files = [] if entry is None else ([entry] if entry.is_file() else _data_files(entry))
+    elif data_dir is None:
+        return {"repo": HUB_PRETRAIN_REPO if domain == PRETRAIN else f"{HUB_M2D2_REPO}/{HUB_M2D2_CONFIGS[domain]}"}
+    else:
+        repo = HUB_PRETRAIN_REPO if domain == PRETRAIN else HUB_M2D2_REPO
+        root = (Path(data_dir) / repo).resolve()
+        files = [f for f in sorted(root.rglob("*")) if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(root).parts)]
+        if domain != PRETRAIN:
+            config = HUB_M2D2_CONFIGS[domain]
+            files = [f for f in files if config in f.relative_to(root).parts[:2] or f.name.startswith(config)]
+    return {"root": str(root), "files": [[str(f.resolve().relative_to(root)) if f.resolve().is_relative_to(root)
+                                          else str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def has_documents(domain: str, split: str, source: str = "offline", *, data_dir=None) -> None:
+    """Refuse a domain/split with no documents, reading at most one."""
+    docs, where = iter_documents(domain, split, source, data_dir=data_dir)
+    if next(docs, None) is None:
+        raise DumeError(f"domain {domain!r} split {split!r} has no documents in {where}")
+
+
 def load_documents(domain: str, split: str, source: str = "offline", *,
                    data_dir: str | os.PathLike | None = None, max_docs: int | None = None) -> list[str]:
     """The documents of one domain and split, as plain strings.
@@ -228,10 +280,8 @@ def _documents(domain: str, split: str, source: str, data_dir, max_docs: int | N
         where = (f"the offline corpus (pip package {WIKI_PACKAGE} and the "
                  f"Python {sysconfig.get_python_version()} stdlib)")
         return (docs[:max_docs] if max_docs is not None else docs), where
-    if source == "hub":
-        _check_known_domain(domain, source)
-        return _hub_documents(domain, split, data_dir, max_docs)
-    return _local_documents(domain, split, data_dir, max_docs)
+    docs, where = iter_documents(domain, split, source, data_dir=data_dir)
+    return _take(docs, max_docs), where
 
 
 def corpus_summary(source: str = "offline", data_dir: str | os.PathLike | None = None) -> dict:
@@ -452,10 +502,12 @@ def _clear_caches() -> None:
 
 
 def _files_texts(files: Sequence[Path], txt_mode: str, where: str) -> Iterator[str]:
-    """The documents of data files, read one file at a time through ``datasets.load_dataset``.
+    """The documents of data files, streamed one file at a time through ``datasets.load_dataset``.
 
     ``.txt`` files give one document per paragraph (blank-line separated) or per line
     (`txt_mode`); ``.jsonl``/``.json``/``.parquet`` files one per row of their ``text`` column.
+    Streaming (no Arrow conversion of the whole file first) is what keeps memory and time
+    bounded by what the caller reads, not by the size of the corpus.
     """
     import datasets
 
@@ -464,21 +516,29 @@ def _files_texts(files: Sequence[Path], txt_mode: str, where: str) -> Iterator[s
         if builder == "text":
             kwargs = {**kwargs, "sample_by": txt_mode}
         try:
-            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs)
+            yield from _iter_texts(ds, str(path))
+        except DumeError:
+            raise
         except Exception as e:  # datasets raises many types; the user needs the file and the cause
             raise DumeError(f"cannot read {path} ({where}): {type(e).__name__}: {e}") from e
-        yield from _iter_texts(ds, str(path))
 
 
-def _split_by_hash(docs: Iterable[str], split: str, max_docs: int | None) -> list[str]:
+def _split_by_hash(docs: Iterable[str], split: str) -> Iterator[str]:
     """The documents of `split` when a corpus has no split of its own (key: the text)."""
-    out = []
-    for doc in docs:
-        if hash_split(doc) == split:
-            out.append(doc)
-            if max_docs is not None and len(out) >= max_docs:
-                break
-    return out
+    return (doc for doc in docs if hash_split(doc) == split)
+
+
+#: OpenWebText's split in the original code: its pre-tokenizer dealt document i to worker
+#: i % 32, and the workers' files 0-20 became train, 21-24 validation, 25-31 test.
+OPENWEBTEXT_WORKERS = 32
+OPENWEBTEXT_SPLIT_WORKERS = {"train": range(0, 21), "validation": range(21, 25), "test": range(25, 32)}
+
+
+def _split_by_index(docs: Iterable[str], split: str) -> Iterator[str]:
+    """The original code's OpenWebText split (document index mod 32: 21 / 4 / 7 of 32)."""
+    keep = OPENWEBTEXT_SPLIT_WORKERS[split]
+    return (doc for i, doc in enumerate(docs) if i % OPENWEBTEXT_WORKERS in keep)
 
 
 def _split_name(path: Path) -> str | None:
@@ -543,7 +603,7 @@ def _local_layout(root: Path) -> dict[str, Path]:
     return found
 
 
-def _local_documents(domain: str, split: str, data_dir, max_docs: int | None) -> tuple[list[str], str]:
+def _local_documents(domain: str, split: str, data_dir) -> tuple[Iterator[str], str]:
     root = _local_root(data_dir)
     layout = _local_layout(root)
     if domain not in layout:
@@ -552,9 +612,9 @@ def _local_documents(domain: str, split: str, data_dir, max_docs: int | None) ->
     files = [entry] if entry.is_file() else _data_files(entry)
     by_split = _files_by_split(files, entry) if entry.is_dir() else None
     if by_split is None:
-        docs = _split_by_hash(_files_texts(files, "paragraph", str(entry)), split, max_docs)
+        docs = _split_by_hash(_files_texts(files, "paragraph", str(entry)), split)
     else:
-        docs = _take(_files_texts(by_split.get(split, []), "paragraph", str(entry)), max_docs)
+        docs = _files_texts(by_split.get(split, []), "paragraph", str(entry))
     return docs, str(entry)
 
 
@@ -563,13 +623,17 @@ def _local_documents(domain: str, split: str, data_dir, max_docs: int | None) ->
 # =============================================================================================
 
 
-def _iter_texts(ds, where: str, batch_size: int = 1024) -> Iterator[str]:
-    if HUB_TEXT_FIELD not in ds.column_names:
-        raise DumeError(f"{where} has no {HUB_TEXT_FIELD!r} column (columns: {ds.column_names})")
-    for batch in ds.select_columns([HUB_TEXT_FIELD]).iter(batch_size=batch_size):
-        for text in batch[HUB_TEXT_FIELD]:
-            if text and text.strip():
-                yield text.strip()
+def _iter_texts(ds, where: str) -> Iterator[str]:
+    """The non-empty, stripped `text` values of a (streaming) dataset, in order."""
+    columns = ds.column_names
+    if columns is not None and HUB_TEXT_FIELD not in columns:
+        raise DumeError(f"{where} has no {HUB_TEXT_FIELD!r} column (columns: {columns})")
+    for row in ds:
+        if HUB_TEXT_FIELD not in row:
+            raise DumeError(f"{where} has no {HUB_TEXT_FIELD!r} column (columns: {sorted(row)})")
+        text = row[HUB_TEXT_FIELD]
+        if text and text.strip():
+            yield text.strip()
 
 
 def _take(texts: Iterable[str], max_docs: int | None) -> list[str]:
@@ -581,25 +645,24 @@ def _take(texts: Iterable[str], max_docs: int | None) -> list[str]:
     return out
 
 
-def _select_split(splits: dict[str, Callable[[], Iterator[str]]], split: str, max_docs: int | None) -> list[str]:
+def _select_split(splits: dict[str, Callable[[], Iterator[str]]], split: str) -> Iterator[str]:
     """Use the corpus's own train/validation/test when it has all three; else split by hash.
 
-    `splits` maps each split the corpus has to a function giving its texts (read lazily,
-    so `max_docs` stops the reading early). A corpus missing any of the three
-    (OpenWebText has only ``train``) has all its splits pooled and re-split by the hash
+    `splits` maps each split the corpus has to a function giving its texts (read lazily).
+    A corpus missing any of the three has all its splits pooled and re-split by the hash
     of each text, so the three stay disjoint.
     """
     if all(s in splits for s in SPLITS):
-        return _take(splits[split](), max_docs)
+        return splits[split]()
     pooled = (t for name in sorted(splits) for t in splits[name]())
-    return _split_by_hash(pooled, split, max_docs)
+    return _split_by_hash(pooled, split)
 
 
 def _load_dataset_dict(path: str, where: str, **kwargs) -> dict:
     import datasets
 
     try:
-        ds = datasets.load_dataset(path, **kwargs)
+        ds = datasets.load_dataset(path, streaming=True, **kwargs)
     except Exception as e:  # offline cache misses, missing repos, bad files: all need the same advice
         raise DumeError(f"cannot load {where}: {type(e).__name__}: {e}\n"
                         f"Pre-download it on a machine with internet (see datasets_setup.md), "
@@ -607,7 +670,7 @@ def _load_dataset_dict(path: str, where: str, **kwargs) -> dict:
     return dict(ds)
 
 
-def _hub_documents(domain: str, split: str, data_dir, max_docs: int | None) -> tuple[list[str], str]:
+def _hub_documents(domain: str, split: str, data_dir) -> tuple[Iterator[str], str]:
     if domain == PRETRAIN:
         if data_dir is None:
             where = f"hub dataset {HUB_PRETRAIN_REPO}"
@@ -615,8 +678,9 @@ def _hub_documents(domain: str, split: str, data_dir, max_docs: int | None) -> t
         else:
             where = str(_hub_mirror(data_dir, HUB_PRETRAIN_REPO))
             dsets = _load_dataset_dict(where, where)
-        splits = {name: functools.partial(_iter_texts, ds, f"{where} [{name}]") for name, ds in dsets.items()}
-        return _select_split(splits, split, max_docs), where
+        if set(dsets) != {"train"}:
+            raise DumeError(f"{where}: expected OpenWebText's single 'train' split, found {sorted(dsets)}")
+        return _split_by_index(_iter_texts(dsets["train"], f"{where} [train]"), split), where
     config = HUB_M2D2_CONFIGS[domain]
     directory = _m2d2_directory(config, data_dir)
     where = f"M2D2 {config} ({directory})"
@@ -626,7 +690,7 @@ def _hub_documents(domain: str, split: str, data_dir, max_docs: int | None) -> t
         raise DumeError(f"{where} holds no train/valid/test files")
     # M2D2's text files hold one document per line (its loading script read them that way).
     splits = {s: functools.partial(_files_texts, fs, "line", where) for s, fs in by_split.items()}
-    return _select_split(splits, split, max_docs), where
+    return _select_split(splits, split), where
 
 
 def _hub_mirror(data_dir, repo: str) -> Path:
@@ -747,23 +811,29 @@ def pack_documents(docs: Sequence[str], tokenizer, seq_len: int):
     return torch.from_numpy(ids.copy()), torch.ones((n_blocks, seq_len), dtype=torch.long)
 
 
-def document_batches(docs: Sequence[str], tokenizer, max_len: int, batch_size: int):
+def document_batches(docs: Iterable[str], tokenizer, max_len: int, batch_size: int):
     """Batches ``(input_ids, attention_mask)`` with one document per row, for DUME's statistics.
 
     Each row is ``[bos] + the document's first tokens``, truncated to `max_len` tokens in
     all, right-padded (pad id, else eos) to the longest row of its batch, with mask 0 on
     the padding. No eos is appended: the statistics are about the document's own tokens.
-    Documents that give no token at all (and no bos) are skipped. Tokenizes lazily, one
-    batch at a time.
+    Documents that give no token at all (and no bos) are skipped. Reads `docs` (any
+    iterable, e.g. `iter_documents`) and tokenizes lazily, one batch at a time.
     """
+    import itertools
+
     import torch
 
     _positive("max_len", max_len)
     _positive("batch_size", batch_size)
     bos, _, pad = _special_ids(tokenizer)
     head = [bos] if bos is not None else []
-    for i in range(0, len(docs), batch_size):
-        rows = [(head + ids)[:max_len] for ids in _token_ids(docs[i:i + batch_size], tokenizer, batch_size)]
+    docs = iter(docs)
+    while True:
+        chunk = list(itertools.islice(docs, batch_size))
+        if not chunk:
+            return
+        rows = [(head + ids)[:max_len] for ids in _token_ids(chunk, tokenizer, batch_size)]
         rows = [r for r in rows if r]
         if not rows:
             continue

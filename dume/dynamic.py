@@ -110,10 +110,8 @@ def training_documents(domain: str, settings: DataSettings) -> list[str]:
     (the same documents the strategies script's --num-dume-stats-steps takes)."""
     from . import data
 
-    docs = data.load_documents(domain, "train", settings.source, data_dir=settings.data_dir)
-    if settings.max_batches is not None:
-        docs = docs[: settings.max_batches * settings.batch_size]
-    return docs
+    cap = settings.max_batches * settings.batch_size if settings.max_batches is not None else None
+    return data.load_documents(domain, "train", settings.source, data_dir=settings.data_dir, max_docs=cap)
 
 
 # ------------------------------------------------------------------------- provenance

@@ -67,8 +67,11 @@ def train_routers(model, train_data, val_data, cfg: TrainConfig, *, alpha: float
     return model, history
 
 
-def mixed_blocks(blocks: list[tuple[torch.Tensor, torch.Tensor]]):
-    """The union of several domains' blocks (the loader shuffles them)."""
-    ids = torch.cat([b[0] for b in blocks])
-    mask = torch.cat([b[1] for b in blocks])
-    return ids, mask
+def mixed_blocks(blocks: list):
+    """The union of several domains' blocks (the loader shuffles them): tensors pairs are
+    concatenated, lazy window datasets chained (same indices either way)."""
+    if all(isinstance(b, (tuple, list)) for b in blocks):
+        return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    return ConcatDataset([TensorDataset(*b) if isinstance(b, (tuple, list)) else b for b in blocks])

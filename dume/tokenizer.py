@@ -37,7 +37,12 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path))
     except Exception as e:
-        raise DumeError(f"could not load a tokenizer from {name_or_path}: {type(e).__name__}: {e}") from e
+        hint = ""
+        if "/" in str(name_or_path) and not Path(name_or_path).exists():
+            hint = (f" (a gated hub tokenizer needs its licence accepted on huggingface.co/{name_or_path} and "
+                    f"`hf auth login`; or pass a local copy: hf download {name_or_path} --include 'tokenizer*' "
+                    "--local-dir DIR, then --tokenizer DIR)")
+        raise DumeError(f"could not load a tokenizer from {name_or_path}: {type(e).__name__}: {str(e)[:300]}{hint}") from e
     if tok.eos_token_id is None:
         raise DumeError(f"tokenizer {name_or_path} has no eos token; documents need a separator")
     if tok.pad_token_id is None:
@@ -45,13 +50,10 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     return tok
 
 
-def get_or_train_tokenizer(run_dir: Path, texts_fn, vocab_size: int, name_or_path: str | None = None):
-    """The run's tokenizer: `name_or_path` if given, else `run_dir/tokenizer`, trained once."""
-    if name_or_path:
-        return load_tokenizer(name_or_path)
-    path = Path(run_dir) / "tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        tok = train_bpe_tokenizer(texts_fn(), vocab_size)
-        with atomic_dir(path) as tmp:
-            tok.save_pretrained(tmp)
-    return load_tokenizer(path)
+def save_run_tokenizer(tok, path: Path, made_from: str) -> None:
+    """Keep the run's tokenizer in `path` (atomically), with where it came from."""
+    import json
+
+    with atomic_dir(path) as tmp:
+        tok.save_pretrained(tmp)
+        (Path(tmp) / "dume_tokenizer.json").write_text(json.dumps({"made_from": made_from}) + "\n")

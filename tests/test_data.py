@@ -235,7 +235,7 @@ def test_local_source_errors(tmp_path, hf_cache):
 
 
 def make_hub_mirror(root):
-    owt = root / "Skylion007" / "openwebtext" / "data"
+    owt = root / "vietgpt" / "openwebtext_en" / "data"
     owt.mkdir(parents=True)
     owt_docs = [f"web page number {i} with some text" for i in range(300)]
     write_parquet(owt / "train-00000-of-00001.parquet", owt_docs)
@@ -260,9 +260,12 @@ def test_hub_source_on_local_files_in_the_hub_layout(tmp_path, hf_cache):
     owt_docs, lines = make_hub_mirror(tmp_path / "hub")
     root = tmp_path / "hub"
     pre = {s: data.load_documents("pretrain", s, "hub", data_dir=root) for s in data.SPLITS}
-    assert sorted(sum(pre.values(), [])) == sorted(owt_docs)  # OWT has train only: split by hash
-    assert all(data.hash_split(d) == s for s, docs in pre.items() for d in docs)
-    assert 200 < len(pre["train"]) < 280
+    assert sorted(sum(pre.values(), [])) == sorted(owt_docs)  # OWT has train only: split as the original
+    # The original's split: document i went to tokenizer worker i % 32; workers 0-20 train,
+    # 21-24 validation, 25-31 test.
+    assert pre["train"] == [d for i, d in enumerate(owt_docs) if i % 32 <= 20]
+    assert pre["validation"] == [d for i, d in enumerate(owt_docs) if 21 <= i % 32 <= 24]
+    assert pre["test"] == [d for i, d in enumerate(owt_docs) if i % 32 >= 25]
     assert data.load_documents("pretrain", "validation", "hub", data_dir=root, max_docs=3) == pre["validation"][:3]
 
     assert data.load_documents("math", "train", "hub", data_dir=root) == lines["train"]

@@ -355,8 +355,10 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, trained_run, corpu
     monkeypatch.setattr(dume.train, "train", lambda *a, **k: pytest.fail("trained with a mismatched tokenizer"))
     monkeypatch.setattr(dume.evaluate, "perplexity", lambda *a, **k: pytest.fail("evaluated with it"))
     before = snapshot(run_dir)
+    # Refused as soon as the run is opened: its vocabulary differs from the run's tokenizer
+    # (the one the seed was made with), which is also the model's.
     _expect_error(capsys, script.main, base_args(run_dir, corpus_dir, "--tokenizer", tok_dir),
-                  f"tokenizer has {len(tok)} tokens", str(model_vocab))
+                  "different vocabulary than this run's tokenizer", f"{len(tok)} vs {model_vocab} tokens")
     assert snapshot(run_dir) == before
 
 

@@ -1,0 +1,107 @@
+"""Multi-process training and the run's tokenizer.
+
+- `accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): the LR at every
+  optimizer step equals the single-process run's (the scheduler is not advanced once per
+  process), the effective batch is recorded, one checkpoint is written and it loads.
+- A `--tokenizer` whose vocabulary differs from the run's (the one the seed was made
+  with) exits 2 with one line before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import clm_train_experts
+from dume.io import is_complete_checkpoint
+from tests.helpers import one_error_line
+from tests.fixtures import (  # noqa: F401  (pytest fixtures)
+    base_args,
+    copy_run,
+    corpus_dir,
+    datasets_cache,
+    run_script,
+    single_thread,
+    snapshot,
+    trained_run,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["--preset", "test-micro", "--steps", "6", "--warmup", "2", "--grad-accum", "2", "--eval-every", "3",
+         "--batch-size", "4", "--lr", "1e-3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(datasets_cache, token_cache):
+    return {**os.environ, "DUME_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+            "HF_DATASETS_CACHE": str(datasets_cache), "DUME_TOKEN_CACHE": str(token_cache)}
+
+
+def _fresh(tmp_path, trained_run, name) -> Path:
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    shutil.copytree(trained_run / "tokenizer", run_dir / "tokenizer")
+    return run_dir
+
+
+def test_two_processes_use_the_single_process_lr_and_write_one_checkpoint(tmp_path, trained_run, corpus_dir,
+                                                                          datasets_cache):
+    env = _env(datasets_cache, tmp_path / "tokens")
+    one, two = _fresh(tmp_path, trained_run, "one"), _fresh(tmp_path, trained_run, "two")
+    p = subprocess.run([sys.executable, "clm_pretrain.py", *base_args(one, corpus_dir, *FLAGS)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "clm_pretrain.py", *base_args(two, corpus_dir, *FLAGS)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "effective batch 16 sequences = 4 per device x 2 accumulation x 2 processes" in p.stdout
+
+    h1 = json.loads((one / "results" / "pretrain.json").read_text())["history"]
+    h2 = json.loads((two / "results" / "pretrain.json").read_text())["history"]
+    assert h1["processes"] == 1 and h2["processes"] == 2
+    assert h1["effective_batch"] == 8 and h2["effective_batch"] == 16
+    assert len(h1["lr"]) == len(h2["lr"]) == 6
+    assert h2["lr"] == h1["lr"]  # warmup from 0.1x, then cosine: step for step
+    assert h1["lr"][0] == pytest.approx(1e-4) and h1["lr"][2] == pytest.approx(1e-3)
+    # One checkpoint, written once, that loads; no leftovers of a second writer.
+    assert is_complete_checkpoint(two / "seed")
+    assert not [p for p in two.rglob(".*tmp-*")]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(two / "seed")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_tokenizer_differing_from_the_runs_exits_2_before_any_work(tmp_path, trained_run, corpus_dir, capsys,
+                                                                    monkeypatch):
+    import dume.train
+    from dume.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from tests.helpers import tiny_texts
+
+    other = train_bpe_tokenizer(tiny_texts(300, seed=5), vocab_size=300)  # same size, another vocabulary
+    other.save_pretrained(tmp_path / "other_tok")
+    assert len(other) == len(load_tokenizer(trained_run / "tokenizer"))
+    run_dir = copy_run(trained_run, tmp_path / "run")
+    shutil.rmtree(run_dir / "experts" / "math")
+    monkeypatch.setattr(dume.train, "train", lambda *a, **k: pytest.fail("trained with another tokenizer"))
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    rc = run_script(clm_train_experts.main, base_args(run_dir, corpus_dir, "--domain", "math",
+                                                      "--tokenizer", tmp_path / "other_tok"))
+    one_error_line(capsys, rc, "different vocabulary than this run's tokenizer", "other_tok")
+    assert snapshot(run_dir) == before
