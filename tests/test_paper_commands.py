@@ -1,0 +1,105 @@
+"""The README's paper-scale command lines, run as written on a local replica of the hub
+layouts (OpenWebText parquet shards under DATA/vietgpt/openwebtext_en/, M2D2 configs
+under DATA/machelreid/m2d2/), with only size flags, the data folder and the tokenizer
+path overridden (argparse keeps the last value of a repeated flag, so the overrides are
+appended to each command by a shell wrapper around `python`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ("cs_l1", "math_l1", "physics_l1", "History_and_events", "Philosophy_and_thinking")
+OVERRIDES = {
+    "*": "--seq-len 32 --max-eval-blocks 4 --eval-batch-size 8",
+    "clm_pretrain.py": "--preset test-micro --steps 4 --warmup 1 --batch-size 4 --grad-accum 2 --eval-every 2",
+    "clm_train_experts.py": "--steps 2 --warmup 1 --batch-size 4 --grad-accum 2 --eval-every 1",
+    "clm_moerging_strategies_eval.py": "--num-steps 2 --batch-size 4 --grad-accum 1 --stats-batch-size 8",
+}
+
+
+def readme_commands() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### The paper's setting"):]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def _llama3_like_tokenizer(path: Path, texts):
+    """A small byte-level BPE saved with Llama-3's special-token names (no hub here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1]).save_pretrained(path)
+
+
+def _replica(root: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = {c: f"{c.lower()} alpha beta gamma delta".split() for c in CONFIGS}
+    owt = root / "vietgpt" / "openwebtext_en" / "data"
+    owt.mkdir(parents=True)
+    texts = []
+    for shard in range(2):
+        docs = [f"web page {shard} {i} " + " ".join(words[CONFIGS[i % 5]] * 3) for i in range(400)]
+        pq.write_table(pa.table({"text": docs}), owt / f"train-{shard:05d}-of-00002.parquet")
+        texts += docs
+    for c in CONFIGS:
+        d = root / "machelreid" / "m2d2" / c
+        d.mkdir(parents=True)
+        for split, n in (("train", 120), ("valid", 20), ("test", 20)):
+            (d / f"{split}.txt").write_text("\n".join(f"{split} {i} " + " ".join(words[c] * 4) for i in range(n)) + "\n")
+    return texts
+
+
+def test_readme_paper_commands_run_on_the_local_hub_layout(tmp_path):
+    data = tmp_path / "data" / "hub"
+    texts = _replica(data)
+    tok = tmp_path / "llama3_tok"
+    _llama3_like_tokenizer(tok, texts)
+    commands = readme_commands()
+    assert "--tokenizer meta-llama/Meta-Llama-3-8B" in commands and "--source hub" in commands
+    cases = "\n".join(f'    *{script}*) extra="{flags}";;' for script, flags in OVERRIDES.items() if script != "*")
+    wrapper = f"""set -euo pipefail
+python() {{
+  local extra=""
+  case "$1" in
+{cases}
+  esac
+  "{sys.executable}" "$@" --run-dir "{tmp_path / 'run'}" --data-dir "{data}" --tokenizer "{tok}" {OVERRIDES['*']} $extra
+}}
+"""
+    script = tmp_path / "paper.sh"
+    script.write_text(wrapper + commands)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "DUME_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"), "DUME_TOKEN_CACHE": str(tmp_path / "tokens")}
+    p = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+
+    run = tmp_path / "run"
+    results = {f.stem for f in (run / "results").glob("*.json")}
+    assert {"pretrain", "experts_eval", "model_averaging", "oracle", "random_routing", "DUME", "BTX",
+            "DUMEplus"} <= results
+    pre = json.loads((run / "results" / "pretrain.json").read_text())
+    assert pre["settings"]["recipe"] == "original"
+    assert pre["history"]["config"]["param_dtype"] == "bfloat16" and pre["history"]["config"]["betas"] == [0.9, 0.999]
+    assert json.loads((run / "tokenizer" / "dume_tokenizer.json").read_text())["made_from"] == str(tok)
+    dume = json.loads((run / "results" / "DUME.json").read_text())
+    assert set(dume["results"]) == {"code", "math", "physics", "history", "philosophy"}
+    assert all(r["tokens"] == 4 * 32 for r in dume["results"].values())  # 4 test windows, 32 predicted tokens each
