@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 from .errors import DumeError
 
 FORMAT_VERSION = 1
-TOKENIZE_BATCH = 1000  # documents per tokenizer call (fast tokenizers batch in Rust)
+TOKENIZE_BATCH = 1000  # documents per tokenizer call (a fast tokenizer encodes a batch on all cores)
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,10 @@ def _write(directory: Path, parts: dict, docs: Iterator[str], tokenizer, recipe:
     from .io import atomic_write_json
 
     directory.mkdir(parents=True, exist_ok=True)
+    # The scripts turn the Rust tokenizer's threads off (they fight torch's on small
+    # machines); preparing a token file is the one place where they should all work.
+    parallel = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     dtype = token_dtype(len(tokenizer))
     tmp = directory / f".tokens.bin.tmp-{os.getpid()}"
     n_tokens = n_docs = 0
@@ -219,6 +223,10 @@ def _write(directory: Path, parts: dict, docs: Iterator[str], tokenizer, recipe:
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
+        if parallel is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
     meta = {"key": parts, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_docs": n_docs,
             "complete": complete, "min_tokens": min_tokens}
     atomic_write_json(directory / "meta.json", meta)
