@@ -113,6 +113,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from moe_throughput import usable_cores  # noqa: E402  (bench/ is the script's own folder)
 from dume.speed import (attn_implementation, enable_fast_matmul, make_adamw, maybe_compile,  # noqa: E402
                         model_flops_per_token, peak_flops)
 
@@ -193,27 +194,14 @@ def fill_defaults(args, device):
         args.vocab_batch = args.batch if device.type == "cuda" else min(args.batch, 2)
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def hardware(device: torch.device) -> dict:
+    """moe_throughput's machine description, plus the library versions."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    hw = {"cpu": cpu, "cores": usable_cores(), "torch_threads": torch.get_num_threads(), "device": str(device),
-          "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-    return hw
+    from moe_throughput import hardware as machine
+
+    return {**machine(device), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def llama_config(args, vocab: int, attn: str):

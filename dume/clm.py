@@ -14,7 +14,6 @@ Scripts are thin: they parse flags, call these helpers, and write JSON here.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import dataclass, field

@@ -101,8 +101,9 @@ def load_tokenizer_for(moe_dir: Path, settings: DataSettings):
 
 def vocab_fingerprint(tokenizer) -> str:
     """The same vocabulary hash the CLM run records in its statistics (`Run.tokenizer_fingerprint`)."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+    from .tokens import vocab_fingerprint as fingerprint
+
+    return fingerprint(tokenizer)
 
 
 def training_documents(domain: str, settings: DataSettings) -> list[str]:
