@@ -125,8 +125,11 @@ def link(path: Path, target: str) -> None:
 
 
 class Timer:
-    """Per-step wall times, kept in RUN_ROOT/timings.json across resumed invocations
-    (a step keeps the longest time it ever took, i.e. the time of the run that did it)."""
+    """Per-step wall times, kept in RUN_ROOT/timings.json across resumed invocations.
+
+    A step's time is that of the invocation that did its work: a step that only found its
+    results current (wrote no results file) keeps its recorded time. Checking that they are
+    current costs time too (fingerprints), so "the longest time" would not do."""
 
     def __init__(self, root: Path):
         self.path = root / "timings.json"
@@ -137,13 +140,18 @@ class Timer:
         """The times of this invocation's steps only (an earlier plan's extra steps drop out)."""
         return {k: self.data[k] for k in self.visited if k in self.data}
 
+    def _results_stamp(self) -> dict:
+        return {str(f): f.stat().st_mtime_ns for f in self.path.parent.rglob("results/*.json")}
+
     def __call__(self, name: str, fn, *a):
         self.visited.append(name)
+        before = self._results_stamp()
         t = time.time()
         print(f"\n=== {name} ===", flush=True)
         fn(*a)
         dt = round(time.time() - t, 1)
-        self.data[name] = max(dt, self.data.get(name, 0.0))
+        if name not in self.data or self._results_stamp() != before:
+            self.data[name] = dt
         atomic_write_json(self.path, self.data)
 
 
