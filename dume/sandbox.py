@@ -16,25 +16,38 @@ PYTHON* variables, no script directory on sys.path) with:
 
 What is enforced, exactly:
 
-- **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the child is run
-  under a fresh, otherwise unused uid/gid (no supplementary groups; `subprocess`'s
-  `user=`/`group=`/`extra_groups=`, done in C, no `preexec_fn` in a threaded process).
-  The process limit then counts only the sandbox's own processes, the program cannot
-  write anything outside world-writable places, and afterwards *every* process of that
-  uid is killed (`kill(-1, SIGKILL)` sent as that uid, which the kernel applies
-  atomically with respect to fork) — a child that left the process group with
-  `setsid()` dies too — and files it left in /tmp, /var/tmp or /dev/shm are removed.
-- **Not root**: the child runs as the current user. RLIMIT_NPROC counts all of that
+- **No network, nothing survives, nothing else visible.** The launcher moves into fresh
+  network, PID and mount namespaces (`unshare(2)`; as an ordinary user, inside a new user
+  namespace, which is what lets it do so unprivileged). The program's network namespace
+  has only a loopback device that is down: no connection to anything, 127.0.0.1
+  included. The program is PID 1 of its PID namespace, so when it ends -- or is killed
+  at the timeout -- the kernel kills every process it left, double-forked daemons
+  included. A private /proc lists only the namespace's processes, so no other process's
+  environment or command line can be read. Where the kernel refuses the namespaces
+  (some container seccomp profiles, `kernel.unprivileged_userns_clone=0`), the program
+  still runs, with the host's network and the cleanup below; a warning says so once
+  and each result records it (`isolation["network"]`). `DUME_SANDBOX_REQUIRE_ISOLATION=1`
+  refuses to run there instead.
+- **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the program runs
+  under a fresh, otherwise unused uid/gid (no supplementary groups; the launcher drops
+  to it after setting up the namespaces). The process limit then counts only the
+  sandbox's own processes, the program cannot write anything outside world-writable
+  places, and afterwards *every* process of that uid is killed (`kill(-1, SIGKILL)` sent
+  as that uid, atomic with respect to fork) and files it left in /tmp, /var/tmp or
+  /dev/shm are removed.
+- **Not root**: the program runs as the current user. RLIMIT_NPROC counts all of that
   user's processes, so it is set to (the user's current process/thread count +
-  `max_processes`); cleanup kills the child's process group only, so a grandchild that
-  called `setsid()` could survive the run (it is still bound by its own CPU limit).
+  `max_processes`); without namespaces, cleanup kills the process group only, so a
+  grandchild that called `setsid()` could survive the run (still bound by its CPU limit).
+- The environment is a fixed minimal one: nothing of the caller's (tokens, paths) is
+  passed on.
 - Total disk use is bounded per file (RLIMIT_FSIZE), not per directory: a program may
   write many files each below the limit until the timeout; the scratch directory is
   removed afterwards in every case.
 
-The limits are set by a small trusted launcher (`_LAUNCHER`) that runs first in the
-child, lowers its own limits and then `exec`s the interpreter on the program, so the
-program cannot raise them again.
+The namespaces, the uid switch and the limits are set by a small trusted launcher
+(`_LAUNCHER`) before it `exec`s the interpreter on the program, so the program cannot
+undo them.
 """
 
 from __future__ import annotations
@@ -60,21 +73,67 @@ UID_SPAN = 50_000_000
 _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
 
-# The trusted launcher: lower the limits, then exec the interpreter on the program.
+# The trusted launcher. It runs first, with the harness's privileges, and:
+#  1. moves into fresh network, PID and mount namespaces (plus a user namespace when not
+#     root, which is what lets an ordinary user create the others) -- best effort: what
+#     happened is written to the report file for the harness;
+#  2. forks the program's process, which becomes PID 1 of the new PID namespace: when it
+#     ends, the kernel kills every process left in that namespace, however it forked;
+#  3. in that child: mounts a private /proc (host processes, the harness included, are
+#     not even listed), drops to the sandbox uid (root mode), asks to be killed when the
+#     launcher dies, lowers the limits and execs the interpreter on the program;
+#  4. waits, and exits the way the program did.
 _LAUNCHER = r"""
-import os, resource, sys
-cpu, mem, fsize, nproc, nofile, program = sys.argv[1:7]
-def lim(res, v):
-    v = int(v)
-    if v >= 0:
-        resource.setrlimit(res, (v, v))
-lim(resource.RLIMIT_CORE, 0)
-lim(resource.RLIMIT_CPU, cpu)
-lim(resource.RLIMIT_AS, mem)
-lim(resource.RLIMIT_FSIZE, fsize)
-lim(resource.RLIMIT_NOFILE, nofile)
-lim(resource.RLIMIT_NPROC, nproc)
-os.execv(sys.executable, [sys.executable, "-I", "-B", program])
+import ctypes, os, resource, signal, sys
+cpu, mem, fsize, nproc, nofile, program, uid, report, required = sys.argv[1:10]
+uid = int(uid)
+NEWNS, NEWUSER, NEWPID, NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+libc = ctypes.CDLL(None, use_errno=True)
+def note(line):
+    with open(report, "a") as f:
+        f.write(line + "\n")
+flags = NEWNET | NEWPID | NEWNS | (0 if os.geteuid() == 0 else NEWUSER)
+if libc.unshare(flags) == 0:
+    note("namespaces ok")
+    isolated = True
+else:
+    note("namespaces failed " + os.strerror(ctypes.get_errno()))
+    isolated = False
+    if required == "1":
+        os._exit(111)
+pid = os.fork()
+if pid == 0:
+    if isolated:
+        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0 and \
+                libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0:
+            note("proc private")
+        else:
+            note("proc shared " + os.strerror(ctypes.get_errno()))
+    if uid >= 0:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the launcher
+    def lim(res, v):
+        v = int(v)
+        if v >= 0:
+            resource.setrlimit(res, (v, v))
+    lim(resource.RLIMIT_CORE, 0)
+    lim(resource.RLIMIT_CPU, cpu)
+    lim(resource.RLIMIT_AS, mem)
+    lim(resource.RLIMIT_FSIZE, fsize)
+    lim(resource.RLIMIT_NOFILE, nofile)
+    lim(resource.RLIMIT_NPROC, nproc)
+    os.execv(sys.executable, [sys.executable, "-I", "-B", program])
+note("child %d" % pid)
+_, status = os.waitpid(pid, 0)
+if os.WIFSIGNALED(status):
+    sig = os.WTERMSIG(status)
+    signal.signal(sig, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.kill(os.getpid(), sig)
+os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 """
 
 PROGRAM_NAME = "program.py"
@@ -238,6 +297,52 @@ def _remove_files_of(uid: int, roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev
                 dirnames[:] = []  # world-writable roots are shallow; do not walk everything
 
 
+def _read_report(path: Path) -> dict:
+    """What the launcher wrote: did the namespaces come up, the program's host pid."""
+    out = {"namespaces": False, "why": "the launcher did not start", "child": None, "private_proc": False,
+           "refused": False}
+    try:
+        lines = path.read_text(encoding="ascii", errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if line == "namespaces ok":
+            out.update(namespaces=True, why="")
+        elif line.startswith("namespaces failed"):
+            out["why"] = "unshare: " + line[len("namespaces failed "):]
+        elif line == "proc private":
+            out["private_proc"] = True
+        elif line.startswith("child "):
+            out["child"] = int(line.split()[1])
+    out["refused"] = not out["namespaces"] and out["child"] is None and any(
+        line.startswith("namespaces failed") for line in lines)
+    return out
+
+
+def _kill_namespace_init(pid: int) -> None:
+    """SIGKILL the program's process if it still runs in a PID namespace other than ours:
+    as that namespace's init, its death takes every process in the namespace with it.
+    (The namespace check keeps a recycled pid of an unrelated process safe.)"""
+    try:
+        if os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
+            return
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+_warned: set[str] = set()
+
+
+def _warn_shared_network(why: str) -> None:
+    """Once per reason: the program ran with the host's network (no namespaces here)."""
+    if why not in _warned:
+        _warned.add(why)
+        print(f"warning: dume.sandbox could not give generated code its own network and PID namespaces "
+              f"({why}); it runs with the host's network, and only its process group (or, as root, its uid) "
+              f"is killed afterwards. Set DUME_SANDBOX_REQUIRE_ISOLATION=1 to refuse instead.", file=sys.stderr)
+
+
 def _killpg(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -255,14 +360,20 @@ def _read_head(path: Path, limit: int) -> str:
     return text + ("\n[... truncated]" if len(data) > limit else "")
 
 
-def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool | None = None) -> RunResult:
+def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool | None = None,
+               require_isolation: bool | None = None) -> RunResult:
     """Run Python `source` in a limited child process; never raises for what it does.
 
     `isolate_user` (default: whenever running as root) runs it under a fresh uid, see
-    the module docstring. Returns `passed` when the program exits with status 0.
+    the module docstring. `require_isolation` (default: DUME_SANDBOX_REQUIRE_ISOLATION=1)
+    refuses to run where the network and PID namespaces cannot be created, instead of
+    running with the host's network and a warning. Returns `passed` when the program
+    exits with status 0.
     """
     limits = limits or Limits()
     limits.validate()
+    if require_isolation is None:
+        require_isolation = os.environ.get("DUME_SANDBOX_REQUIRE_ISOLATION", "0") == "1"
     if isolate_user is None:
         isolate_user = _is_root()
     if isolate_user and not _is_root():
@@ -288,14 +399,15 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch),
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+        report = harness_dir / "launcher"
         cmd = [python, "-I", "-S", "-c", _LAUNCHER, str(int(limits.cpu_s)), str(int(limits.memory_bytes)),
-               str(int(limits.file_size_bytes)), str(int(nproc)), str(int(limits.max_open_files)), str(program)]
-        kwargs = dict(user=uid, group=uid, extra_groups=[]) if isolate_user else {}
+               str(int(limits.file_size_bytes)), str(int(nproc)), str(int(limits.max_open_files)), str(program),
+               str(uid if isolate_user else -1), str(report), "1" if require_isolation else "0"]
         out_path, err_path = harness_dir / "stdout", harness_dir / "stderr"
         start = time.monotonic()
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
             proc = subprocess.Popen(cmd, cwd=str(scratch), env=env, stdin=subprocess.DEVNULL, stdout=out_f,
-                                    stderr=err_f, start_new_session=True, close_fds=True, **kwargs)
+                                    stderr=err_f, start_new_session=True, close_fds=True)
             timed_out = False
             try:
                 proc.wait(timeout=limits.timeout_s)
@@ -304,9 +416,17 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
                 _killpg(proc.pid)
                 proc.wait()
             finally:
-                _killpg(proc.pid)  # whatever it left running in its group
+                _killpg(proc.pid)  # the launcher and whatever is left in its group
+                launcher = _read_report(report)
+                if launcher["child"] is not None:
+                    _kill_namespace_init(launcher["child"])  # the whole PID namespace with it
                 if isolate_user:
-                    _kill_uid(uid)  # and anything that left the group
+                    _kill_uid(uid)  # and anything of that uid, wherever it went
+        if launcher["refused"] or (require_isolation and proc.returncode == 111 and not launcher["namespaces"]):
+            raise DumeError(f"the sandbox could not create its own network and PID namespaces "
+                            f"({launcher['why']}) and DUME_SANDBOX_REQUIRE_ISOLATION=1 forbids running without")
+        if not launcher["namespaces"]:
+            _warn_shared_network(launcher["why"])
         duration = time.monotonic() - start
         rc = proc.returncode
         sig = signal.Signals(-rc).name if rc is not None and rc < 0 and -rc in signal.Signals._value2member_map_ else None
@@ -322,7 +442,10 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
             status=status, returncode=rc, duration_s=round(duration, 4), signal=sig,
             stdout=_read_head(out_path, limits.max_output_bytes),
             stderr=_read_head(err_path, limits.max_output_bytes),
-            isolation={"user": uid, "fresh_uid": isolate_user, "nproc_limit": nproc, "python": python},
+            isolation={"user": uid, "fresh_uid": isolate_user, "nproc_limit": nproc, "python": python,
+                       "network": "none (own namespace)" if launcher["namespaces"] else
+                       f"shared with the host ({launcher['why']})",
+                       "pid_namespace": launcher["namespaces"], "private_proc": launcher["private_proc"]},
         )
     finally:
         if isolate_user:

@@ -178,3 +178,217 @@ def test_program_text_and_limits_are_checked():
         humaneval_program({"prompt": "x"}, "")
     with pytest.raises(DumeError):
         run_python("pass", Limits(timeout_s=0))
+
+
+# ------------------------------------------------- network, environment, survivors
+
+
+def _listener():
+    """A TCP listener on 127.0.0.1 that counts the connections it accepts."""
+    import socket
+    import threading
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    accepted = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            accepted.append(conn)
+            conn.sendall(b"hello")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv.getsockname()[1], accepted, lambda: (stop.set(), t.join(), srv.close())
+
+
+NETWORK_PROBE = """import socket, sys
+try:
+    s = socket.create_connection(("127.0.0.1", {port}), timeout=3)
+    print("connected", s.recv(5))
+except OSError as e:
+    print("refused", type(e).__name__, e)
+    sys.exit(7)
+"""
+
+
+@pytest.mark.parametrize("isolate_user", [True, False], ids=["fresh-uid", "same-uid"])
+def test_generated_code_cannot_reach_a_local_listener(isolate_user):
+    if isolate_user and os.geteuid() != 0:
+        pytest.skip("a fresh uid needs root")
+    port, accepted, close = _listener()
+    try:
+        # The probe itself works from here: the listener is real and reachable.
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+        import time
+
+        time.sleep(0.3)
+        assert len(accepted) == 1
+        r = run_python(NETWORK_PROBE.format(port=port), FAST, isolate_user=isolate_user)
+        time.sleep(0.3)
+    finally:
+        close()
+    assert r.isolation["network"] == "none (own namespace)", r.isolation
+    assert r.status == "failed" and r.returncode == 7, (r.stdout, r.stderr)
+    assert r.stdout.startswith("refused") and "connected" not in r.stdout
+    assert len(accepted) == 1  # only our own probe got through
+
+
+ENV_PROBE = """import os
+secret = {secret!r}
+found = [k for k, v in os.environ.items() if secret in v]
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            if secret.encode() in open(f"/proc/{{pid}}/environ", "rb").read():
+                found.append(pid)
+        except OSError:
+            pass
+try:
+    if secret.encode() in open(f"/proc/{{os.getppid()}}/environ", "rb").read():
+        found.append("parent")
+except OSError:
+    pass
+print("found" if found else "clean", found, sorted(os.environ))
+"""
+
+
+@pytest.mark.parametrize("isolate_user", [True, False], ids=["fresh-uid", "same-uid"])
+def test_generated_code_cannot_see_the_parents_environment(isolate_user):
+    """The harness runs in a process started with secrets in its environment (what
+    /proc/PID/environ shows; a later os.environ change would not be there); the program
+    finds them neither in its own environment nor in any /proc/*/environ."""
+    import json
+    import subprocess
+    import sys
+
+    if isolate_user and os.geteuid() != 0:
+        pytest.skip("a fresh uid needs root")
+    secret = f"dume-secret-{os.getpid()}"
+    driver = ("import json, os\nfrom dume.sandbox import run_python, Limits\n"
+              f"assert {secret!r}.encode() in open(f'/proc/{{os.getpid()}}/environ', 'rb').read()\n"
+              f"r = run_python({ENV_PROBE.format(secret=secret)!r}, Limits(timeout_s=5), "
+              f"isolate_user={isolate_user})\nprint(json.dumps(r.to_dict()))\n")
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DUME_TEST_SECRET": secret, "HF_TOKEN": secret})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["passed"], r["stderr"]
+    assert r["stdout"].startswith("clean"), r["stdout"]
+    assert "HF_TOKEN" not in r["stdout"] and "DUME_TEST_SECRET" not in r["stdout"]
+
+
+def _processes_with(marker: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+DOUBLE_FORK = """import os, sys
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/bin/sleep", ["sleep", {marker!r}])
+    os._exit(0)
+import time
+time.sleep(0.5)
+print("parent done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("isolate_user", [True, False], ids=["fresh-uid", "same-uid"])
+def test_double_forked_child_does_not_outlive_the_call(isolate_user):
+    """A daemonised grandchild (fork, setsid, fork) dies with the run, with or without a
+    fresh uid: it lives in the program's PID namespace."""
+    if isolate_user and os.geteuid() != 0:
+        pytest.skip("a fresh uid needs root")
+    import time
+
+    marker = f"{30 + (os.getpid() % 1000) / 1000:.3f}"  # sleep's argument, unique enough to find it
+    assert _processes_with(marker) == []
+    r = run_python(DOUBLE_FORK.format(marker=marker), FAST, isolate_user=isolate_user)
+    assert r.passed, r.stderr
+    assert r.isolation["pid_namespace"], r.isolation
+    time.sleep(0.2)
+    assert _processes_with(marker) == [], "the daemonised grandchild survived the call"
+
+
+def test_without_namespaces_it_warns_or_refuses(monkeypatch, capsys):
+    """Where unshare is denied (simulated), the program still runs with a warning and its
+    result says the network was shared; DUME_SANDBOX_REQUIRE_ISOLATION=1 refuses."""
+    import dume.sandbox as sb
+
+    broken = sb._LAUNCHER.replace("libc.unshare(flags) == 0", "False")
+    assert broken != sb._LAUNCHER
+    monkeypatch.setattr(sb, "_LAUNCHER", broken)
+    monkeypatch.setattr(sb, "_warned", set())
+    r = run_python("print('ran')", FAST)
+    assert r.passed and r.stdout == "ran\n"
+    assert r.isolation["network"].startswith("shared with the host")
+    assert "could not give generated code its own network" in capsys.readouterr().err
+    monkeypatch.setenv("DUME_SANDBOX_REQUIRE_ISOLATION", "1")
+    with pytest.raises(DumeError, match="DUME_SANDBOX_REQUIRE_ISOLATION"):
+        run_python("print('ran')", FAST)
+
+
+def test_an_ordinary_user_gets_the_same_isolation():
+    """The non-root path (user namespace): run the sandbox as `nobody` with the system
+    Python on a world-readable copy of the module (pytest's tmp_path is private)."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    py = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.access(py, os.X_OK) or shutil.which("su") is None:
+        pytest.skip("needs root (to become nobody) and a system python3")
+    import dume
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="dume-test-nobody-"))
+    pkg = tmp_path / "dume"
+    pkg.mkdir()
+    src = os.path.dirname(dume.__file__)
+    for name in ("__init__.py", "errors.py", "sandbox.py"):
+        shutil.copy(os.path.join(src, name), pkg / name)
+    for p in (tmp_path, pkg, *pkg.iterdir()):
+        p.chmod(0o755)
+    marker = f"{40 + (os.getpid() % 1000) / 1000:.3f}"
+    port, accepted, close = _listener()
+    driver = (f"import sys, json; sys.path.insert(0, {str(tmp_path)!r})\n"
+              "from dume.sandbox import run_python, Limits\n"
+              f"net = run_python({NETWORK_PROBE.format(port=port)!r}, Limits(timeout_s=5))\n"
+              f"fork = run_python({DOUBLE_FORK.format(marker=marker)!r}, Limits(timeout_s=5))\n"
+              "print(json.dumps([net.to_dict(), fork.to_dict()]))\n")
+    try:
+        out = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"cd /tmp && {py} -"], input=driver,
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        close()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    if out.returncode != 0 and "This account is currently not available" in out.stderr:
+        pytest.skip("cannot become nobody here")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    net, fork = json.loads(out.stdout.strip().splitlines()[-1])
+    if not net["isolation"]["pid_namespace"]:
+        pytest.skip(f"this kernel denies unprivileged namespaces: {net['isolation']['network']}")
+    assert net["isolation"]["fresh_uid"] is False
+    assert net["returncode"] == 7 and accepted == []
+    assert fork["passed"], fork["stderr"]
+    assert _processes_with(marker) == []
