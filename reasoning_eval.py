@@ -1,6 +1,16 @@
 #!/usr/bin/env python
-"""One cell of Table 3: build (or reuse) the checkpoint of --strategy and evaluate it on
---task with lm-eval's own HFLM; the result goes to RUN_DIR/results/<name>__<task>.json.
+"""One cell of Table 3 for one seed: build (or reuse) the checkpoint of --strategy and
+evaluate it on --task with lm-eval's own HFLM under --protocol; the result goes to
+RUN_DIR/results/<protocol>/<name>__<task>__seed<seed>.json.
+
+  protocols:  paper    the original code's evaluation, which produced Table 3 (default):
+                       raw prompts with BOS, sampling at temperature 0.7 (top-k 50) for 256
+                       tokens, gsm8k exact_match,flexible-extract, IFEval
+                       inst_level_strict_acc, HumanEval pass@1,create_test, m_arc acc_norm
+                       over 30 languages (no da)
+              lm-eval  lm-eval's standard setups (gsm8k 8-shot greedy strict-match, ...)
+  --seed:     seeds the sampling; random_routing, BTX and DUMEplus are built per seed
+              (RUN_DIR/models/<strategy>/seed<seed>), the other checkpoints once.
 
   strategies: math_expert multilingual_expert coding_expert instruction_expert
               model_averaging oracle random_routing DUME BTX DUMEplus
@@ -10,7 +20,8 @@
 DUME reads the MoE written by reasoning_generate_dume_params.py (RUN_DIR/models/DUME, or
 --dume-dir; e.g. --dume-dir RUN_DIR/models/DUME_OOD --name DUME_OOD for the OOD row) and
 builds it with the paper's defaults when it is missing. BTX and DUME+ train the routers on
-the tasks' mixed data (paper: 1000 steps; BTX k=2 lr 1e-4, DUME+ k=1 lr 1e-5).
+820 prompts of each task, shuffled with the seed (paper: 1000 steps; BTX k=2 lr 1e-4,
+DUME+ k=1 lr 1e-5).
 
   python reasoning_eval.py --strategy DUME --task math                      # paper, GPU
   accelerate launch -m ... / accelerate launch reasoning_eval.py ...        # data-parallel lm-eval
@@ -26,8 +37,8 @@ from dume.cli import run_main
 
 
 def parse(argv):
-    from dume.reasoning import PAPER, STRATEGIES
-    from dume.tasks import DOMAINS
+    from dume.reasoning import PAPER, STRATEGIES, add_statistics_flags
+    from dume.tasks import DOMAINS, PROTOCOLS, ROUTER_TRAINING_PER_TASK
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
@@ -38,7 +49,10 @@ def parse(argv):
     p.add_argument("--data-dir", default=None, help="local task data (JSONL in each task's format); default: hub")
     p.add_argument("--languages", default=None, help="m_arc languages (comma-separated; default: all)")
     p.add_argument("--dume-dir", default=None, help="DUME MoE from reasoning_generate_dume_params.py")
-    p.add_argument("--max-num-samples", type=int, default=None, help="documents per domain for statistics/training")
+    p.add_argument("--protocol", default="paper", choices=PROTOCOLS, help="evaluation protocol (default: paper)")
+    add_statistics_flags(p)
+    p.add_argument("--router-prompts", type=int, default=ROUTER_TRAINING_PER_TASK,
+                   help="BTX/DUME+ training prompts per task (default 820, the original's)")
     p.add_argument("--num-dume-tokens", type=int, default=PAPER["num_dume_tokens"])
     p.add_argument("--lambda", dest="lam", type=float, default=PAPER["lam"])
     p.add_argument("--temp", type=float, default=PAPER["temperature"])
@@ -49,13 +63,13 @@ def parse(argv):
     p.add_argument("--train-batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None, help="documents per lm-eval task (default: all)")
     p.add_argument("--batch-size", default="1", help="lm-eval batch size (int or 'auto')")
-    p.add_argument("--num-fewshot", type=int, default=None, help="override the task's shots (gsm8k: 8)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override the protocol's shots")
     p.add_argument("--max-gen-toks", type=int, default=None, help="cap generated tokens (CPU smoke runs)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="router training")
     p.add_argument("--parallelize", action="store_true", help="HFLM model parallelism over the visible GPUs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling, random gates, router-training order")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--redo", action="store_true")
     return p.parse_args(argv)
@@ -76,10 +90,10 @@ def main(argv=None):
     args = parse(argv)
     check_router_settings(lam=args.lam, k=args.k, temperature=args.temp, num_dume_tokens=args.num_dume_tokens,
                           max_num_samples=args.max_num_samples, train_steps=args.train_steps,
-                          train_lr=args.train_lr, limit=args.limit)
+                          train_lr=args.train_lr, limit=args.limit, router_prompts=args.router_prompts)
     name = args.name or args.strategy
     run_dir = Path(args.run_dir)
-    out = run_dir / "results" / f"{name}__{args.task}.json"
+    out = run_dir / "results" / args.protocol / f"{name}__{args.task}__seed{args.seed}.json"
     if out.is_file() and not args.redo:
         why = _stale_because(out)
         if why is None:
@@ -101,12 +115,12 @@ def main(argv=None):
 
         guard = partial_state().main_process_first()
     with guard:
-        model_dir, experts, stats = _build(args, languages, device, dtype)
-    tasks_dir = run_dir / "lm_eval_tasks" / f"{name}__{args.task}"
+        model_dir, experts, stats, train_record = _build(args, languages, device, dtype)
+    tasks_dir = run_dir / "lm_eval_tasks" / args.protocol / f"{name}__{args.task}__seed{args.seed}"
     result = evaluate_checkpoint(model_dir, args.task, tasks_dir, data_dir=args.data_dir, languages=languages,
                                  limit=args.limit, batch_size=args.batch_size, device=device, dtype=dtype,
                                  num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
-                                 parallelize=args.parallelize, seed=args.seed)
+                                 parallelize=args.parallelize, seed=args.seed, protocol=args.protocol)
     if result is None or int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 writes
     from dume.fingerprint import fingerprint
@@ -118,6 +132,8 @@ def main(argv=None):
                "settings": {k: v for k, v in vars(args).items() if k != "redo"}, "device": device, "dtype": dtype}
     if stats is not None:
         payload["dume_statistics_from"] = stats.data_source
+    if train_record is not None:
+        payload["router_training_data"] = train_record
     atomic_write_json(out, payload)
     print(f"{name} on {args.task}: {result['metric']} = {result['score']:.4f} ({out})")
     if result["notes"]:
@@ -149,7 +165,7 @@ def _stale_because(result_path):
 
 def _build(args, languages, device, dtype):
     """The checkpoint directory of the strategy (built when missing), the experts, the
-    DUME statistics (or None)."""
+    DUME statistics (or None), the router-training data record (or None)."""
     from pathlib import Path
 
     import torch
@@ -157,13 +173,13 @@ def _build(args, languages, device, dtype):
     from dume.io import is_complete_checkpoint
     from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, built_from, experts_made_from,
                                 generate_dume_params, load_tokenizer_of, parse_experts, resolve_experts,
-                                statistics_documents)
+                                router_training_documents)
     from dume.ridge import RidgeStats
 
     run_dir = Path(args.run_dir)
     experts = resolve_experts(parse_experts(args.experts), args.cache_dir)
     models = run_dir / "models"
-    stats = train_docs = tokenizer = None
+    stats = train_docs = tokenizer = train_record = None
     if args.strategy in ("DUME", "DUMEplus"):
         dume_dir = Path(args.dume_dir) if args.dume_dir else models / "DUME"
         if not (is_complete_checkpoint(dume_dir) and (dume_dir / "dume_stats").is_dir()
@@ -171,15 +187,19 @@ def _build(args, languages, device, dtype):
             print(f"no DUME parameters for these experts in {dume_dir}: generating them "
                   "(reasoning_generate_dume_params.py defaults)")
             generate_dume_params(experts, dume_dir, data_dir=args.data_dir, max_num_samples=args.max_num_samples,
+                                 statistics_text=args.statistics_text, balance_languages=args.balance_languages,
                                  num_dume_tokens=args.num_dume_tokens, lam=args.lam, temperature=args.temp,
                                  device=device, dtype=getattr(torch, dtype), languages=languages, work_dir=models)
         stats = RidgeStats.load(dume_dir / "dume_stats")
         print(f"DUME statistics: {stats.data_source or 'tasks'} ({dume_dir})")
     if args.strategy in ("BTX", "DUMEplus"):
-        train_docs, _, what = statistics_documents(ood=False, data_dir=args.data_dir,
-                                                   max_num_samples=args.max_num_samples, languages=languages)
+        train_docs, train_record = router_training_documents(data_dir=args.data_dir, languages=languages,
+                                                             per_task=args.router_prompts, seed=args.seed,
+                                                             text=args.statistics_text)
         tokenizer = load_tokenizer_of(experts["math"])
-        print(f"router training data: {what.split(' - ')[0].replace('DUME statistics', 'text')}")
+        print(f"router training data: {args.router_prompts} {args.statistics_text} texts per task, shuffled "
+              f"with seed {args.seed} (" + ", ".join(f"{d}: {r['available']} available"
+                                                      for d, r in train_record["tasks"].items()) + ")")
     if args.strategy == "DUME":
         model_dir = dume_dir
     else:
@@ -188,7 +208,7 @@ def _build(args, languages, device, dtype):
                                    train_steps=args.train_steps, train_lr=args.train_lr, seq_len=args.seq_len,
                                    batch_size=args.train_batch_size, mixed_precision=args.mixed_precision,
                                    redo=args.redo and args.strategy not in EXPERT_STRATEGIES)
-    return model_dir, experts, stats
+    return model_dir, experts, stats, train_record
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Statistics come, by default, from the evaluation tasks' own data (gsm8k train, m
 train, HumanEval test, IFEval train: the paper's default), or with --ood from the experts'
 training datasets (DUME OOD: Magicoder-OSS-Instruct-75K, dart-math-hard, aya_dataset,
 tulu-3-sft-personas-instruction-following; offline: --ood-data-dir DIR/<domain>/*.jsonl).
+As the original built them: the prompt side of each record only, at most 2048 texts per
+domain, m_arc spread evenly over its 30 languages (--statistics-text, --max-num-samples,
+--no-balance-languages for the alternatives). dume_params.json lists exactly which
+records fed them (ids and a SHA-256 of the texts).
 
   python reasoning_generate_dume_params.py                      # the paper's four 3B experts (hub)
   python reasoning_generate_dume_params.py --experts math=E1,multilingual=E2,coding=E3,instruction=E4 \\
@@ -22,7 +26,7 @@ from dume.cli import run_main
 
 
 def parse(argv):
-    from dume.reasoning import PAPER
+    from dume.reasoning import PAPER, add_statistics_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", default=None,
@@ -33,7 +37,7 @@ def parse(argv):
     p.add_argument("--ood", action="store_true", help="statistics from the experts' training datasets (DUME OOD)")
     p.add_argument("--ood-data-dir", default=None, help="local OOD data: DIR/<domain>/*.jsonl|*.json|*.txt")
     p.add_argument("--languages", default=None, help="m_arc languages for the statistics (comma-separated; default all)")
-    p.add_argument("--max-num-samples", type=int, default=None, help="documents per domain (default: all)")
+    add_statistics_flags(p)
     p.add_argument("--num-dume-tokens", type=int, default=PAPER["num_dume_tokens"])
     p.add_argument("--lambda", dest="lam", type=float, default=PAPER["lam"])
     p.add_argument("--k", type=int, default=PAPER["k"])
@@ -62,7 +66,8 @@ def main(argv=None):
     experts = resolve_experts(parse_experts(args.experts), args.cache_dir)
     out = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "models" / ("DUME_OOD" if args.ood else "DUME")
     generate_dume_params(experts, out, ood=args.ood, data_dir=args.data_dir, ood_data_dir=args.ood_data_dir,
-                         max_num_samples=args.max_num_samples, num_dume_tokens=args.num_dume_tokens, lam=args.lam,
+                         max_num_samples=args.max_num_samples, statistics_text=args.statistics_text,
+                         balance_languages=args.balance_languages, num_dume_tokens=args.num_dume_tokens, lam=args.lam,
                          k=args.k, temperature=args.temp, batch_size=args.batch_size, device=device, dtype=dtype,
                          languages=args.languages.split(",") if args.languages else None,
                          work_dir=Path(args.run_dir) / "models")

@@ -43,3 +43,23 @@ FIGURE2_TOKENS_2_REACHES = 90.0
 # Settings the text states for the sweeps.
 FIGURE2_DUME_K_SWEEP_TOKENS = 2
 DEFAULT_LAMBDA = 0.01
+
+
+# Table 3 (reasoning): normalised score 100·p_d/p̂_d, mean ± std over three seeds, in
+# DOMAINS order of dume.tasks (math, multilingual, coding, instruction) + average.
+REASONING_TASKS = ("math", "multilingual", "coding", "instruction")
+_ROWS3 = {
+    "math_expert":         [(100.0, 0.0), (95.9, 0.0), (86.0, 9.0), (46.5, 3.2), (82.1, 2.4)],
+    "multilingual_expert": [(6.1, 0.8), (100.0, 0.0), (77.9, 8.5), (21.1, 0.8), (51.3, 1.8)],
+    "coding_expert":       [(12.0, 0.2), (99.3, 0.0), (100.0, 0.0), (51.1, 5.1), (65.6, 1.3)],
+    "instruction_expert":  [(28.2, 1.2), (99.8, 0.0), (79.5, 4.6), (100.0, 0.0), (76.9, 1.4)],
+    "model_averaging":     [(44.7, 3.1), (100.1, 0.0), (97.6, 15.4), (59.0, 5.6), (75.3, 4.7)],
+    "oracle":              [(94.3, 7.0), (100.2, 0.0), (94.0, 19.7), (85.3, 3.4), (93.4, 4.9)],
+    "random_routing":      [(39.4, 2.6), (99.8, 0.0), (87.0, 15.2), (57.0, 3.8), (70.8, 3.7)],
+    "DUME":                [(91.1, 2.2), (100.4, 0.0), (102.1, 5.9), (87.2, 1.0), (95.2, 1.7)],
+    "DUME_OOD":            [(79.1, 2.0), (100.4, 0.0), (100.9, 1.3), (83.1, 1.0), (90.9, 0.1)],
+}
+TABLE3 = {m: dict(zip(REASONING_TASKS + ("average",), v)) for m, v in _ROWS3.items()}
+# BTX is not in Table 3; the text gives its four scores (no std, no average): 6.0, 95.8,
+# 51.8, 51.9. DUME+ has no reasoning result in the paper.
+TABLE3_BTX_TEXT = dict(zip(REASONING_TASKS, (6.0, 95.8, 51.8, 51.9)))

@@ -38,18 +38,25 @@ DEFAULT_EXPERTS = {
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "DUME", "BTX", "DUMEplus")
 MOE_STRATEGIES = ("random_routing", "DUME", "BTX", "DUMEplus")
+# Strategies whose checkpoint depends on the seed (random gates, the router training's
+# data order): built once per seed; the others once for all seeds.
+SEEDED_STRATEGIES = ("random_routing", "BTX", "DUMEplus")
 
-# The paper's reasoning settings (§3.1).
-PAPER = {"lam": 0.01, "k": 1, "temperature": 0.1, "num_dume_tokens": 1024}
+# The paper's reasoning settings (§3.1), and the original code's statistics cap.
+PAPER = {"lam": 0.01, "k": 1, "temperature": 0.1, "num_dume_tokens": 1024, "max_num_samples": 2048}
 ROUTER_TRAINING = {"BTX": {"k": 2, "lr": 1e-4, "steps": 1000}, "DUMEplus": {"k": 1, "lr": 1e-5, "steps": 1000}}
 
 # DUME OOD: the experts' training sets (hub id, config, fields joined into one text).
+# The first field is the prompt side, all the original used (for tulu, the first
+# message); statistics_text="full" joins them all.
 OOD_DATASETS = {
     "coding": ("ise-uiuc/Magicoder-OSS-Instruct-75K", None, ("problem", "solution")),
     "math": ("hkust-nlp/dart-math-hard", None, ("query", "response")),
     "multilingual": ("CohereForAI/aya_dataset", None, ("inputs", "targets")),
-    "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("prompt", "messages")),
+    "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("messages",)),
 }
+# Prompt-side fields tried, in order, when reading local OOD files.
+PROMPT_TEXT_FIELDS = ("text", "problem", "query", "inputs", "prompt", "question", "instruction", "messages")
 # Fields tried, in order, when reading local OOD files.
 TEXT_FIELDS = ("text", "problem", "solution", "query", "response", "inputs", "targets", "prompt", "messages",
                "question", "answer", "instruction", "output", "content")
@@ -107,19 +114,24 @@ def resolve_experts(experts: Mapping[str, str], cache_dir=None) -> dict[str, Pat
 # --------------------------------------------------------------------------- statistics
 
 
-def _record_text(rec: dict, fields: Sequence[str]) -> str:
+def _record_text(rec: dict, fields: Sequence[str], prompt_only: bool = False) -> str:
+    """The record's text: with `prompt_only`, the first field present (of chat messages,
+    the first message's content); else every field joined."""
     parts = []
     for f in fields:
         v = rec.get(f)
         if isinstance(v, list):  # chat messages
-            v = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in v)
+            msgs = v[:1] if prompt_only else v
+            v = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in msgs)
         if v:
             parts.append(str(v))
+            if prompt_only:
+                break
     return "\n".join(parts)
 
 
 def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
-                  max_num_samples: int | None = None) -> tuple[list[str], str]:
+                  max_num_samples: int | None = None, text: str = "prompt") -> tuple[list[str], str]:
     """Text from the expert's training set: local files OOD_DATA_DIR/<domain>/*.jsonl|*.json|*.txt
     (fields tried: TEXT_FIELDS), else the hub dataset of OOD_DATASETS."""
     from .tasks import _read_jsonl
@@ -134,7 +146,8 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
             if f.suffix == ".txt":
                 texts += [t for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
             else:
-                texts += [_record_text(r, TEXT_FIELDS) for r in _read_jsonl(f) if isinstance(r, dict)]
+                fields = PROMPT_TEXT_FIELDS if text == "prompt" else TEXT_FIELDS
+                texts += [_record_text(r, fields, text == "prompt") for r in _read_jsonl(f) if isinstance(r, dict)]
             if max_num_samples is not None and len(texts) >= max_num_samples:
                 break
         source = f"local:{root}"
@@ -148,28 +161,68 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
         except Exception as e:
             raise DumeError(f"DUME OOD: cannot load {path} from the hub ({type(e).__name__}: {str(e)[:200]}); "
                             f"pass --ood-data-dir with local files") from e
-        texts = [_record_text(r, fields) for r in ds]
+        texts = [_record_text(r, fields, text == "prompt") for r in ds]
         source = f"hub:{path} (train)"
     from .tasks import finish_texts
 
     return finish_texts(texts, max_num_samples, f"DUME OOD: no text for {domain} ({source})"), source
 
 
-def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None, max_num_samples: int | None = None,
-                         languages=None) -> tuple[dict[str, list[str]], dict[str, str], str]:
-    """{domain: texts}, {domain: source} and a one-line description of where they came from."""
-    from .tasks import task_documents
+def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
+                         max_num_samples: int | None = PAPER["max_num_samples"], languages=None,
+                         text: str = "prompt", balance: bool = True
+                         ) -> tuple[dict[str, list[str]], dict[str, str], str, dict[str, dict]]:
+    """{domain: texts}, {domain: source}, a one-line description of where they came
+    from, and {domain: exactly which texts} (ids, count, SHA-256 of the texts).
 
-    docs, sources = {}, {}
+    Defaults are the original's: the prompt side of each record only, at most 2048 texts
+    per domain, m_arc spread evenly over its languages."""
+    import hashlib
+
+    from .tasks import task_selection
+
+    docs, sources, selection = {}, {}, {}
     for d in DOMAINS:
         if ood:
-            docs[d], sources[d] = ood_documents(d, ood_data_dir, max_num_samples)
+            docs[d], sources[d] = ood_documents(d, ood_data_dir, max_num_samples, text)
+            selection[d] = {"source": sources[d], "text": text, "count": len(docs[d]),
+                            "ids": [str(i) for i in range(len(docs[d]))],
+                            "sha256": hashlib.sha256("\0".join(docs[d]).encode("utf-8")).hexdigest()}
         else:
-            docs[d], sources[d] = task_documents(d, data_dir, max_num_samples, languages)
-    what = ("DUME OOD: statistics from the experts' training datasets (not the evaluation tasks)" if ood else
-            "DUME statistics from the evaluation tasks' own data (train split where one exists, else test) "
-            "- the paper's default for Table 3")
-    return docs, sources, what
+            docs[d], sources[d], selection[d] = task_selection(d, data_dir, max_num_samples, languages, text,
+                                                               balance)
+    cap = "all" if max_num_samples is None else f"at most {max_num_samples}"
+    side = "prompt side only" if text == "prompt" else "prompt and answer"
+    what = ((f"DUME OOD: statistics from the experts' training datasets (not the evaluation tasks), {side}, "
+             f"{cap} texts per domain") if ood else
+            f"DUME statistics from the evaluation tasks' own data (train split where one exists, else test), "
+            f"{side}, {cap} texts per domain" + (", m_arc balanced over its languages" if balance else "")
+            + " - the paper's default for Table 3")
+    return docs, sources, what, selection
+
+
+def router_training_documents(*, data_dir=None, languages=None, per_task: int | None = None, seed: int = 0,
+                              text: str = "prompt") -> tuple[dict[str, list[str]], dict]:
+    """BTX / DUME+ training text as the original built it: `per_task` (820) prompts of
+    each task -- all of a smaller task, repeated to fill; m_arc balanced over its
+    languages -- shuffled with `seed`. Returns ({domain: texts}, a record of it)."""
+    import random
+
+    from .tasks import ROUTER_TRAINING_PER_TASK, task_selection
+
+    per_task = per_task or ROUTER_TRAINING_PER_TASK
+    rng = random.Random(seed)
+    docs, record = {}, {}
+    for d in DOMAINS:
+        texts, source, sel = task_selection(d, data_dir, None if d != "multilingual" else per_task, languages, text)
+        pool = list(texts)
+        if d != "multilingual":
+            rng.shuffle(pool)
+        filled = (pool * (per_task // len(pool) + 1))[:per_task]
+        rng.shuffle(filled)
+        docs[d] = filled
+        record[d] = {"source": source, "available": len(texts), "used": len(filled), "text": text}
+    return docs, {"per_task": per_task, "seed": seed, "tasks": record}
 
 
 def collect_statistics(experts: Mapping[str, Path], docs: Mapping[str, list[str]], tokenizer, *,
@@ -301,7 +354,7 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
             write_oracle(dirs, DOMAINS.index(task), out, extra_config=made_from)
         return out
 
-    out = work_dir / strategy
+    out = work_dir / strategy / f"seed{seed}" if strategy in SEEDED_STRATEGIES else work_dir / strategy
     # A routed model is reused only when complete (its recipe is written last) and built
     # from these very experts; otherwise it is rebuilt in a hidden sibling that replaces
     # `out` when finished, so a killed BTX training leaves the previous model in place.
@@ -361,7 +414,7 @@ def load_tokenizer_of(expert_dir: Path):
 
 
 def check_router_settings(*, lam=None, k=None, temperature=None, num_dume_tokens=None, max_num_samples=None,
-                          train_steps=None, train_lr=None, limit=None) -> None:
+                          train_steps=None, train_lr=None, limit=None, router_prompts=None) -> None:
     """Every numeric flag of the reasoning scripts, checked before any hub or disk work
     (a bad flag must not hide behind a slow download or a hub error). None = not given."""
     if lam is not None and not lam > 0:
@@ -371,7 +424,7 @@ def check_router_settings(*, lam=None, k=None, temperature=None, num_dume_tokens
     if k is not None and not 1 <= k <= len(DOMAINS):
         raise DumeError(f"--k must be in 1..{len(DOMAINS)} (the number of experts), got {k}")
     for flag, value in (("--num-dume-tokens", num_dume_tokens), ("--max-num-samples", max_num_samples),
-                        ("--train-steps", train_steps), ("--limit", limit)):
+                        ("--train-steps", train_steps), ("--limit", limit), ("--router-prompts", router_prompts)):
         if value is not None and value < 1:
             raise DumeError(f"{flag} must be >= 1, got {value}")
     if train_lr is not None and not train_lr > 0:
@@ -379,7 +432,8 @@ def check_router_settings(*, lam=None, k=None, temperature=None, num_dume_tokens
 
 
 def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike, *, ood: bool = False,
-                         data_dir=None, ood_data_dir=None, max_num_samples: int | None = None,
+                         data_dir=None, ood_data_dir=None, max_num_samples: int | None = PAPER["max_num_samples"],
+                         statistics_text: str = "prompt", balance_languages: bool = True,
                          num_dume_tokens: int | None = PAPER["num_dume_tokens"], lam: float = PAPER["lam"],
                          k: int = PAPER["k"], temperature: float = PAPER["temperature"], batch_size: int = 8,
                          device: str = "cpu", dtype=None, languages=None, work_dir=None, log=print) -> dict:
@@ -398,8 +452,9 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
     es = check_experts([experts[d] for d in DOMAINS], require_mixtral_compatible=True)
     for n in es.notes:
         log(f"note: {n}")
-    docs, sources, what = statistics_documents(ood=ood, data_dir=data_dir, ood_data_dir=ood_data_dir,
-                                               max_num_samples=max_num_samples, languages=languages)
+    docs, sources, what, selection = statistics_documents(
+        ood=ood, data_dir=data_dir, ood_data_dir=ood_data_dir, max_num_samples=max_num_samples,
+        languages=languages, text=statistics_text, balance=balance_languages)
     log(what)
     for d in DOMAINS:
         log(f"  {d}: {len(docs[d])} documents from {sources[d]}")
@@ -409,12 +464,15 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
     stats, counts = collect_statistics(experts, docs, tokenizer, num_dume_tokens=num_dume_tokens,
                                        batch_size=batch_size, base_dir=base, device=device, dtype=dtype,
                                        data_source="ood" if ood else "tasks",
-                                       extra_meta={"sources": sources, "max_num_samples": max_num_samples})
+                                       extra_meta={"sources": sources, "max_num_samples": max_num_samples,
+                                                   "statistics_text": statistics_text,
+                                                   "texts_sha256": {d: selection[d]["sha256"] for d in DOMAINS}})
     gates = dume_gates(stats, lam, temperature)
     meta = {"statistics_from": "ood" if ood else "tasks", "description": what, "sources": sources,
             "experts": {d: str(experts[d]) for d in DOMAINS}, "lambda": lam, "k": k, "temperature": temperature,
             "num_dume_tokens": num_dume_tokens, "max_num_samples": max_num_samples, "token_counts": counts,
-            "model": str(out_dir)}
+            "statistics_text": statistics_text, "balanced_languages": balance_languages,
+            "texts": selection, "model": str(out_dir)}
     with atomic_dir(out_dir) as stage:  # the model appears with its statistics and recipe, or not at all
         set_gates(base, gates, out_dir=stage, num_experts_per_tok=k)
         stats.save(stage / "dume_stats")
@@ -452,14 +510,17 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
                         data_dir=None, languages=None, limit: int | None = None, batch_size: int | str = 1,
                         device: str = "cpu", dtype: str = "float32", num_fewshot: int | None = None,
                         max_gen_toks: int | None = None, parallelize: bool = False, seed: int = 0,
-                        model=None) -> dict | None:
-    """Evaluate a saved checkpoint on one of the four tasks with lm-eval's own `HFLM`.
+                        protocol: str = "paper", model=None) -> dict | None:
+    """Evaluate a saved checkpoint on one of the four tasks with lm-eval's own `HFLM`,
+    under `protocol` (`dume.tasks`: "paper" = the original code's prompts, sampling and
+    metrics; "lm-eval" = the harness's standard setups). `seed` seeds lm-eval's python,
+    numpy and torch generators before any request, so samples follow it.
 
     Returns {"score", "metric", "per_task", ...}; None on non-zero ranks of a
     multi-process (accelerate launch) run, where only rank 0 gets results."""
     from .tasks import write_task_configs
 
-    spec = write_task_configs(task, tasks_dir, data_dir, languages)
+    spec = write_task_configs(task, tasks_dir, data_dir, languages, protocol=protocol)
     _preflight_hub(spec)
     try:
         import lm_eval
@@ -467,17 +528,22 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise DumeError(f"lm-eval is not installed ({e}): pip install 'lm-eval==0.4.13'") from e
+    # The original tokenised every prompt with the tokenizer's defaults, i.e. with BOS
+    # (Llama 3: <|begin_of_text|>); HFLM adds none unless asked.
+    bos = {"add_bos_token": True} if protocol == "paper" else {}
     if model is None:
         lm = HFLM(pretrained=str(model_path), device=device, dtype=dtype, batch_size=batch_size,
-                  parallelize=parallelize, trust_remote_code=False)
+                  parallelize=parallelize, trust_remote_code=False, **bos)
     else:
-        lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size, **bos)
     nshot = spec.num_fewshot if num_fewshot is None else num_fewshot
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
     # Our own tasks (dume_*) include lm-eval's stock YAMLs by absolute path: indexing
     # lm-eval's thousands of built-in tasks (seconds) is only needed for the hub tasks.
     own = all(t.startswith("dume_") for t in spec.tasks)
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=not own)
+    if num_fewshot is None and spec.protocol == "paper":
+        nshot = None  # the task YAMLs hold the protocol's shots
     out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=nshot, limit=limit,
                                   task_manager=tm, gen_kwargs=gen_kwargs, bootstrap_iters=0, log_samples=False,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -493,101 +559,37 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
     score = sum(per_task.values()) / len(per_task)
     raw = {t: {k: v for k, v in out["results"][t].items() if isinstance(v, (int, float, str))} for t in spec.tasks}
     return {"score": score, "metric": spec.metric, "per_task": per_task, "lm_eval_tasks": list(spec.tasks),
-            "num_fewshot": nshot, "limit": limit, "data": spec.source, "notes": list(spec.notes),
+            "protocol": spec.protocol, "seed": seed, "num_fewshot": spec.num_fewshot if nshot is None else nshot,
+            "limit": limit, "data": spec.source, "notes": list(spec.notes),
             "lm_eval_version": getattr(lm_eval, "__version__", None), "raw_results": raw,
             "n_samples": {t: out.get("n-samples", {}).get(t) for t in spec.tasks}}
 
 
-# ------------------------------------------------------------------------------ Table 3
-
-TABLE_ROWS = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "BTX", "DUME", "DUME_OOD", "DUMEplus")
+# ------------------------------------------------------------------ shared script flags
 
 
-def gather_results(results_dir: str | os.PathLike) -> dict[str, dict[str, dict]]:
-    """{name: {task: result}} from RUN_DIR/results/<name>__<task>.json."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise DumeError(f"no results directory {results_dir}: run reasoning_eval.py first")
-    out: dict[str, dict[str, dict]] = {}
-    for path in sorted(results_dir.glob("*__*.json")):
-        r = read_json(path)
-        if not isinstance(r, dict) or "score" not in r or r.get("task") not in DOMAINS:
-            continue
-        out.setdefault(r.get("name", path.stem.split("__")[0]), {})[r["task"]] = {**r, "source": str(path)}
-    if not out:
-        raise DumeError(f"no result files in {results_dir}")
-    return out
+def parse_cap(value: str) -> int | None:
+    """--max-num-samples: a positive count, or `all`."""
+    import argparse
+
+    if value.lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 'all'), got {n}")
+    return n
 
 
-def build_reasoning_table(results_dir: str | os.PathLike) -> dict:
-    """Table 3: each method's raw metric per task and the normalised score 100·p_d/p̂_d
-    (p̂_d: the domain's own expert on its task; `dume.report.reasoning_scores`).
+def add_statistics_flags(p) -> None:
+    """The flags that choose DUME's statistics texts (both reasoning scripts)."""
+    from .tasks import STATISTICS_TEXTS
 
-    A task whose expert result is missing or 0 has no normalised score (division by
-    zero); the average is then over the tasks that have one, and says so."""
-    from .report import reasoning_scores
-
-    res = gather_results(results_dir)
-    reference = {}
-    for d in DOMAINS:
-        r = res.get(f"{d}_expert", {}).get(d)
-        if r is not None:
-            reference[d] = float(r["score"])
-    usable = {d: v for d, v in reference.items() if v > 0}
-    names = [n for n in TABLE_ROWS if n in res] + sorted(n for n in res if n not in TABLE_ROWS)
-    table = {"tasks": list(DOMAINS), "reference": reference, "methods": {},
-             "normalised_over": sorted(usable, key=DOMAINS.index),
-             "unnormalisable": {d: ("no expert result" if d not in reference else "expert scored 0")
-                                for d in DOMAINS if d not in usable}}
-    for n in names:
-        raw = {d: float(res[n][d]["score"]) for d in DOMAINS if d in res[n]}
-        common = {d: raw[d] for d in usable if d in raw}
-        scores = reasoning_scores(common, {d: usable[d] for d in common}) if common else {"per_domain": {},
-                                                                                         "average": None}
-        complete = set(common) == set(DOMAINS)
-        table["methods"][n] = {"raw": raw, "normalised": scores["per_domain"], "average": scores["average"],
-                               "average_over": sorted(common, key=DOMAINS.index), "complete": complete,
-                               "metrics": {d: res[n][d].get("metric") for d in raw},
-                               "statistics_from": next((res[n][d].get("dume_statistics_from") for d in raw
-                                                        if res[n][d].get("dume_statistics_from")), None)}
-    return table
-
-
-def reasoning_markdown(table: dict) -> str:
-    heads = {"math": "Mathematics", "multilingual": "Multilingual", "coding": "Coding",
-             "instruction": "Instr. following"}
-    lines = ["Normalised score 100·p_d/p̂_d (p̂_d: the domain's own expert on its task = 100), "
-             "raw metric in brackets.", "",
-             "| Method | " + " | ".join(heads[d] for d in DOMAINS) + " | Average |",
-             "|---|" + "---:|" * (len(DOMAINS) + 1)]
-    for n, m in table["methods"].items():
-        cells = []
-        for d in DOMAINS:
-            if d not in m["raw"]:
-                cells.append("—")
-            elif d in m["normalised"]:
-                cells.append(f"{m['normalised'][d]:.1f} ({m['raw'][d]:.3f})")
-            else:
-                cells.append(f"n/a ({m['raw'][d]:.3f})")
-        avg = "—" if m["average"] is None else f"{m['average']:.1f}" + ("" if m["complete"] else "*")
-        label = n + (f" [stats: {m['statistics_from']}]" if m.get("statistics_from") else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
-    foot = []
-    if table["unnormalisable"]:
-        foot.append("n/a: no normalised score because " + "; ".join(
-            f"{d}: {why}" for d, why in table["unnormalisable"].items()) + ".")
-    if table["normalised_over"] and any(not m["complete"] and m["average"] is not None
-                                        for m in table["methods"].values()):
-        foot.append("*: average over " + ", ".join(table["normalised_over"]) + " only (not all four tasks).")
-    return "\n".join(lines + ([""] + foot if foot else [])) + "\n"
-
-
-def write_reasoning_table(run_dir: str | os.PathLike) -> str:
-    from .io import atomic_write_text
-
-    run_dir = Path(run_dir)
-    table = build_reasoning_table(run_dir / "results")
-    md = reasoning_markdown(table)
-    atomic_write_json(run_dir / "reasoning_results.json", table)
-    atomic_write_text(run_dir / "table3.md", md)
-    return md
+    p.add_argument("--max-num-samples", type=parse_cap, default=PAPER["max_num_samples"],
+                   help="texts per domain for the statistics (default 2048, the original's; 'all' for no cap)")
+    p.add_argument("--statistics-text", default="prompt", choices=STATISTICS_TEXTS,
+                   help="prompt: the prompt side of each record only (the original's); full: prompt and answer")
+    p.add_argument("--no-balance-languages", dest="balance_languages", action="store_false",
+                   help="m_arc: take languages in order up to the cap instead of an even share each")

@@ -26,3 +26,24 @@ def process_results(doc: dict, results: list[str]) -> dict:
     limits = _limits()
     passed = [check_completion(doc, c, limits).passed for c in completions]
     return {"pass@1": sum(passed) / max(1, len(passed))}
+
+
+def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """The `create_test` filter of lm-eval's stock HumanEval task (its code cannot be
+    referenced: that module loads `evaluate`'s code_eval from the hub at import): each
+    sample becomes the whole function, prompt + completion, untruncated."""
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def process_programs(doc: dict, results: list) -> dict:
+    """Score `create_test` predictions (prompt + completion) the way code_eval builds
+    its program -- prediction + "\\n" + test + "\\ncheck(entry_point)" -- in the sandbox."""
+    from ..sandbox import run_python
+
+    programs = []
+    for r in results:
+        programs += list(r) if isinstance(r, (list, tuple)) else [r]
+    limits = _limits()
+    test = doc["test"] + "\n" + f"check({doc['entry_point']})"
+    passed = [run_python(p + "\n" + test, limits).passed for p in programs]
+    return {"pass@1": sum(passed) / max(1, len(passed))}
