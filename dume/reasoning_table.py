@@ -94,8 +94,9 @@ def reasoning_markdown(table: dict) -> str:
     from .paper import TABLE3, TABLE3_BTX_TEXT
 
     lines = [f"Protocol `{table['protocol']}`. Normalised score 100·p_d/p̂_d per seed (p̂_d: the domain's own "
-             "expert on its task, same seed), mean ± std over the seeds; raw metric (mean) in brackets; "
-             "n = number of seeds.", "",
+             "expert on its task, same seed), mean ± std over the seeds; raw metric (mean ± std) in brackets; "
+             "n = number of seeds; [k of n seeds]: the expert scored 0 with the other seeds, so only k "
+             "normalise.", "",
              "| Method | " + " | ".join(HEADS[d] for d in DOMAINS) + " | Average | n |",
              "|---|" + "---:|" * (len(DOMAINS) + 2)]
     for n, m in table["methods"].items():
@@ -103,10 +104,14 @@ def reasoning_markdown(table: dict) -> str:
         for d in DOMAINS:
             if d not in m["raw"]:
                 cells.append("—")
-            elif d in m["normalised"]:
-                cells.append(f"{_cell(m['normalised'][d])} ({m['raw'][d]['mean']:.3f})")
             else:
-                cells.append(f"n/a ({m['raw'][d]['mean']:.3f})")
+                raw = f"({_cell(m['raw'][d], 3)})"
+                if d not in m["normalised"]:
+                    cells.append(f"n/a {raw}")
+                else:
+                    ms = m["normalised"][d]
+                    fewer = f" [{ms['n']} of {m['raw'][d]['n']} seeds]" if ms["n"] < m["raw"][d]["n"] else ""
+                    cells.append(f"{_cell(ms)} {raw}{fewer}")
         seeds = sorted({s for v in m["seeds"].values() for s in v})
         label = n + (f" [stats: {m['statistics_from']}]" if m.get("statistics_from") else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(m['average'])} | {len(seeds)} |")

@@ -247,14 +247,20 @@ def test_table3_mean_std_over_seeds(tmp_path):
     # each expert is 100 ± 0 on its own task although its raw score varies with the seed
     assert table["methods"]["math_expert"]["normalised"]["math"] == {"mean": 100.0, "std": 0.0, "n": 2}
     assert table["methods"]["math_expert"]["raw"]["math"]["std"] > 0
-    assert "| DUME | 95.0 ± 7.1 (0.425) |" in md
+    assert "| DUME | 95.0 ± 7.1 (0.425 ± 0.035) |" in md
     assert "The paper's Table 3" in md and "| DUME | 91.1 ± 2.2 | 100.4 ± 0.0 | 102.1 ± 5.9 |" in md
     # An expert that scores 0 cannot normalise its column: marked, not divided by zero.
     for seed in (0, 1):
         (results / f"coding_expert__coding__seed{seed}.json").write_text(json.dumps(
             {"name": "coding_expert", "task": "coding", "score": 0.0, "metric": "m"}))
     md = write_reasoning_table(tmp_path)
-    assert "n/a (0.470)" in md and "expert scored 0" in md
+    assert "n/a (0.470 ± 0.042)" in md and "expert scored 0" in md
+    # an expert at 0 for one seed only: that seed's cell cannot be normalised, and the table says so
+    (results / "coding_expert__coding__seed1.json").write_text(json.dumps(
+        {"name": "coding_expert", "task": "coding", "score": 0.5, "metric": "m"}))
+    md = write_reasoning_table(tmp_path)
+    assert "| DUME | 95.0 ± 7.1 (0.425 ± 0.035) | 100.0 ± 0.0 (0.500 ± 0.000) | 100.0 ± 0.0 (0.470 ± 0.042) " \
+           "[1 of 2 seeds] |" in md
     with pytest.raises(DumeError):
         write_reasoning_table(tmp_path / "empty")
 

