@@ -55,24 +55,8 @@ TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
 # enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
 TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
 
-# Config fields that must be identical across experts for their tensors to be combined.
-MUST_MATCH_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
-)
-# Fields that may differ harmlessly (expert 0's value is used); a difference is noted.
-MAY_DIFFER_FIELDS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+# Which config fields must match across experts, and which may differ: dume.architectures.
+from .architectures import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS  # noqa: E402,F401
 
 # A Mixtral block has no bias anywhere: Llama features that have no place in it.
 MIXTRAL_INCOMPATIBLE_FLAGS = ("attention_bias", "mlp_bias")
@@ -96,18 +80,24 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def _config_classes() -> dict[str, type]:
-    from transformers import LlamaConfig, MixtralConfig
+def _config_class(model_type: str) -> type:
+    from .architectures import ARCHITECTURES, MOE_TYPES
 
-    return {"llama": LlamaConfig, "mixtral": MixtralConfig}
+    for arch in ARCHITECTURES.values():
+        if model_type == arch.dense_type:
+            return arch.config_class(moe=False)
+    if model_type in MOE_TYPES:
+        return MOE_TYPES[model_type].config_class(moe=True)
+    raise DumeError(f"no config class for model_type {model_type!r}")
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-def load_config(path: str | Path, model_type: str = "llama"):
-    """The checkpoint's config as a `LlamaConfig` (or `MixtralConfig`), after checking
-    the directory exists and holds the expected model type.
+def load_config(path: str | Path, model_type: str | tuple[str, ...] = "llama"):
+    """The checkpoint's config (`LlamaConfig`, `MixtralConfig`, `Qwen3Config`, ...), after
+    checking the directory exists and holds the expected model type (one of them, when
+    a tuple is given).
 
     `from_pretrained` is used (not the raw JSON) so that legacy fields such as
     `rope_theta`/`rope_scaling` are normalised into transformers 5's `rope_parameters`
@@ -118,9 +108,11 @@ def load_config(path: str | Path, model_type: str = "llama"):
         raise DumeError(f"checkpoint directory does not exist: {path}")
     raw = read_json(path / CONFIG_NAME)
     found = raw.get("model_type") if isinstance(raw, dict) else None
-    if found != model_type:
-        raise DumeError(f"{path}: model_type is {found!r}, expected {model_type!r}")
-    cls = _config_classes()[model_type]
+    allowed = (model_type,) if isinstance(model_type, str) else tuple(model_type)
+    if found not in allowed:
+        want = repr(allowed[0]) if len(allowed) == 1 else "one of " + ", ".join(map(repr, allowed))
+        raise DumeError(f"{path}: model_type is {found!r}, expected {want}")
+    cls = _config_class(found)
     try:
         return cls.from_pretrained(str(path))
     except Exception as e:  # strict dataclass validation raises several types
@@ -298,6 +290,8 @@ class ExpertSet:
     notes: tuple[str, ...] = field(default_factory=tuple)
     # Content fingerprints (dume.fingerprint), one per expert: what caches are keyed by.
     fingerprints: tuple[str, ...] = field(default_factory=tuple)
+    # The experts' entry in dume.architectures (what the MoE becomes).
+    arch: Any = None
 
     @property
     def num_experts(self) -> int:
@@ -333,20 +327,29 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
                 f"{_expert_label(i, d)}: not a complete checkpoint (no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
             )
 
+    from .architectures import architecture
+
     notes: list[str] = []
     configs = []
+    raw0 = read_json(dirs[0] / CONFIG_NAME)
+    try:
+        arch = architecture(raw0.get("model_type") if isinstance(raw0, dict) else None)
+    except DumeError as e:
+        raise DumeError(f"{_expert_label(0, dirs[0])}: {e}") from e
     for i, d in enumerate(dirs):
         try:
-            configs.append(load_config(d, "llama"))
+            configs.append(load_config(d, arch.dense_type))
         except DumeError as e:
             raise DumeError(f"{_expert_label(i, d)}: {e}") from e
     ref = configs[0]
     if require_mixtral_compatible:
-        for flag in MIXTRAL_INCOMPATIBLE_FLAGS:
+        # Qwen3-MoE keeps attention biases; Mixtral has no bias anywhere.
+        flags = MIXTRAL_INCOMPATIBLE_FLAGS if arch.moe_type == "mixtral" else ("mlp_bias",)
+        for flag in flags:
             if getattr(ref, flag, False):
                 raise DumeError(
-                    f"{_expert_label(0, dirs[0])}: {flag}=True; a Mixtral MoE has no biases, so these "
-                    f"experts cannot be MoErged (model averaging still works)"
+                    f"{_expert_label(0, dirs[0])}: {flag}=True; a {arch.moe_class} has no such biases, so "
+                    f"these experts cannot be MoErged (model averaging still works)"
                 )
     for i, cfg in enumerate(configs[1:], start=1):
         for f in MUST_MATCH_FIELDS:
@@ -427,6 +430,7 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
         tensors=lay0,
         notes=tuple(notes),
         fingerprints=fingerprints,
+        arch=arch,
     )
 
 

@@ -52,48 +52,27 @@ from .io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
 
 # ------------------------------------------------------------------ architecture tables
 
-# A dense Llama MLP tensor: layer, projection, weight/bias.
-LLAMA_MLP = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias)$")
-# Llama tensors that every Mixtral layer holds under the same name (averaged by MoErging).
-LLAMA_SHARED = tuple(
-    re.compile(p)
-    for p in (
-        r"^model\.embed_tokens\.weight$",
-        r"^model\.norm\.weight$",
-        r"^lm_head\.weight$",
-        r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$",
-        r"^model\.layers\.\d+\.(input|post_attention)_layernorm\.weight$",
-    )
-)
-# Stored by some old Llama checkpoints, recomputed by the model: not carried into a MoE.
-LLAMA_DROPPED = (re.compile(r"\.rotary_emb\.inv_freq$"),)
+# The Llama -> Mixtral names used by the MoE-editing functions below (dynamic experts);
+# the build path reads every name from the experts' dume.architectures record.
+from .architectures import ARCHITECTURES, GATE_NAMES, moe_architecture  # noqa: E402
 
-# Llama MLP projection -> Mixtral expert matrix (as written by save_pretrained).
-LLAMA_TO_MIXTRAL_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-MIXTRAL_EXPERT_NAME = "model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
-MIXTRAL_GATE_NAME = "model.layers.{layer}.block_sparse_moe.gate.weight"
-# Names a router may be stored under when reading (legacy first, then the in-memory one).
-MIXTRAL_GATE_NAMES = (MIXTRAL_GATE_NAME, "model.layers.{layer}.mlp.gate.weight")
+_LLAMA = ARCHITECTURES["llama"]
+LLAMA_MLP = re.compile(_LLAMA.mlp_pattern)
+LLAMA_TO_MIXTRAL_EXPERT = dict(_LLAMA.expert_proj)
+MIXTRAL_EXPERT_NAME = _LLAMA.expert_name
+MIXTRAL_GATE_NAME = _LLAMA.gate_name
 
 # LlamaConfig fields copied verbatim into the MixtralConfig.
 LLAMA_TO_MIXTRAL_FIELDS = (
     # Everything experts must share (less the biases Mixtral cannot hold), what may differ
     # (expert 0's value is used), and the training/runtime settings.
-    *(f for f in MUST_MATCH_FIELDS if f not in ("attention_bias", "mlp_bias")),
+    *(f for f in MUST_MATCH_FIELDS if f not in ("attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                                               "max_window_layers", "layer_types")),
     *MAY_DIFFER_FIELDS,
     "initializer_range",
     "attention_dropout",
     "use_cache",
 )
-# MoE settings: a DUME MoE is a plain inference model; no jitter, no aux loss by default,
-# full attention like the Llama experts (Mixtral's default would add a sliding window).
-MIXTRAL_MOE_DEFAULTS: dict[str, Any] = {
-    "output_router_logits": False,
-    "router_aux_loss_coef": 0.0,
-    "router_jitter_noise": 0.0,
-    "sliding_window": None,
-}
-
 # Output shards: peak memory is about twice one shard (safetensors serialises a shard
 # into one buffer), whatever the model size.
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -156,17 +135,6 @@ def _const(t: torch.Tensor):
     return lambda: t
 
 
-def _shared_or_mlp(name: str) -> str:
-    """'mlp', 'shared', 'dropped' or 'unknown' for a dense Llama tensor name."""
-    if LLAMA_MLP.match(name):
-        return "mlp"
-    if any(p.search(name) for p in LLAMA_DROPPED):
-        return "dropped"
-    if any(p.match(name) for p in LLAMA_SHARED):
-        return "shared"
-    return "unknown"
-
-
 def _plan_average(es: ExpertSet, readers, weights) -> list[OutTensor]:
     return [
         OutTensor(n, shape, dtype, _average(readers, n, weights, dtype))
@@ -177,7 +145,7 @@ def _plan_average(es: ExpertSet, readers, weights) -> list[OutTensor]:
 def _plan_oracle(es: ExpertSet, readers, domain_index: int, weights) -> list[OutTensor]:
     out = []
     for n, (shape, dtype) in es.tensors.items():
-        if LLAMA_MLP.match(n):
+        if es.arch.mlp_match(n):
             out.append(OutTensor(n, shape, dtype, _take(readers[domain_index], n, dtype)))
         else:
             out.append(OutTensor(n, shape, dtype, _average(readers, n, weights, dtype)))
@@ -185,16 +153,16 @@ def _plan_oracle(es: ExpertSet, readers, domain_index: int, weights) -> list[Out
 
 
 def _check_moe_layout(es: ExpertSet) -> None:
-    """Every tensor must have a place in a Mixtral checkpoint, every layer an MLP."""
-    unknown = [n for n in es.tensors if _shared_or_mlp(n) == "unknown"]
+    """Every tensor must have a place in the MoE checkpoint, every layer an MLP."""
+    unknown = [n for n in es.tensors if es.arch.kind_of(n) == "unknown"]
     if unknown:
         raise DumeError(
-            f"{es.dirs[0]}: tensors with no place in a Mixtral checkpoint: {unknown[:5]}"
-            f"{'...' if len(unknown) > 5 else ''} (expected LlamaForCausalLM tensor names)"
+            f"{es.dirs[0]}: tensors with no place in a {es.arch.moe_class} checkpoint: {unknown[:5]}"
+            f"{'...' if len(unknown) > 5 else ''} (expected {es.arch.dense_class} tensor names)"
         )
     L = es.config.num_hidden_layers
     for layer in range(L):
-        for proj in LLAMA_TO_MIXTRAL_EXPERT:
+        for proj in es.arch.expert_proj:
             n = f"model.layers.{layer}.mlp.{proj}.weight"
             if n not in es.tensors:
                 raise DumeError(f"{es.dirs[0]}: missing MLP tensor {n}")
@@ -205,20 +173,19 @@ def _plan_moe(es: ExpertSet, readers, gates: list[torch.Tensor], weights) -> lis
     out: list[OutTensor] = []
     mlp_by_layer: dict[int, list[tuple[str, str]]] = {}
     for n, (shape, dtype) in es.tensors.items():
-        kind = _shared_or_mlp(n)
+        kind = es.arch.kind_of(n)
         if kind == "shared":
             out.append(OutTensor(n, shape, dtype, _average(readers, n, weights, dtype)))
         elif kind == "mlp":
-            m = LLAMA_MLP.match(n)
+            m = es.arch.mlp_match(n)
             mlp_by_layer.setdefault(int(m["layer"]), []).append((n, m["proj"]))
     for layer in sorted(mlp_by_layer):
         for e, rd in enumerate(readers):
             for n, proj in sorted(mlp_by_layer[layer], key=lambda x: x[1]):
                 shape, dtype = es.tensors[n]
-                name = MIXTRAL_EXPERT_NAME.format(layer=layer, expert=e, w=LLAMA_TO_MIXTRAL_EXPERT[proj])
-                out.append(OutTensor(name, shape, dtype, _take(rd, n, dtype)))
+                out.append(OutTensor(es.arch.expert_tensor(layer, e, proj), shape, dtype, _take(rd, n, dtype)))
         g = gates[layer]
-        out.append(OutTensor(MIXTRAL_GATE_NAME.format(layer=layer), tuple(g.shape), g.dtype, _const(g)))
+        out.append(OutTensor(es.arch.gate_name.format(layer=layer), tuple(g.shape), g.dtype, _const(g)))
     return out
 
 
@@ -349,30 +316,17 @@ def _validate_k(k: int, num_experts: int) -> int:
 # ------------------------------------------------------------------------- public API
 
 
-def mixtral_config_from_llama(llama_config, num_experts: int, num_experts_per_tok: int = 1, extra_config: dict | None = None):
-    """The `MixtralConfig` whose model computes what the MoErged Llama experts compute.
-
-    Everything architectural is copied from the Llama config (notably `rope_parameters`:
-    Mixtral's default rope theta is 1e6, Llama's 1e4, and `rms_norm_eps`), plus the MoE
-    fields. `extra_config` entries (e.g. `dume={"domains": [...]}`) become config
-    attributes and round-trip through save/load.
+def moe_config(dense_config, num_experts: int, num_experts_per_tok: int = 1, extra_config: dict | None = None):
+    """The MoE config (Mixtral, Qwen3-MoE) whose model computes what the MoErged experts
+    compute: every architectural field copied from the dense config (notably
+    `rope_parameters`: Mixtral's default rope theta is 1e6, Llama's 1e4), plus the MoE
+    fields (`dume.architectures`). `extra_config` entries (e.g. `dume={"domains": [...]}`)
+    become config attributes and round-trip through save/load.
     """
-    from transformers import MixtralConfig
+    from .architectures import architecture
 
     _validate_k(num_experts_per_tok, num_experts)
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(llama_config, flag, False):
-            raise DumeError(f"{flag}=True: a Mixtral MoE has no biases, so this Llama cannot be MoErged")
-    kwargs = {f: getattr(llama_config, f) for f in LLAMA_TO_MIXTRAL_FIELDS if hasattr(llama_config, f)}
-    if isinstance(kwargs.get("rope_parameters"), dict):
-        kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
-    kwargs.update(MIXTRAL_MOE_DEFAULTS)
-    kwargs.update(num_local_experts=num_experts, num_experts_per_tok=num_experts_per_tok)
-    dtype = getattr(llama_config, "dtype", None)
-    cfg = MixtralConfig(**kwargs)
-    if dtype is not None:
-        cfg.dtype = dtype
-    cfg.architectures = ["MixtralForCausalLM"]
+    cfg = architecture(dense_config.model_type).moe_config(dense_config, num_experts, num_experts_per_tok)
     _apply_extra(cfg, extra_config)
     return cfg
 
@@ -390,8 +344,8 @@ def average_experts(
     es = check_experts(expert_dirs)
     w = _normalised_weights(weights, es.num_experts)
     out_dir = _check_out_dir(out_dir, es.dirs)
-    config = load_config(es.dirs[0], "llama")
-    config.architectures = ["LlamaForCausalLM"]
+    config = load_config(es.dirs[0], es.arch.dense_type)
+    config.architectures = [es.arch.dense_class]
     _apply_extra(config, extra_config)
     with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(_plan_average(es, readers, w), tmp, max_shard_size)
@@ -428,7 +382,7 @@ def moerge_experts(
         gates = [torch.zeros(D, H, dtype=dtype) for _ in range(L)]
     else:
         gates = [g.to(dtype) for g in _validate_gates(gates, L, D, H, "moerge_experts")]
-    mcfg = mixtral_config_from_llama(load_config(es.dirs[0], "llama"), D, num_experts_per_tok, extra_config)
+    mcfg = moe_config(load_config(es.dirs[0], es.arch.dense_type), D, num_experts_per_tok, extra_config)
     out_dir = _check_out_dir(out_dir, es.dirs)
     with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(_plan_moe(es, readers, gates, w), tmp, max_shard_size)
@@ -445,7 +399,7 @@ def shared_state_dict(expert_dirs: Sequence[str | Path], weights: Sequence[float
         return {
             n: _average(readers, n, w, dtype)()
             for n, (shape, dtype) in es.tensors.items()
-            if not LLAMA_MLP.match(n)
+            if not es.arch.mlp_match(n)
         }
 
 
@@ -469,7 +423,7 @@ def oracle_state_dict(
     out: dict[str, torch.Tensor] = {}
     with CheckpointReader(es.dirs[domain_index]) as rd:
         for n, (shape, dtype) in es.tensors.items():
-            if LLAMA_MLP.match(n):
+            if es.arch.mlp_match(n):
                 out[n] = rd.get(n).to(dtype)
             elif n in shared:
                 out[n] = shared[n]
@@ -485,15 +439,16 @@ def build_oracle_model(
     shared: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
 ):
-    """The oracle for one domain as an in-memory `LlamaForCausalLM` (eval mode)."""
-    from transformers import LlamaForCausalLM
+    """The oracle for one domain as an in-memory dense model of the experts' class (eval mode)."""
+    from .architectures import ARCHITECTURES
 
     sd = oracle_state_dict(expert_dirs, domain_index, weights, shared)
-    config = load_config(Path(expert_dirs[0]), "llama")
+    config = load_config(Path(expert_dirs[0]), tuple(ARCHITECTURES))
+    model_class = ARCHITECTURES[config.model_type].model_class(moe=False)
     if dtype is None:
         dts = [t.dtype for t in sd.values() if t.is_floating_point()]
         dtype = max(set(dts), key=dts.count) if dts else torch.float32
-    model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=sd, dtype=dtype)
+    model = model_class.from_pretrained(None, config=config, state_dict=sd, dtype=dtype)
     return model.eval()
 
 
@@ -513,8 +468,8 @@ def write_oracle(
         raise DumeError(f"domain_index must be in [0, {es.num_experts}), got {domain_index!r}")
     w = _normalised_weights(weights, es.num_experts)
     out_dir = _check_out_dir(out_dir, es.dirs)
-    config = load_config(es.dirs[0], "llama")
-    config.architectures = ["LlamaForCausalLM"]
+    config = load_config(es.dirs[0], es.arch.dense_type)
+    config.architectures = [es.arch.dense_class]
     _apply_extra(config, extra_config)
     with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(_plan_oracle(es, readers, domain_index, w), tmp, max_shard_size)
@@ -530,13 +485,15 @@ def _check_moe_dir(moe_dir: str | Path):
     moe_dir = Path(moe_dir)
     if not is_complete_checkpoint(moe_dir):
         raise DumeError(f"{moe_dir} is not a complete checkpoint (config.json + safetensors weights)")
-    return moe_dir, load_config(moe_dir, "mixtral")
+    from .architectures import MOE_TYPES
+
+    return moe_dir, load_config(moe_dir, tuple(MOE_TYPES))
 
 
 def _gate_names(reader: CheckpointReader, num_layers: int) -> list[str]:
     names = []
     for layer in range(num_layers):
-        for tpl in MIXTRAL_GATE_NAMES:
+        for tpl in GATE_NAMES:
             n = tpl.format(layer=layer)
             if n in reader:
                 names.append(n)
@@ -554,11 +511,9 @@ def read_gates(moe_dir: str | Path) -> list[torch.Tensor]:
 
 
 def load_moe(moe_dir: str | Path, **kwargs):
-    """`MixtralForCausalLM.from_pretrained(moe_dir, **kwargs)` after checking the dir."""
-    from transformers import MixtralForCausalLM
-
-    moe_dir, _ = _check_moe_dir(moe_dir)
-    return MixtralForCausalLM.from_pretrained(str(moe_dir), **kwargs)
+    """The MoE class's `from_pretrained(moe_dir, **kwargs)` after checking the dir."""
+    moe_dir, cfg = _check_moe_dir(moe_dir)
+    return moe_architecture(cfg.model_type).model_class(moe=True).from_pretrained(str(moe_dir), **kwargs)
 
 
 def _rewrite_file(rd: CheckpointReader, fname: str, replace: dict[str, torch.Tensor], dst: Path) -> None:
@@ -585,7 +540,8 @@ def set_gates(
     before anything is written.
     """
     moe_dir, cfg = _check_moe_dir(moe_dir)
-    D, H, L = cfg.num_local_experts, cfg.hidden_size, cfg.num_hidden_layers
+    D = getattr(cfg, moe_architecture(cfg.model_type).num_experts_field)
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
     gates = _validate_gates(gates, L, D, H, f"set_gates({moe_dir})")
     if num_experts_per_tok is not None:
         _validate_k(num_experts_per_tok, D)

@@ -24,7 +24,7 @@ from dume.merge import (
     average_experts,
     build_oracle_model,
     load_moe,
-    mixtral_config_from_llama,
+    moe_config,
     moerge_experts,
     oracle_state_dict,
     read_gates,
@@ -225,7 +225,7 @@ def test_moe_files_use_save_pretrained_names_and_config(experts, tmp_path):
         keys = set(f.keys())
         assert f.metadata() == {"format": "pt"}
     # exactly the names save_pretrained writes for the same config
-    cfg = mixtral_config_from_llama(LlamaConfig.from_pretrained(experts[0]), D, 2)
+    cfg = moe_config(LlamaConfig.from_pretrained(experts[0]), D, 2)
     MixtralForCausalLM(cfg).save_pretrained(tmp_path / "ref")
     with safe_open(tmp_path / "ref" / "model.safetensors", "pt") as f:
         assert keys == set(f.keys())

@@ -1,0 +1,168 @@
+"""MoErging works for every architecture in dume.architectures, on tiny experts saved the
+way the hub ships them: Llama with llama3 rope scaling, tied embeddings and GQA; Mistral
+with a sliding window; Qwen3 with tied embeddings, q/k norms and an explicit head_dim.
+
+- identical experts: the MoE's logits equal the expert's on a 600-token sequence;
+- experts that differ in their MLPs only: the MoE with every router forced to expert e
+  equals expert e (the routing is the only thing the MoE adds);
+- the written tensor names are exactly those the MoE class's save_pretrained writes, and
+  the output loads with AutoModelForCausalLM and generates.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dume.errors import DumeError
+
+SEQ = 600
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    return LlamaForCausalLM(LlamaConfig(**TINY, rope_parameters=rope, tie_word_embeddings=True))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**TINY, sliding_window=128, rope_theta=1e6, head_dim=8))
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True, rope_theta=1e6))
+
+
+BUILDERS = {"llama": (_llama, "MixtralForCausalLM"), "mistral": (_mistral, "MixtralForCausalLM"),
+            "qwen3": (_qwen3, "Qwen3MoeForCausalLM")}
+
+
+def _experts(kind, tmp_path, n=3, same=False):
+    """n experts from one seed model; unless `same`, each MLP perturbed differently."""
+    torch.manual_seed(0)
+    base = BUILDERS[kind][0]().eval()
+    dirs = []
+    for e in range(n):
+        model = BUILDERS[kind][0]().eval()
+        model.load_state_dict(base.state_dict())
+        if not same:
+            g = torch.Generator().manual_seed(e + 1)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".mlp." in name:
+                        p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / f"e{e}")
+        dirs.append(tmp_path / f"e{e}")
+    return dirs
+
+
+def _ids():
+    return torch.randint(0, TINY["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(path_or_model, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = path_or_model if isinstance(path_or_model, torch.nn.Module) else \
+        AutoModelForCausalLM.from_pretrained(str(path_or_model), dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def _gates(n_layers, n_experts, hidden, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n_experts, hidden, generator=g) for _ in range(n_layers)]
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_identical_experts_give_the_experts_logits(kind, tmp_path):
+    from dume.merge import moerge_experts
+
+    dirs = _experts(kind, tmp_path, same=True)
+    moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
+    ids = _ids()
+    delta = (_logits(moe, ids) - _logits(dirs[0], ids)).abs().max().item()
+    assert delta < 1e-4, delta
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_forced_routing_gives_each_expert(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dume.merge import moerge_experts
+
+    dirs = _experts(kind, tmp_path)
+    moe_dir = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
+    model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32).eval()
+    assert type(model).__name__ == BUILDERS[kind][1]
+    ids = _ids()[:, :200]
+    routed = _logits(model, ids)
+    for e, d in enumerate(dirs):
+        def force(module, args, out, e=e):
+            logits, _, idx = out
+            return logits, torch.ones_like(idx, dtype=logits.dtype), torch.full_like(idx, e)
+
+        hooks = [layer.mlp.gate.register_forward_hook(force) for layer in model.model.layers]
+        try:
+            forced = _logits(model, ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        expert = _logits(d, ids)
+        assert (forced - expert).abs().max().item() < 1e-4, e
+        assert (routed - expert).abs().max().item() > 1e-3  # the routers do choose between experts
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_written_names_and_config_are_the_moe_classes_own(kind, tmp_path):
+    import transformers
+
+    from dume.checkpoints import load_config
+    from dume.merge import moe_config, moerge_experts
+
+    dirs = _experts(kind, tmp_path)
+    moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32), num_experts_per_tok=2)
+    cfg = moe_config(load_config(dirs[0], kind), 3, 2)
+    getattr(transformers, BUILDERS[kind][1])(cfg).save_pretrained(tmp_path / "ref")
+    names = {}
+    for which in ("moe", "ref"):
+        with safe_open(tmp_path / which / "model.safetensors", "pt") as f:
+            names[which] = set(f.keys())
+    assert names["moe"] == names["ref"]
+    saved = load_config(moe, ("mixtral", "qwen3_moe"))
+    dense = load_config(dirs[0], kind)
+    for field in ("rope_parameters", "head_dim", "num_key_value_heads", "tie_word_embeddings", "sliding_window"):
+        assert getattr(saved, field, None) == getattr(dense, field, None), field
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(moe))
+    out = model.generate(_ids()[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 12)
+
+
+def test_unsupported_architectures_are_refused_with_the_list(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dume.checkpoints import check_experts
+
+    for i in range(2):
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / f"g{i}")
+    with pytest.raises(DumeError, match="not supported; supported architectures: LlamaForCausalLM"):
+        check_experts([tmp_path / "g0", tmp_path / "g1"])
+
+
+def test_mixed_architectures_are_refused(tmp_path):
+    from dume.checkpoints import check_experts
+
+    torch.manual_seed(0)
+    _llama().save_pretrained(tmp_path / "a")
+    _qwen3().save_pretrained(tmp_path / "b")
+    with pytest.raises(DumeError, match="model_type is 'qwen3', expected 'llama'"):
+        check_experts([tmp_path / "a", tmp_path / "b"])
