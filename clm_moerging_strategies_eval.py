@@ -93,8 +93,7 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     the tokenizer and the collection settings. Any difference recollects, saying why."""
     from dume import data
     from dume.checkpoints import model_fingerprint
-    from dume.collect import collect_domain
-    from dume.merge import build_oracle_model, shared_state_dict
+    from dume.collect import collect_statistics
     from dume.ridge import RidgeStats
 
     experts = list(expert_set.dirs)
@@ -115,17 +114,11 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
             print(f"using cached statistics {cache}")
             return stats
         print(f"cached statistics {cache} differ in {', '.join(differs)}; recollecting")
-    shared = shared_state_dict(experts)  # averaged non-MLP weights, computed once for all domains
-    config = expert_set.config
-    stats = RidgeStats(config.num_hidden_layers, config.hidden_size, domains, model_fingerprint=fingerprint,
-                       num_dume_tokens=args.num_dume_tokens, data_source=f"{run.source}:train",
-                       extra_meta={**provenance, "experts": [str(e) for e in experts]})
-    for i, domain in enumerate(domains):
-        model = build_oracle_model(experts, i, shared=shared)
-        docs, _ = data.iter_documents(domain, "train", run.source, data_dir=run.data_dir)
-        batches = data.document_batches(docs, run.tokenizer, run.seq_len, args.stats_batch_size)
-        n = collect_domain(model, stats, domain, batches, args.num_dume_tokens, args.num_dume_stats_steps)
-        print(f"statistics {domain}: {n} tokens per layer")
+    docs = {d: data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0] for d in domains}
+    stats, _ = collect_statistics(experts, domains, docs, run.tokenizer, num_dume_tokens=args.num_dume_tokens,
+                                  max_len=run.seq_len, batch_size=args.stats_batch_size, model_fingerprint=fingerprint,
+                                  data_source=f"{run.source}:train", extra_meta=provenance,
+                                  max_batches=args.num_dume_stats_steps)
     stats.save(cache)
     return stats
 

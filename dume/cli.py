@@ -63,3 +63,21 @@ def run_main(fn, argv=None) -> int:
         return 130
     print(f"[{Path(sys.argv[0]).name} done in {time.time() - start:.1f}s]", file=sys.stderr)
     return 0
+
+
+def dume_command(argv=None) -> None:
+    """`dume build CONFIG.yaml [--overwrite]` (the console script; `python -m dume` too)."""
+    p = argparse.ArgumentParser(prog="dume", description="DUME: combine dense experts into a MoE, training-free")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="MoErge your experts and set the routers from their text (see dume.build)")
+    b.add_argument("config", help="the build YAML (experts, gate, k, lambda, temperature, ..., out)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = p.parse_args(argv)
+    if args.command == "build":
+        from .build import build, load_spec
+
+        build(load_spec(args.config), overwrite=args.overwrite)
+
+
+def main(argv=None) -> int:
+    return run_main(dume_command, argv)

@@ -84,3 +84,39 @@ def collect_domain(model, stats, domain: str, batches, num_dume_tokens: int | No
     if counted == 0:
         raise DumeError(f"domain {domain!r} gave no tokens for the DUME statistics")
     return counted
+
+
+def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens: int | None, max_len: int,
+                       batch_size: int, device: str = "cpu", dtype=None, model_fingerprint: str | None = None,
+                       data_source: str = "", extra_meta: dict | None = None, max_batches: int | None = None,
+                       log=print):
+    """The ridge statistics of every domain -- the one collector every recipe uses.
+
+    Domain i's documents (`docs[domains[i]]`, any iterable of texts, read once) go through
+    the oracle of expert i (`merge.build_oracle_model`: averaged shared weights + that
+    expert's MLPs), cut into `document_batches(max_len, batch_size)` (at most
+    `max_batches`). The shared weights are averaged once for all domains. Returns
+    (RidgeStats, {domain: tokens counted per layer})."""
+    from .data import document_batches
+    from .merge import build_oracle_model, shared_state_dict
+    from .ridge import RidgeStats
+
+    dirs = list(expert_dirs)
+    if len(dirs) != len(domains):
+        raise DumeError(f"{len(dirs)} experts for {len(domains)} domains")
+    shared = shared_state_dict(dirs)
+    stats = counts = None
+    counts = {}
+    for i, d in enumerate(domains):
+        model = build_oracle_model(dirs, i, shared=shared, dtype=dtype).to(device)
+        if stats is None:
+            cfg = model.config
+            stats = RidgeStats(cfg.num_hidden_layers, cfg.hidden_size, list(domains),
+                               model_fingerprint=model_fingerprint, num_dume_tokens=num_dume_tokens,
+                               data_source=data_source,
+                               extra_meta={**(extra_meta or {}), "experts": [str(e) for e in dirs]}, device=device)
+        counts[d] = collect_domain(model, stats, d, document_batches(docs[d], tokenizer, max_len, batch_size),
+                                   num_dume_tokens, max_batches)
+        log(f"statistics {d}: {counts[d]} tokens per layer")
+        del model
+    return stats, counts

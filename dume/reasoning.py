@@ -229,35 +229,20 @@ def collect_statistics(experts: Mapping[str, Path], docs: Mapping[str, list[str]
                        num_dume_tokens: int | None = PAPER["num_dume_tokens"], batch_size: int = 8,
                        max_len: int | None = None, base_dir: Path | None = None, device: str = "cpu",
                        dtype=None, data_source: str = "", extra_meta: dict | None = None):
-    """Ridge statistics of the four domains: domain d's texts through the oracle d
-    (averaged shared weights + expert d's MLPs), first `num_dume_tokens` tokens each."""
-    import torch
+    """Ridge statistics of the four domains (`dume.collect.collect_statistics`): domain
+    d's texts through the oracle d, the first `num_dume_tokens` tokens of each."""
+    from .checkpoints import load_config, model_fingerprint
+    from .collect import collect_statistics as collect
 
-    from .checkpoints import model_fingerprint
-    from .collect import collect_domain
-    from .data import document_batches
-    from .merge import build_oracle_model, shared_state_dict
-    from .ridge import RidgeStats
+    from .architectures import ARCHITECTURES
 
-    dirs = [experts[d] for d in DOMAINS]
-    shared = shared_state_dict(dirs)
-    first = build_oracle_model(dirs, 0, shared=shared, dtype=dtype)
-    cfg = first.config
-    del first
+    cfg = load_config(Path(experts[DOMAINS[0]]), tuple(ARCHITECTURES))
     max_len = max_len or min(num_dume_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    stats = RidgeStats(cfg.num_hidden_layers, cfg.hidden_size, list(DOMAINS),
-                       model_fingerprint=model_fingerprint(base_dir) if base_dir else None,
-                       num_dume_tokens=num_dume_tokens, data_source=data_source,
-                       extra_meta={**(extra_meta or {}), "experts": {d: str(p) for d, p in experts.items()}},
-                       device=device)
-    counts = {}
-    for i, d in enumerate(DOMAINS):
-        model = build_oracle_model(dirs, i, shared=shared, dtype=dtype).to(device)
-        with torch.no_grad():
-            counts[d] = collect_domain(model, stats, d, document_batches(docs[d], tokenizer, max_len, batch_size),
-                                       num_dume_tokens)
-        del model
-    return stats, counts
+    return collect([experts[d] for d in DOMAINS], list(DOMAINS), docs, tokenizer, num_dume_tokens=num_dume_tokens,
+                   max_len=max_len, batch_size=batch_size, device=device, dtype=dtype,
+                   model_fingerprint=model_fingerprint(base_dir) if base_dir else None, data_source=data_source,
+                   extra_meta={**(extra_meta or {}), "experts_by_domain": {d: str(p) for d, p in experts.items()}},
+                   log=lambda *_: None)
 
 
 # ---------------------------------------------------------------------------- building

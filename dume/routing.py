@@ -12,7 +12,8 @@ class RoutingRecorder:
 
     def __init__(self, model):
         self.layers = model.model.layers
-        self.num_experts = model.config.num_local_experts
+        cfg = model.config
+        self.num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
         self.counts = torch.zeros(len(self.layers), self.num_experts, dtype=torch.long)
         self.mask: torch.Tensor | None = None
         self._handles = [layer.mlp.gate.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]

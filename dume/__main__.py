@@ -1,0 +1,7 @@
+"""`python -m dume build CONFIG.yaml`: the same as the `dume` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,388 @@
+"""`dume build CONFIG.yaml`: DUME on your own experts, from a small YAML.
+
+    experts:                 # two or more; any names
+      - name: law
+        model: path/or/hub-id
+        data: path/or/hub-dataset   # .txt/.jsonl/.json/.parquet file or folder, or a hub dataset id
+        # optional: split (train), field (text), max_docs
+    gate: dume               # dume | centroid | random
+    k: 1
+    lambda: 0.01
+    temperature: 1.0
+    num_dume_tokens: null    # all tokens of each document
+    dtype: auto              # auto | float32 | bfloat16 (the forward passes of the collection)
+    out: path/to/moe
+    # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto)
+
+Everything is checked before heavy work (keys and values, the experts' compatibility,
+each expert's data). Then the experts are MoErged (streamed, `dume.merge`), each domain's
+documents go through its oracle (averaged shared weights + that expert's MLPs) to collect
+the ridge statistics (`dume.collect`), the routers are solved (`dume.routers`), and `out`
+receives -- in one atomic rename -- a standard checkpoint of the experts' MoE class, the
+statistics (`dume_stats/`), the recipe (`dume_router.json`, so `dume_experts.py
+add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain
+routing shares measured on held-out documents.
+
+Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON /
+Parquet records give their `field`. A domain's held-out documents (the last `held_out`
+fraction, at most 64) are not used for the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DumeError
+
+GATES = ("dume", "centroid", "random")
+DTYPES = ("auto", "float32", "bfloat16")
+TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
+            "batch_size", "held_out", "seed", "device"}
+EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs"}
+MAX_HELD_OUT = 64
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    name: str
+    model: str
+    data: str
+    split: str = "train"
+    field: str = "text"
+    max_docs: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    experts: tuple[ExpertSpec, ...]
+    out: Path
+    gate: str = "dume"
+    k: int = 1
+    lam: float = 0.01
+    temperature: float = 1.0
+    num_dume_tokens: int | None = None
+    dtype: str = "auto"
+    seq_len: int = 1024
+    batch_size: int = 8
+    held_out: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    source: Path | None = field(default=None, compare=False)
+
+
+def _int(where: str, v, minimum: int = 1, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise DumeError(f"{where} must be an integer >= {minimum}{' or null' if allow_none else ''}, got {v!r}")
+    return v
+
+
+def _positive(where: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise DumeError(f"{where} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _local(value: str, base: Path) -> str:
+    """A path relative to the config file's folder when it exists there; else as given
+    (an absolute path, or a hub id)."""
+    p = Path(value).expanduser()
+    q = p if p.is_absolute() else base / p
+    return str(q) if q.exists() else value
+
+
+def parse_spec(raw, source: Path | None = None) -> BuildSpec:
+    """A checked BuildSpec from the YAML's mapping: unknown keys and bad values are one
+    clear error each."""
+    where = str(source) if source else "the build config"
+    if not isinstance(raw, dict):
+        raise DumeError(f"{where}: expected a mapping of settings, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise DumeError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("experts", "out"):
+        if key not in raw:
+            raise DumeError(f"{where}: missing {key!r}")
+    base = source.parent if source else Path.cwd()
+    experts_raw = raw["experts"]
+    if not isinstance(experts_raw, list) or len(experts_raw) < 2:
+        raise DumeError(f"{where}: 'experts' must be a list of two or more experts")
+    experts = []
+    for i, e in enumerate(experts_raw):
+        label = f"{where}: experts[{i}]"
+        if not isinstance(e, dict):
+            raise DumeError(f"{label} must be a mapping with name, model, data")
+        bad = sorted(set(e) - EXPERT_KEYS)
+        if bad:
+            raise DumeError(f"{label}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(EXPERT_KEYS))}")
+        for key in ("name", "model", "data"):
+            if not isinstance(e.get(key), str) or not e[key].strip():
+                raise DumeError(f"{label}: {key!r} must be a non-empty string")
+        for key in ("split", "field"):
+            if key in e and (not isinstance(e[key], str) or not e[key]):
+                raise DumeError(f"{label}: {key!r} must be a non-empty string")
+        experts.append(ExpertSpec(name=e["name"].strip(), model=_local(e["model"], base), data=_local(e["data"], base),
+                                  split=e.get("split", "train"), field=e.get("field", "text"),
+                                  max_docs=_int(f"{label}.max_docs", e.get("max_docs"), allow_none=True)))
+    names = [e.name for e in experts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DumeError(f"{where}: expert names must be unique, {', '.join(dup)} repeated")
+    gate = raw.get("gate", "dume")
+    if gate not in GATES:
+        raise DumeError(f"{where}: gate must be one of {', '.join(GATES)}, got {gate!r}")
+    k = _int(f"{where}: k", raw.get("k", 1))
+    if k > len(experts):
+        raise DumeError(f"{where}: k = {k} exceeds the number of experts ({len(experts)})")
+    dtype = raw.get("dtype", "auto")
+    if dtype not in DTYPES:
+        raise DumeError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    held = raw.get("held_out", 0.05)
+    if isinstance(held, bool) or not isinstance(held, (int, float)) or not 0 <= held < 1:
+        raise DumeError(f"{where}: held_out must be a fraction in [0, 1), got {held!r}")
+    device = raw.get("device", "auto")
+    if not isinstance(device, str):
+        raise DumeError(f"{where}: device must be a string (auto, cpu, cuda, cuda:0), got {device!r}")
+    out = raw["out"]
+    if not isinstance(out, str) or not out.strip():
+        raise DumeError(f"{where}: 'out' must be a path")
+    out_path = Path(out).expanduser()
+    return BuildSpec(
+        experts=tuple(experts), out=out_path if out_path.is_absolute() else base / out_path, gate=gate, k=k,
+        lam=_positive(f"{where}: lambda", raw.get("lambda", 0.01)),
+        temperature=_positive(f"{where}: temperature", raw.get("temperature", 1.0)),
+        num_dume_tokens=_int(f"{where}: num_dume_tokens", raw.get("num_dume_tokens"), allow_none=True),
+        dtype=dtype, seq_len=_int(f"{where}: seq_len", raw.get("seq_len", 1024)),
+        batch_size=_int(f"{where}: batch_size", raw.get("batch_size", 8)), held_out=float(held),
+        seed=_int(f"{where}: seed", raw.get("seed", 0), minimum=0), device=device, source=source)
+
+
+def load_spec(path: str | os.PathLike) -> BuildSpec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DumeError(f"build config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise DumeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_spec(raw, path.resolve())
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _file_texts(path: Path, fieldname: str) -> list[str]:
+    if path.suffix == ".txt":
+        return [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if fieldname not in table.column_names:
+            raise DumeError(f"{path} has no column {fieldname!r} (columns: {', '.join(table.column_names)})")
+        return [str(v) for v in table.column(fieldname).to_pylist() if v]
+    from .tasks import _read_jsonl
+
+    out = []
+    for i, rec in enumerate(_read_jsonl(path)):
+        if not isinstance(rec, dict) or fieldname not in rec:
+            raise DumeError(f"{path} record {i + 1} has no field {fieldname!r}")
+        if rec[fieldname]:
+            out.append(str(rec[fieldname]))
+    return out
+
+
+def expert_texts(spec: ExpertSpec) -> tuple[list[str], str]:
+    """The expert's documents and where they came from: a local file or folder, else a
+    hub dataset (`datasets.load_dataset(data, split=split)[field]`)."""
+    p = Path(spec.data)
+    if p.is_file() or p.is_dir():
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files or any(f.suffix not in TEXT_SUFFIXES for f in files):
+            raise DumeError(f"expert {spec.name}: no readable data in {p} (files ending in {', '.join(TEXT_SUFFIXES)})")
+        texts: list[str] = []
+        for f in files:
+            texts += _file_texts(f, spec.field)
+            if spec.max_docs is not None and len(texts) >= spec.max_docs:
+                break
+        source = f"local:{p}"
+    else:
+        if p.is_absolute() or spec.data.startswith(".") or spec.data.count("/") > 1:
+            raise DumeError(f"expert {spec.name}: data {spec.data} does not exist (and is not a hub dataset id)")
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(spec.data, split=spec.split)
+        except Exception as e:  # offline, missing, gated: one line
+            raise DumeError(f"expert {spec.name}: cannot load hub dataset {spec.data} ({type(e).__name__}: "
+                            f"{str(e)[:160]}); give a local file or folder instead") from None
+        if spec.field not in ds.column_names:
+            raise DumeError(f"expert {spec.name}: {spec.data} has no column {spec.field!r} "
+                            f"(columns: {', '.join(ds.column_names)})")
+        texts = [str(t) for t in ds[spec.field] if t]
+        source = f"hub:{spec.data} ({spec.split})"
+    if spec.max_docs is not None:
+        texts = texts[: spec.max_docs]
+    if not texts:
+        raise DumeError(f"expert {spec.name}: no documents in {spec.data}")
+    return texts, source
+
+
+def split_held_out(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(statistics documents, held-out documents): the last `fraction` (at most 64), and
+    none when that would leave no statistics document."""
+    n = min(MAX_HELD_OUT, int(len(texts) * fraction))
+    if n == 0 or n >= len(texts):
+        return texts, []
+    return texts[:-n], texts[-n:]
+
+
+# ------------------------------------------------------------------------------- build
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
+    """Run the whole build; return the summary written into the model card."""
+    import torch
+
+    from .checkpoints import check_experts, model_fingerprint
+    from .collect import collect_statistics
+    from .io import atomic_dir, atomic_write_json, atomic_write_text
+    from .merge import moerge_experts, set_gates
+    from .reasoning import resolve_expert
+    from .routers import centroid_gates, dume_gates, random_gates
+    from .tokenizer import load_tokenizer
+
+    out = Path(spec.out)
+    if out.exists() and not overwrite:
+        raise DumeError(f"{out} exists; pass --overwrite to replace it")
+    names = [e.name for e in spec.experts]
+    dirs = [resolve_expert(e.model) for e in spec.experts]
+    if any(Path(d).resolve() == out.resolve() for d in dirs):
+        raise DumeError(f"out ({out}) is one of the experts")
+    es = check_experts(dirs, require_mixtral_compatible=True)
+    for n in es.notes:
+        log(f"note: {n}")
+    if es.tokenizer_dir is None:
+        raise DumeError("no expert has tokenizer files: the documents cannot be tokenized")
+    docs, held, sources = {}, {}, {}
+    for e in spec.experts:  # every expert's data is read before any heavy work
+        texts, sources[e.name] = expert_texts(e)
+        docs[e.name], held[e.name] = split_held_out(texts, spec.held_out)
+        log(f"{e.name}: {len(docs[e.name])} documents for the statistics, {len(held[e.name])} held out "
+            f"({sources[e.name]})")
+    tokenizer = load_tokenizer(es.tokenizer_dir)
+    device = _device(spec.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        spec.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    cfg = es.config
+    max_len = min(spec.seq_len, cfg.max_position_embeddings)
+    base = out.parent / f".{out.name}.moe-base"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log(f"MoErging {len(dirs)} {es.arch.dense_class} experts into a {es.arch.moe_class}")
+        moerge_experts(dirs, base, gates=None, num_experts_per_tok=spec.k, extra_config={"dume_domains": names})
+        stats = counts = None
+        if spec.gate == "random":
+            gates = random_gates(cfg.num_hidden_layers, len(dirs), cfg.hidden_size, seed=spec.seed)
+        else:
+            stats, counts = collect_statistics(
+                dirs, names, docs, tokenizer, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
+                batch_size=spec.batch_size, device=device, dtype=dtype, model_fingerprint=model_fingerprint(base),
+                data_source="dume build",
+                extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size})
+            gates = (dume_gates(stats, spec.lam, spec.temperature) if spec.gate == "dume"
+                     else centroid_gates(stats, spec.temperature))
+        recipe = {"method": {"dume": "DUME", "centroid": "centroid", "random": "random"}[spec.gate],
+                  "domains": names, "experts": [str(d) for d in dirs], "lambda": spec.lam,
+                  "relative_lambda": False, "temperature": spec.temperature, "k": spec.k,
+                  "num_dume_tokens": spec.num_dume_tokens, "trained_steps": 0}
+        with atomic_dir(out) as stage:
+            set_gates(base, gates, out_dir=stage, num_experts_per_tok=spec.k)
+            if stats is not None:
+                stats.save(stage / "dume_stats")
+            from .dynamic import RECIPE_FILE, portable_recipe
+
+            atomic_write_json(stage / RECIPE_FILE, portable_recipe(recipe, out))
+            shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device)
+            summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
+                                    "documents": len(docs[e.name]), "held_out": len(held[e.name]),
+                                    "tokens": (counts or {}).get(e.name)} for e in spec.experts],
+                       "architecture": f"{es.arch.dense_class} -> {es.arch.moe_class}",
+                       "settings": {"gate": spec.gate, "k": spec.k, "lambda": spec.lam,
+                                    "temperature": spec.temperature, "num_dume_tokens": spec.num_dume_tokens,
+                                    "seq_len": max_len, "batch_size": spec.batch_size, "dtype": str(dtype),
+                                    "seed": spec.seed},
+                       "routing_shares": shares}
+            atomic_write_json(stage / "dume_build.json", summary)
+            atomic_write_text(stage / "README.md", model_card(summary, spec))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    log(f"wrote {out}")
+    return summary
+
+
+def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_len: int, batch_size: int,
+                     device: str) -> dict | None:
+    """{domain: {"own": share of its held-out tokens routed to its own expert (mean over
+    layers), "per_layer": [[share per expert] per layer]}}; None without held-out text."""
+    import torch
+
+    from .data import document_batches
+    from .merge import load_moe
+    from .routing import routing_shares
+
+    if not any(held.values()):
+        return None
+    model = load_moe(moe_dir, dtype=torch.float32).to(device)
+    blocks = {}
+    for d, texts in held.items():
+        batches = list(document_batches(texts, tokenizer, max_len, batch_size))
+        if batches:
+            width = max(b[0].shape[1] for b in batches)
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+            blocks[d] = (torch.cat([pad(b[0]) for b in batches]), torch.cat([pad(b[1]) for b in batches]))
+    shares = routing_shares(model, blocks, batch_size)
+    names = list(held)
+    return {d: {"own": sum(layer[names.index(d)] for layer in s) / len(s), "per_layer": s} for d, s in shares.items()}
+
+
+def model_card(summary: dict, spec: BuildSpec) -> str:
+    s = summary["settings"]
+    lines = ["---", "library_name: transformers", "tags: [moe, dume, merge]", "---", "",
+             f"# DUME MoE of {len(summary['experts'])} experts", "",
+             f"Built with `dume build` ({summary['architecture']}): the experts' MLPs became the experts of "
+             "every layer, their other weights were averaged, and the routers were set "
+             + {"dume": "by DUME's closed-form ridge regression on each expert's text (no training).",
+                "centroid": "to the normalised mean hidden state of each expert's text (no training).",
+                "random": "at random (a baseline)."}[s["gate"]], "",
+             "| expert | model | data | documents | held out | tokens |", "|---|---|---|---:|---:|---:|"]
+    for e in summary["experts"]:
+        lines.append(f"| {e['name']} | `{e['model']}` | `{e['data']}` | {e['documents']} | {e['held_out']} | "
+                     f"{e['tokens'] if e['tokens'] is not None else '—'} |")
+    lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()), ""]
+    shares = summary.get("routing_shares")
+    if shares:
+        lines += ["Routing on held-out documents: the share of each domain's tokens whose top-1 expert is its own "
+                  "(mean over layers).", "", "| domain | own expert |", "|---|---:|"]
+        lines += [f"| {d} | {v['own']:.1%} |" for d, v in shares.items()]
+    else:
+        lines.append("No held-out documents: routing shares not measured.")
+    lines += ["", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(path)`. `dume_stats/` and "
+              "`dume_router.json` let `dume_experts.py` add, remove or re-weight an expert without retraining.", ""]
+    return "\n".join(lines)

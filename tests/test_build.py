@@ -1,0 +1,132 @@
+"""`dume build CONFIG.yaml`: the whole path on tiny experts and local text, and its
+refusals (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import one_error_line, tiny_llama, tiny_tokenizer
+
+NAMES = ("law", "med", "code")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("build")
+    tok = tiny_tokenizer()
+    for i, n in enumerate(NAMES):
+        tiny_llama(seed=i, max_position_embeddings=256).save_pretrained(root / "experts" / n)
+        tok.save_pretrained(root / "experts" / n)
+    data = root / "data"
+    data.mkdir()
+    (data / "law.txt").write_text("\n\n".join(f"The court ruled on case {i} under the statute." for i in range(30)))
+    (data / "med.jsonl").write_text("".join(json.dumps({"text": f"The patient {i} received a dose of aspirin."}) + "\n"
+                                            for i in range(30)))
+    (data / "code").mkdir()
+    (data / "code" / "a.jsonl").write_text("".join(json.dumps({"body": f"def f{i}(x): return x + {i}"}) + "\n"
+                                                   for i in range(30)))
+    return root, tok
+
+
+def _config(root, **over):
+    cfg = {"experts": [{"name": "law", "model": "experts/law", "data": "data/law.txt"},
+                       {"name": "med", "model": "experts/med", "data": "data/med.jsonl"},
+                       {"name": "code", "model": "experts/code", "data": "data/code", "field": "body"}],
+           "gate": "dume", "k": 1, "lambda": 0.01, "temperature": 1.0, "num_dume_tokens": None,
+           "dtype": "float32", "out": "out/moe", "seq_len": 64, "batch_size": 4, "held_out": 0.1}
+    cfg.update(over)
+    return cfg
+
+
+def _write(root, cfg, name="build.yaml"):
+    import yaml
+
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_build_writes_a_standard_checkpoint_with_its_recipe_and_card(setup):
+    from transformers import AutoModelForCausalLM
+
+    from dume.build import expert_texts, load_spec, split_held_out
+    from dume.cli import main
+    from dume.collect import collect_statistics
+    from dume.dynamic import open_dume
+    from dume.merge import read_gates
+    from dume.routers import dume_gates
+
+    root, tok = setup
+    path = _write(root, _config(root))
+    assert main(["build", str(path)]) == 0
+    out = root / "out" / "moe"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 3
+    ids = tok("The court ruled", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    # the gates are DUME's solution on the statistics documents (held-out ones excluded)
+    spec = load_spec(path)
+    docs = {e.name: split_held_out(expert_texts(e)[0], 0.1)[0] for e in spec.experts}
+    assert [len(v) for v in docs.values()] == [27, 27, 27]
+    stats, _ = collect_statistics([root / "experts" / n for n in NAMES], list(NAMES), docs, tok,
+                                  num_dume_tokens=None, max_len=64, batch_size=4, log=lambda *_: None)
+    for got, want in zip(read_gates(out), dume_gates(stats, 0.01, 1.0)):
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-6)
+    # the recipe and statistics make it a DUME model dume_experts.py can edit
+    dm = open_dume(out)
+    assert dm.recipe["domains"] == list(NAMES) and dm.recipe["method"] == "DUME"
+    card = (out / "README.md").read_text()
+    assert "| law |" in card and "own expert" in card
+    summary = json.loads((out / "dume_build.json").read_text())
+    assert set(summary["routing_shares"]) == set(NAMES)
+    assert all(0.0 <= v["own"] <= 1.0 for v in summary["routing_shares"].values())
+    assert not any(p.name.startswith(".moe") for p in (root / "out").iterdir())  # no leftovers
+    # an existing output is not replaced without --overwrite
+    rc = main(["build", str(path)])
+    assert rc == 2
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"gates": "dume"}, "unknown key(s) gates"),
+    ({"gate": "smart"}, "gate must be one of dume, centroid, random"),
+    ({"k": 4}, "k = 4 exceeds the number of experts (3)"),
+    ({"lambda": -1}, "lambda must be a positive number"),
+    ({"held_out": 1.5}, "held_out must be a fraction"),
+    ({"experts": [{"name": "law", "model": "experts/law", "data": "data/law.txt"}]}, "two or more experts"),
+    ({"experts": [{"name": "law", "model": "experts/law", "data": "data/law.txt"},
+                  {"name": "law", "model": "experts/med", "data": "data/med.jsonl"}]}, "law repeated"),
+    ({"experts": [{"name": "law", "model": "experts/law", "data": "data/missing.txt"},
+                  {"name": "med", "model": "experts/med", "data": "data/med.jsonl"}]}, "data/missing.txt"),
+    ({"experts": [{"name": "law", "model": "experts/law", "data": "data/law.txt"},
+                  {"name": "med", "model": "experts/med", "data": "data/med.jsonl", "field": "body"}]},
+     "has no field 'body'"),
+    ({"experts": [{"name": "law", "model": "experts/law", "data": "data/law.txt"},
+                  {"name": "med", "model": "experts/nope", "data": "data/med.jsonl"}]}, "experts/nope"),
+])
+def test_bad_configs_are_one_clear_line(setup, capsys, change, needle):
+    from dume.cli import main
+
+    root, _ = setup
+    out = f"out/bad{abs(hash(needle)) % 10**6}"
+    path = _write(root, _config(root, out=out, **change), name="bad.yaml")
+    rc = main(["build", str(path)])
+    one_error_line(capsys, rc, needle)
+    assert not (root / out).exists()
+
+
+def test_mismatched_experts_are_refused_before_any_work(setup, capsys, tmp_path):
+    from dume.cli import main
+
+    root, tok = setup
+    other = tmp_path / "wide"
+    tiny_llama(hidden_size=48, max_position_embeddings=256).save_pretrained(other)
+    tok.save_pretrained(other)
+    cfg = _config(root, out=str(tmp_path / "moe"))
+    cfg["experts"][1]["model"] = str(other)
+    rc = main(["build", str(_write(root, cfg, name="mismatch.yaml"))])
+    one_error_line(capsys, rc, "hidden_size")
+    assert not (tmp_path / "moe").exists()
