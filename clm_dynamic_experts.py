@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Dynamic experts in the CLM setting (DESIGN.md §5): DUME over four experts, the fifth
+"""Dynamic experts in the CLM setting (docs/design.md §5): DUME over four experts, the fifth
 added later (both modes of `dume_experts.py add`), against DUME built from all five at
 once; and one expert removed from the five.
 

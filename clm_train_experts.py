@@ -4,7 +4,7 @@ batch 16 x 4, 1000 steps on each M2D2 domain, i.e. 0.1x the pretraining lr and 5
 steps).
 
 Experts stay close to the seed on purpose: MoErging averages every non-MLP parameter, and
-an expert that drifts far makes that average useless (DESIGN.md §4). On the embedded
+an expert that drifts far makes that average useless (docs/design.md §4). On the embedded
 default what drifts harmfully is the embeddings and the lm_head, not attention: averaging
 only attention keeps ~99 % of an expert, averaging the embeddings and lm_head alone costs
 nearly all that the oracle loses (RESULTS.md, "Where the oracle loses"). The default lr

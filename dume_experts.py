@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Add, remove or re-weight the experts of a DUME MoE, and collect one domain's router
-statistics apart, without retraining anything (DESIGN.md §5; library: dume/dynamic.py).
+statistics apart, without retraining anything (docs/design.md §5; library: dume/dynamic.py).
 
   collect   one domain's statistics, computed alone: needs only the MoE (plus, for a new
             expert, its checkpoint via --expert) and that domain's data. Under

@@ -22,7 +22,7 @@ Sources
       documents (not the split rule) differ between Python versions.
     * The pretraining corpus also gets ~10 % code, from stdlib files *disjoint* from the
       code domain's: a seed that never saw code made every merged model fail on code
-      (DESIGN.md section 4), and OpenWebText, which it stands in for, holds some code.
+      (docs/design.md §4), and OpenWebText, which it stands in for, holds some code.
 
 ``hub`` (the paper's setting; needs the Hugging Face hub or a pre-filled cache)
     OpenWebText (``vietgpt/openwebtext_en``, the copy the original code used) for ``pretrain`` and the M2D2 domains the

@@ -3,7 +3,7 @@
 DUME's router is W = (Σ_d A_d + λI)⁻¹ [s_1 … s_D] (`dume.ridge`): a closed-form function
 of per-domain sums. Kept beside the model (``dume_stats/``, with the recipe
 ``dume_router.json``: method, λ, temperature, k, domains, experts), those sums are the
-router's whole state (DESIGN.md §5), so:
+router's whole state (docs/design.md §5), so:
 
 - **add** an expert. Mode ``keep-shared``: collect the new domain's sums through "the MoE's
   shared weights + the new expert's MLPs", add them to the stored ones, re-solve. Exact:

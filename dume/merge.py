@@ -594,7 +594,7 @@ def set_gates(
 #
 # Adding or removing an expert of a DUME MoE leaves every shared tensor where it is: the
 # router is a closed-form function of statistics collected *through* those shared
-# weights, so keeping them is what makes the edit exact (DESIGN.md §5). An edit is a
+# weights, so keeping them is what makes the edit exact (docs/design.md §5). An edit is a
 # list of expert "slots": an int keeps that expert of the MoE (renumbered by its place
 # in the list), a path takes a dense Llama's MLPs as a new expert.
 

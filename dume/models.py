@@ -20,7 +20,7 @@ PRESETS: dict[str, dict] = {
     # The tests' size: builds and trains in well under a second.
     "test-micro": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
-    # The embedded default (DESIGN.md §4: ~1.8M parameters at vocab 4096, ~6k tokens/s here).
+    # The embedded default (docs/design.md §4: ~1.8M parameters at vocab 4096, ~6k tokens/s here).
     "cpu-small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
     # The paper's 115M seed model (Section 3.1).

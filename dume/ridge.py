@@ -8,7 +8,7 @@ simply the sum of domain d's features, so the whole state is, per layer l and do
     A[l, d] = Σ x xᵀ   (H×H)     s[l, d] = Σ x   (H)     n[l, d] = token count
 
 Keeping A *per domain* (rather than only Σ_d A[l, d]) costs D times the memory but makes
-adding, removing or re-weighting a domain exact (DESIGN.md §5): those become sums,
+adding, removing or re-weighting a domain exact (docs/design.md §5): those become sums,
 slices and scalings of these tensors. Nothing here depends on λ, so the statistics are
 what gets saved next to a model and what independent parties can compute apart and sum.
 """

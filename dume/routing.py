@@ -1,6 +1,6 @@
 """Where tokens go: per layer, the share of each domain's tokens that each expert
 receives as its top-1 choice. The diagonal share is the per-token routing accuracy, the
-diagnostic that says why a router wins or loses (DESIGN.md §4)."""
+diagnostic that says why a router wins or loses (docs/design.md §4)."""
 
 from __future__ import annotations
 

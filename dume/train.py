@@ -6,7 +6,7 @@ with bf16 autocast under `accelerate launch` on GPUs. The schedule is the paper'
 linear warmup from 0.1x to the peak learning rate, then cosine down to 0.1x. Small
 domains stop on validation loss (patience) and keep their best weights, because an
 expert that overfits its few thousand tokens drifts away from the seed and ruins
-MoErging (DESIGN.md §4).
+MoErging (docs/design.md §4).
 
 Multi-process: the LR scheduler is *not* handed to `accelerator.prepare` (a prepared
 scheduler advances once per process per optimizer step, compressing warmup and cosine

@@ -1,6 +1,6 @@
 """Dynamic experts (`dume_experts.py`, `dume/dynamic.py`) on the tiny trained run.
 
-The claims of DESIGN.md §5, each checked against an independent construction:
+The claims of docs/design.md §5, each checked against an independent construction:
 keep-shared "add" = DUME collected from scratch through the same shared weights;
 "reaverage" = the strategies script building DUME from all experts at once; "remove" =
 solving the other domains' statistics; statistics from separate processes (and from an
