@@ -131,12 +131,6 @@ def _canonical(value: Any) -> Any:
 # -------------------------------------------------------------------------- tokenizers
 
 
-def tokenizer_files(path: str | Path) -> list[str]:
-    """Names of the tokenizer files present in a checkpoint directory."""
-    path = Path(path)
-    return [name for name in TOKENIZER_FILES if (path / name).is_file()]
-
-
 def tokenizer_fingerprints(path: str | Path) -> dict[str, str]:
     """kind -> sha256 of the vocabulary, for every kind of tokenizer file present.
 

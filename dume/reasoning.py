@@ -37,7 +37,6 @@ DEFAULT_EXPERTS = {
 }
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "DUME", "BTX", "DUMEplus")
-MOE_STRATEGIES = ("random_routing", "DUME", "BTX", "DUMEplus")
 # Strategies whose checkpoint depends on the seed (random gates, the router training's
 # data order): built once per seed; the others once for all seeds.
 SEEDED_STRATEGIES = ("random_routing", "BTX", "DUMEplus")

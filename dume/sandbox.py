@@ -63,7 +63,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .errors import DumeError
 
@@ -520,10 +520,3 @@ def read_humaneval_problems(path: str | os.PathLike | None = None) -> dict[str, 
                     raise DumeError(f"{path} line {i + 1}: not JSON: {e}") from e
                 out[obj["task_id"]] = obj
     return out
-
-
-def iter_statuses(results: Iterable[RunResult]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    return counts
