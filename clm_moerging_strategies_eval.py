@@ -27,11 +27,9 @@ from dume.clm import Run, write_result
 from dume.errors import DumeError
 from dume.io import atomic_write_json, is_complete_checkpoint, read_json
 
-METHODS = ("oracle", "random_routing", "centroid", "DUME", "BTX", "DUMEplus")
-DEFAULTS = {  # the paper's per-method defaults (Section 3.1)
-    "BTX": {"k": 2, "lr": 1e-4},
-    "DUMEplus": {"k": 1, "lr": 1e-5},
-}
+from dume import strategies  # noqa: E402  (the registry: every method's gates, defaults, needs)
+
+METHODS = ("oracle", *strategies.names(routed=True))
 
 
 def parse(argv):
@@ -52,9 +50,9 @@ def parse(argv):
     p.add_argument("--alpha", type=float, default=0.0, help="load-balancing coefficient (off, as in the paper)")
     p.add_argument("--tag", default=None, help="suffix for the result name, e.g. for sweeps")
     args = p.parse_args(argv)
-    defaults = DEFAULTS.get(args.method, {})
-    args.k = args.k if args.k is not None else defaults.get("k", 1)
-    args.lr = args.lr if args.lr is not None else defaults.get("lr", 1e-4)
+    strategy = strategies.get(args.method)  # the paper's per-method defaults (Section 3.1)
+    args.k = args.k if args.k is not None else strategy.k
+    args.lr = args.lr if args.lr is not None else (strategy.lr or 1e-4)
     return args
 
 
@@ -141,7 +139,7 @@ def router_recipe(args, domains, experts, model_dir) -> dict:
             "experts_absolute": [str(Path(e).resolve()) for e in experts],
             "lambda": args.lam, "relative_lambda": args.relative_lambda, "temperature": args.temp, "k": args.k,
             "num_dume_tokens": args.num_dume_tokens,
-            "trained_steps": args.num_steps if args.method in ("BTX", "DUMEplus") else 0}
+            "trained_steps": args.num_steps if strategies.get(args.method).trains_router else 0}
 
 
 def main(argv=None):
@@ -151,15 +149,15 @@ def main(argv=None):
     from dume.io import atomic_dir, portable_path
     from dume.merge import load_moe, moerge_experts, set_gates, write_oracle
     from dume.router_training import mixed_blocks, train_routers
-    from dume.routers import centroid_gates, dume_gates, random_gates
     from dume.routing import routing_accuracy, routing_shares
     from dume.train import TrainConfig, windows_budget
 
     args = parse(argv)
+    strategy = strategies.get(args.method)
     run = Run.from_args(args)
     domains = run.select_domains(args.domains)
     validate(args, len(domains))
-    if args.method != "oracle":  # every domain has training text, before any heavy work
+    if strategy.routed:  # every domain has training text, before any heavy work
         from dume import data
 
         for d in domains:
@@ -167,7 +165,7 @@ def main(argv=None):
     name = args.method if not args.tag else f"{args.method}_{args.tag}"
     model_dir = run.model_dir(name)
     inputs = {f"{d} expert": run.expert_dir(d) for d in domains}
-    models = {d: model_dir / d for d in domains} if args.method == "oracle" else {"model": model_dir}
+    models = {"model": model_dir} if strategy.routed else {d: model_dir / d for d in domains}
     if run.done(name, args.redo, inputs=inputs, models=models):
         return
     experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
@@ -178,7 +176,7 @@ def main(argv=None):
     payload = {"name": name, "method": args.method, "domains": domains, "experts": [str(e) for e in experts],
                "settings": {k: v for k, v in vars(args).items() if k not in ("redo",)}}
 
-    if args.method == "oracle":
+    if not strategy.routed:  # the oracle: one dense model per domain
         results = {}
         for i, d in enumerate(domains):
             path = model_dir / d
@@ -199,16 +197,12 @@ def main(argv=None):
         moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1,
                        extra_config={**made_from, "dume_experts": [portable_path(e, base_dir) for e in experts]})
 
-    stats = None
-    if args.method in ("DUME", "DUMEplus", "centroid"):
-        stats = get_stats(run, args, expert_set, domains, base_dir)
-    if args.method in ("DUME", "DUMEplus"):
-        gates = dume_gates(stats, args.lam, args.temp, relative_lambda=args.relative_lambda)
+    stats = get_stats(run, args, expert_set, domains, base_dir) if strategy.needs_statistics else None
+    if stats is not None:
         payload["token_counts"] = stats.token_counts()
-    elif args.method == "centroid":
-        gates = centroid_gates(stats, args.temp)
-    else:
-        gates = random_gates(config.num_hidden_layers, len(domains), config.hidden_size, seed=args.seed)
+    gates = strategies.make_gates(args.method, stats, strategies.GateContext(
+        num_layers=config.num_hidden_layers, num_experts=len(domains), hidden_size=config.hidden_size, lam=args.lam,
+        temperature=args.temp, relative_lambda=args.relative_lambda, seed=args.seed))
 
     # Everything is built, trained and evaluated in a hidden sibling directory that
     # replaces models/<name> only when finished: a run killed halfway (a --redo of BTX at
@@ -216,7 +210,7 @@ def main(argv=None):
     with atomic_dir(model_dir) as stage:
         set_gates(base_dir, gates, out_dir=stage, num_experts_per_tok=args.k)
         model = load_moe(stage)
-        if args.method in ("BTX", "DUMEplus"):
+        if strategy.trains_router:
             warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
             cfg = TrainConfig.with_recipe(
                 "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.num_steps,

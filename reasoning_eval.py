@@ -180,7 +180,10 @@ def _build(args, languages, device, dtype):
     experts = resolve_experts(parse_experts(args.experts), args.cache_dir)
     models = run_dir / "models"
     stats = train_docs = tokenizer = train_record = None
-    if args.strategy in ("DUME", "DUMEplus"):
+    from dume.strategies import REGISTRY
+
+    spec = REGISTRY.get(args.strategy)
+    if spec is not None and spec.needs_statistics:
         dume_dir = Path(args.dume_dir) if args.dume_dir else models / "DUME"
         if not (is_complete_checkpoint(dume_dir) and (dume_dir / "dume_stats").is_dir()
                 and built_from(dume_dir, experts_made_from(experts))):
@@ -192,7 +195,7 @@ def _build(args, languages, device, dtype):
                                  device=device, dtype=getattr(torch, dtype), languages=languages, work_dir=models)
         stats = RidgeStats.load(dume_dir / "dume_stats")
         print(f"DUME statistics: {stats.data_source or 'tasks'} ({dume_dir})")
-    if args.strategy in ("BTX", "DUMEplus"):
+    if spec is not None and spec.trains_router:
         train_docs, train_record = router_training_documents(data_dir=args.data_dir, languages=languages,
                                                              per_task=args.router_prompts, seed=args.seed,
                                                              text=args.statistics_text)

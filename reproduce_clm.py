@@ -50,6 +50,7 @@ import clm_weights_avg_eval
 from dume.cli import run_main
 from dume.errors import DumeError
 from dume.io import atomic_write_json, atomic_write_text, read_json
+from dume.strategies import TABLE_ORDER
 
 TOKENS = [2, 8, 32, 128, "all"]
 LAMBDAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
@@ -63,7 +64,7 @@ FIRST_SEED_ONLY = ("DUMEplus",)  # every point trains a router: one seed unless 
 BTX_LRS = [1e-3, 1e-2]           # besides the default 1e-4, at the same step budget, first seed
 ROUTING_METHODS = ("DUME", "centroid", "BTX", "DUMEplus")
 HEATMAP_METHODS = ("DUME", "BTX", "random_routing")
-TABLE_METHODS_ORDER = ["model_averaging", "random_routing", "centroid", "BTX", "DUME", "DUMEplus", "oracle"]
+TABLE_METHODS_ORDER = [m for m in TABLE_ORDER if m != "seed"]
 
 
 def lam_tag(lam: float) -> str:

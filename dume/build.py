@@ -38,7 +38,8 @@ from pathlib import Path
 
 from .errors import DumeError
 
-GATES = ("dume", "centroid", "random")
+# `gate:` values and the registered strategies they are (dume.strategies).
+GATES = {"dume": "DUME", "centroid": "centroid", "random": "random_routing"}
 DTYPES = ("auto", "float32", "bfloat16")
 TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
             "batch_size", "held_out", "seed", "device"}
@@ -265,7 +266,7 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
     from .io import atomic_dir, atomic_write_json, atomic_write_text
     from .merge import moerge_experts, set_gates
     from .reasoning import resolve_expert
-    from .routers import centroid_gates, dume_gates, random_gates
+    from .strategies import REGISTRY, GateContext, make_gates
     from .tokenizer import load_tokenizer
 
     out = Path(spec.out)
@@ -298,17 +299,17 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
         log(f"MoErging {len(dirs)} {es.arch.dense_class} experts into a {es.arch.moe_class}")
         moerge_experts(dirs, base, gates=None, num_experts_per_tok=spec.k, extra_config={"dume_domains": names})
         stats = counts = None
-        if spec.gate == "random":
-            gates = random_gates(cfg.num_hidden_layers, len(dirs), cfg.hidden_size, seed=spec.seed)
-        else:
+        strategy = REGISTRY[GATES[spec.gate]]
+        if strategy.needs_statistics:
             stats, counts = collect_statistics(
                 dirs, names, docs, tokenizer, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
                 batch_size=spec.batch_size, device=device, dtype=dtype, model_fingerprint=model_fingerprint(base),
                 data_source="dume build",
                 extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size})
-            gates = (dume_gates(stats, spec.lam, spec.temperature) if spec.gate == "dume"
-                     else centroid_gates(stats, spec.temperature))
-        recipe = {"method": {"dume": "DUME", "centroid": "centroid", "random": "random"}[spec.gate],
+        gates = make_gates(strategy.name, stats, GateContext(
+            num_layers=cfg.num_hidden_layers, num_experts=len(dirs), hidden_size=cfg.hidden_size, lam=spec.lam,
+            temperature=spec.temperature, seed=spec.seed))
+        recipe = {"method": strategy.name,
                   "domains": names, "experts": [str(d) for d in dirs], "lambda": spec.lam,
                   "relative_lambda": False, "temperature": spec.temperature, "k": spec.k,
                   "num_dume_tokens": spec.num_dume_tokens, "trained_steps": 0}

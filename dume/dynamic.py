@@ -43,8 +43,11 @@ from .ridge import RidgeStats
 RECIPE_FILE = "dume_router.json"
 STATS_SUBDIR = "dume_stats"
 MODES = ("keep-shared", "reaverage")
-# Routers that are a closed-form function of the statistics (a trained router is not).
-SOLVERS = ("DUME", "centroid")
+# Routers that are a closed-form function of the statistics (a trained router is not):
+# the registry's closed-form strategies.
+from .strategies import names as _strategy_names  # noqa: E402
+
+SOLVERS = _strategy_names(closed_form=True)
 # What decides the content of one domain's statistics, besides the model and the token rule.
 PROVENANCE_KEYS = ("source", "data_dir", "seq_len", "stats_batch_size", "num_dume_stats_steps", "tokenizer")
 
@@ -291,13 +294,13 @@ def check_fingerprint(stats: RidgeStats, fingerprint: str, what: str, model: str
 
 
 def solve_gates(stats: RidgeStats, recipe: dict) -> list[torch.Tensor]:
-    """The router of `recipe["method"]` from the statistics, as Mixtral gate weights."""
-    from .routers import centroid_gates, dume_gates
+    """The router of `recipe["method"]` from the statistics, as MoE gate weights."""
+    from .strategies import GateContext, make_gates
 
-    if recipe["method"] == "centroid":
-        return centroid_gates(stats, recipe["temperature"])
-    return dume_gates(stats, recipe["lambda"], recipe["temperature"],
-                      relative_lambda=bool(recipe.get("relative_lambda", False)))
+    return make_gates(recipe["method"], stats, GateContext(
+        num_layers=stats.num_layers, num_experts=len(stats.domains), hidden_size=stats.hidden_size,
+        lam=recipe["lambda"], temperature=recipe["temperature"],
+        relative_lambda=bool(recipe.get("relative_lambda", False))))
 
 
 def check_output(out_dir: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:

@@ -38,12 +38,15 @@ DEFAULT_EXPERTS = {
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "DUME", "BTX", "DUMEplus")
 # Strategies whose checkpoint depends on the seed (random gates, the router training's
-# data order): built once per seed; the others once for all seeds.
-SEEDED_STRATEGIES = ("random_routing", "BTX", "DUMEplus")
+# data order): built once per seed; the others once for all seeds (dume.strategies).
+from .strategies import REGISTRY as _REGISTRY  # noqa: E402
+
+SEEDED_STRATEGIES = tuple(s for s in STRATEGIES if s in _REGISTRY and _REGISTRY[s].seeded)
 
 # The paper's reasoning settings (§3.1), and the original code's statistics cap.
 PAPER = {"lam": 0.01, "k": 1, "temperature": 0.1, "num_dume_tokens": 1024, "max_num_samples": 2048}
-ROUTER_TRAINING = {"BTX": {"k": 2, "lr": 1e-4, "steps": 1000}, "DUMEplus": {"k": 1, "lr": 1e-5, "steps": 1000}}
+ROUTER_TRAINING = {s.name: {"k": s.k, "lr": s.lr, "steps": s.steps} for s in _REGISTRY.values()
+                   if s.trains_router and s.name in STRATEGIES}
 
 # DUME OOD: the experts' training sets (hub id, config, fields joined into one text).
 # The first field is the prompt side, all the original used (for tulu, the first
@@ -311,7 +314,6 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
     expert). `task` picks the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+
     need `train_docs` and `tokenizer`. Existing complete checkpoints are reused."""
     from .merge import average_experts, set_gates, write_oracle
-    from .routers import dume_gates, random_gates
 
     if strategy not in STRATEGIES:
         raise DumeError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -349,29 +351,32 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
     base = moe_base({d: Path(experts[d]) for d in DOMAINS}, work_dir / "_moe_base", redo)
     from .checkpoints import load_config
 
+    from .strategies import GateContext, make_gates
+
     cfg = load_config(base, "mixtral")
-    if strategy in ("DUME", "DUMEplus"):
+    spec = _REGISTRY[strategy]
+    if spec.needs_statistics:
         if stats is None:
             raise DumeError(f"{strategy} needs DUME statistics (reasoning_generate_dume_params.py)")
         if list(stats.domains) != list(DOMAINS):
             raise DumeError(f"the statistics are for domains {stats.domains}, the MoE's experts are {list(DOMAINS)}")
-        gates = dume_gates(stats, lam, temperature)
-    else:
-        gates = random_gates(cfg.num_hidden_layers, len(DOMAINS), cfg.hidden_size, seed=seed)
-    if strategy in ("BTX", "DUMEplus") and (train_docs is None or tokenizer is None):
+    gates = make_gates(strategy, stats, GateContext(num_layers=cfg.num_hidden_layers, num_experts=len(DOMAINS),
+                                                    hidden_size=cfg.hidden_size, lam=lam, temperature=temperature,
+                                                    seed=seed))
+    if spec.trains_router and (train_docs is None or tokenizer is None):
         raise DumeError(f"{strategy} trains its routers on the tasks' mixed data: give train_docs and tokenizer")
-    settings = {"lambda": lam, "temperature": temperature if strategy in ("DUME", "DUMEplus") else None, "k": k,
+    settings = {"lambda": lam, "temperature": temperature if spec.needs_statistics else None, "k": k,
                 "seed": seed, "trained_steps": 0}
     with atomic_dir(out) as stage:
         set_gates(base, gates, out_dir=stage, num_experts_per_tok=k)
-        if strategy in ("BTX", "DUMEplus"):
+        if spec.trains_router:
             steps = train_steps if train_steps is not None else defaults["steps"]
             lr = train_lr if train_lr is not None else defaults["lr"]
             history = train_router_model(stage, base, strategy, train_docs, tokenizer, steps=steps, lr=lr, k=k,
                                          seq_len=seq_len, batch_size=batch_size, seed=seed,
                                          mixed_precision=mixed_precision)
             settings.update(trained_steps=steps, lr=lr, final_val=(history.get("val") or [{}])[-1].get("loss"))
-        if stats is not None and strategy in ("DUME", "DUMEplus"):
+        if stats is not None and spec.needs_statistics:
             stats.save(stage / "dume_stats")
         write_router_recipe(stage, strategy, experts, **settings)
     return out

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .errors import DumeError
 from .io import atomic_write_json, atomic_write_text, read_json
+from .strategies import TABLE_ORDER
 
 # Table 2's row order; methods missing from a run are simply left out.
-ROW_ORDER = ["seed", "model_averaging", "random_routing", "centroid", "BTX", "DUME", "DUMEplus", "oracle"]
+ROW_ORDER = list(TABLE_ORDER)  # dume.strategies: the dense baselines, then every registered strategy
 
 
 def clm_scores(perplexity: dict[str, float], reference: dict[str, float]) -> dict:
