@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Peak memory of `dume build` against the size of the experts.
+
+For each size, three Llama experts (one seed model, MLPs perturbed per expert) are saved
+with `save_pretrained`, each with 200 short documents of text, and `dume build` runs in a
+child process whose peak RSS is read from `getrusage(RUSAGE_CHILDREN)`. Printed beside it:
+one expert's file size, the MoE's largest safetensors shard, the statistics on disk, and
+the RSS of a process that only imports torch + transformers (the floor).
+
+The merge streams tensor by tensor, so memory should follow one output shard, the
+oracle being forwarded and the statistics -- not the number of experts times their size.
+
+    python bench/build_memory.py                       # two sizes, ~9× apart in parameters
+    python bench/build_memory.py --hidden 256 1024 --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CHILD_RSS = ("import resource, subprocess, sys\n"
+             "rc = subprocess.run(sys.argv[1:]).returncode\n"
+             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)\n")
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD_RSS, *cmd], capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("PEAK_RSS_KB")]
+    if not line or line[0].split()[2] != "0":
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return int(line[0].split()[1]) / 1024
+
+
+def make_experts(root: Path, hidden: int, layers: int, vocab: int, tokenizer) -> tuple[list[Path], int]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    params = sum(p.numel() for p in base.parameters())
+    dirs = []
+    for e in range(3):
+        g = torch.Generator().manual_seed(e + 1)
+        with torch.no_grad():
+            for n, p in base.named_parameters():
+                if ".mlp." in n:
+                    p.add_(0.01 * torch.randn(p.shape, generator=g))
+        d = root / f"expert{e}"
+        base.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        (root / f"data{e}.txt").write_text("\n\n".join(
+            f"Document {i} of domain {e}: " + " ".join(f"word{(i * 7 + j * (e + 1)) % 97}" for j in range(60))
+            for i in range(200)))
+        dirs.append(d)
+    return dirs, params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 768])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import yaml
+
+    from dume.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([f"word{i} Document domain of" for i in range(97)] * 20, vocab_size=300)
+    floor = peak_rss_mb([sys.executable, "-c", "import torch, transformers"])
+    rows = []
+    for hidden in args.hidden:
+        with tempfile.TemporaryDirectory(prefix="dume-build-mem-") as tmp:
+            root = Path(tmp)
+            dirs, params = make_experts(root, hidden, args.layers, 300, tok)
+            cfg = {"experts": [{"name": f"d{e}", "model": str(d), "data": str(root / f"data{e}.txt")}
+                               for e, d in enumerate(dirs)],
+                   "gate": "dume", "dtype": "float32", "out": str(root / "moe"), "seq_len": 128, "batch_size": 8,
+                   "held_out": 0.05}
+            (root / "build.yaml").write_text(yaml.safe_dump(cfg))
+            rss = peak_rss_mb([sys.executable, "-m", "dume", "build", str(root / "build.yaml")])
+            expert_mb = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors")) / 2**20
+            shard_mb = max(f.stat().st_size for f in (root / "moe").glob("*.safetensors")) / 2**20
+            stats_mb = sum(f.stat().st_size for f in (root / "moe" / "dume_stats").rglob("*") if f.is_file()) / 2**20
+            rows.append({"hidden": hidden, "expert_params": params, "expert_mb": expert_mb, "moe_shard_mb": shard_mb,
+                         "stats_mb": stats_mb, "peak_rss_mb": rss, "floor_mb": floor})
+    print("| hidden | params/expert | expert MB | MoE shard MB | stats MB | peak RSS MB | import floor MB | "
+          "RSS - floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['hidden']} | {r['expert_params'] / 1e6:.1f} M | {r['expert_mb']:.0f} | {r['moe_shard_mb']:.0f} | "
+              f"{r['stats_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['floor_mb']:.0f} | "
+              f"{r['peak_rss_mb'] - r['floor_mb']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
