@@ -15,10 +15,10 @@
     # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto)
 
 Everything is checked before heavy work (keys and values, the experts' compatibility,
-each expert's data). Then the experts are MoErged (streamed, `dume.merge`), each domain's
-documents go through its oracle (averaged shared weights + that expert's MLPs) to collect
-the ridge statistics (`dume.collect`), the routers are solved (`dume.routers`), and `out`
-receives -- in one atomic rename -- a standard checkpoint of the experts' MoE class, the
+each expert's data). Then each domain's documents go through its oracle (averaged shared
+weights + that expert's MLPs) to collect the ridge statistics (`dume.collect`), the
+routers are solved (`dume.strategies`), the experts are MoErged with them in one streamed
+pass (`dume.merge`), and `out` receives -- in one atomic rename -- a standard checkpoint of the experts' MoE class, the
 statistics (`dume_stats/`), the recipe (`dume_router.json`, so `dume_experts.py
 add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain
 routing shares measured on held-out documents.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,7 +263,7 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
     from .checkpoints import check_experts, model_fingerprint
     from .collect import collect_statistics
     from .io import atomic_dir, atomic_write_json, atomic_write_text
-    from .merge import moerge_experts, set_gates
+    from .merge import moerge_experts
     from .reasoning import resolve_expert
     from .strategies import REGISTRY, GateContext, make_gates
     from .tokenizer import load_tokenizer
@@ -293,47 +292,44 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
         spec.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     cfg = es.config
     max_len = min(spec.seq_len, cfg.max_position_embeddings)
-    base = out.parent / f".{out.name}.moe-base"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    # The statistics need only the oracles (built in memory from the experts), so the
+    # routers are solved first and the MoE is written once, with them, by the streaming
+    # merge: no intermediate checkpoint, no shard rewritten to set the gates.
+    stats = counts = None
+    strategy = REGISTRY[GATES[spec.gate]]
+    if strategy.needs_statistics:
+        stats, counts = collect_statistics(
+            dirs, names, docs, tokenizer, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
+            batch_size=spec.batch_size, device=device, dtype=dtype, data_source="dume build",
+            extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size})
+    gates = make_gates(strategy.name, stats, GateContext(
+        num_layers=cfg.num_hidden_layers, num_experts=len(dirs), hidden_size=cfg.hidden_size, lam=spec.lam,
+        temperature=spec.temperature, seed=spec.seed))
+    recipe = {"method": strategy.name, "domains": names, "experts": [str(d) for d in dirs], "lambda": spec.lam,
+              "relative_lambda": False, "temperature": spec.temperature, "k": spec.k,
+              "num_dume_tokens": spec.num_dume_tokens, "trained_steps": 0}
+    with atomic_dir(out, overwrite=overwrite) as stage:
         log(f"MoErging {len(dirs)} {es.arch.dense_class} experts into a {es.arch.moe_class}")
-        moerge_experts(dirs, base, gates=None, num_experts_per_tok=spec.k, extra_config={"dume_domains": names})
-        stats = counts = None
-        strategy = REGISTRY[GATES[spec.gate]]
-        if strategy.needs_statistics:
-            stats, counts = collect_statistics(
-                dirs, names, docs, tokenizer, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
-                batch_size=spec.batch_size, device=device, dtype=dtype, model_fingerprint=model_fingerprint(base),
-                data_source="dume build",
-                extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size})
-        gates = make_gates(strategy.name, stats, GateContext(
-            num_layers=cfg.num_hidden_layers, num_experts=len(dirs), hidden_size=cfg.hidden_size, lam=spec.lam,
-            temperature=spec.temperature, seed=spec.seed))
-        recipe = {"method": strategy.name,
-                  "domains": names, "experts": [str(d) for d in dirs], "lambda": spec.lam,
-                  "relative_lambda": False, "temperature": spec.temperature, "k": spec.k,
-                  "num_dume_tokens": spec.num_dume_tokens, "trained_steps": 0}
-        with atomic_dir(out) as stage:
-            set_gates(base, gates, out_dir=stage, num_experts_per_tok=spec.k)
-            if stats is not None:
-                stats.save(stage / "dume_stats")
-            from .dynamic import RECIPE_FILE, portable_recipe
+        moerge_experts(dirs, stage, gates=gates, num_experts_per_tok=spec.k, extra_config={"dume_domains": names})
+        if stats is not None:
+            # the sums belong to this MoE's shared weights (those of every oracle)
+            stats.model_fingerprint = model_fingerprint(stage)
+            stats.save(stage / "dume_stats")
+        from .dynamic import RECIPE_FILE, portable_recipe
 
-            atomic_write_json(stage / RECIPE_FILE, portable_recipe(recipe, out))
-            shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device)
-            summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
-                                    "documents": len(docs[e.name]), "held_out": len(held[e.name]),
-                                    "tokens": (counts or {}).get(e.name)} for e in spec.experts],
-                       "architecture": f"{es.arch.dense_class} -> {es.arch.moe_class}",
-                       "settings": {"gate": spec.gate, "k": spec.k, "lambda": spec.lam,
-                                    "temperature": spec.temperature, "num_dume_tokens": spec.num_dume_tokens,
-                                    "seq_len": max_len, "batch_size": spec.batch_size, "dtype": str(dtype),
-                                    "seed": spec.seed},
-                       "routing_shares": shares}
-            atomic_write_json(stage / "dume_build.json", summary)
-            atomic_write_text(stage / "README.md", model_card(summary, spec))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+        atomic_write_json(stage / RECIPE_FILE, portable_recipe(recipe, out))
+        shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device)
+        summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
+                                "documents": len(docs[e.name]), "held_out": len(held[e.name]),
+                                "tokens": (counts or {}).get(e.name)} for e in spec.experts],
+                   "architecture": f"{es.arch.dense_class} -> {es.arch.moe_class}",
+                   "settings": {"gate": spec.gate, "k": spec.k, "lambda": spec.lam,
+                                "temperature": spec.temperature, "num_dume_tokens": spec.num_dume_tokens,
+                                "seq_len": max_len, "batch_size": spec.batch_size, "dtype": str(dtype),
+                                "seed": spec.seed},
+                   "routing_shares": shares}
+        atomic_write_json(stage / "dume_build.json", summary)
+        atomic_write_text(stage / "README.md", model_card(summary, spec))
     log(f"wrote {out}")
     return summary
 
