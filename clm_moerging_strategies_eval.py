@@ -20,14 +20,12 @@ The paper trains BTX/DUME+ for 1000 steps; the CPU default is --num-steps 100.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from dume import strategies  # the registry: every method's gates, defaults, needs
 from dume.cli import base_parser, run_main
 from dume.clm import Run, write_result
 from dume.errors import DumeError
-from dume.io import atomic_write_json, is_complete_checkpoint, read_json
-
-from dume import strategies  # noqa: E402  (the registry: every method's gates, defaults, needs)
+from dume.io import is_complete_checkpoint, read_json
 
 METHODS = ("oracle", *strategies.names(routed=True))
 
@@ -128,15 +126,10 @@ def made_from_matches(model_dir, made_from: dict) -> bool:
         read_json(model_dir / "config.json").get(k) == v for k, v in made_from.items())
 
 
-def router_recipe(args, domains, experts, model_dir) -> dict:
-    """What a later tool needs to re-solve this router (add/remove an expert). Expert paths
-    are stored relative to the model directory (a run directory moved or copied as a whole
-    still resolves them) and, as a fallback, absolute."""
-    from dume.io import portable_path
-
-    return {"method": args.method, "domains": domains,
-            "experts": [portable_path(e, model_dir) for e in experts],
-            "experts_absolute": [str(Path(e).resolve()) for e in experts],
+def router_recipe(args, domains, experts) -> dict:
+    """What a later tool needs to re-solve this router (add/remove an expert); written by
+    `dume.recipe.write_recipe` (paths relative to the model directory + absolute)."""
+    return {"method": args.method, "domains": domains, "experts": [str(e) for e in experts],
             "lambda": args.lam, "relative_lambda": args.relative_lambda, "temperature": args.temp, "k": args.k,
             "num_dume_tokens": args.num_dume_tokens,
             "trained_steps": args.num_steps if strategies.get(args.method).trains_router else 0}
@@ -147,6 +140,7 @@ def main(argv=None):
 
     from dume.checkpoints import check_experts
     from dume.io import atomic_dir, portable_path
+    from dume.recipe import write_recipe
     from dume.merge import load_moe, moerge_experts, set_gates, write_oracle
     from dume.router_training import mixed_blocks, train_routers
     from dume.routing import routing_accuracy, routing_shares
@@ -226,7 +220,7 @@ def main(argv=None):
             payload["history"] = history
         if stats is not None:
             stats.save(stage / "dume_stats")
-        atomic_write_json(stage / "dume_router.json", router_recipe(args, domains, experts, model_dir))
+        write_recipe(stage, router_recipe(args, domains, experts))  # stage is model_dir's sibling
         with torch.no_grad():
             results = run.evaluate(model, domains, args.eval_batch_size, label=name)
             shares = routing_shares(model, {d: run.blocks(d, "test") for d in domains}, args.eval_batch_size)

@@ -315,9 +315,9 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
             # the sums belong to this MoE's shared weights (those of every oracle)
             stats.model_fingerprint = model_fingerprint(stage)
             stats.save(stage / "dume_stats")
-        from .dynamic import RECIPE_FILE, portable_recipe
+        from .recipe import write_recipe
 
-        atomic_write_json(stage / RECIPE_FILE, portable_recipe(recipe, out))
+        write_recipe(stage, recipe)  # a sibling of `out`: the same relative paths
         shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device)
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
                                 "documents": len(docs[e.name]), "held_out": len(held[e.name]),

@@ -37,10 +37,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import DumeError
-from .io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
+from .io import atomic_dir, is_complete_checkpoint, read_json
+from .recipe import RECIPE_FILE, resolve_recipe_paths, write_recipe
 from .ridge import RidgeStats
 
-RECIPE_FILE = "dume_router.json"
 STATS_SUBDIR = "dume_stats"
 MODES = ("keep-shared", "reaverage")
 # Routers that are a closed-form function of the statistics (a trained router is not):
@@ -227,35 +227,6 @@ def read_recipe(moe_dir: Path) -> dict:
     if len(recipe["experts"]) != len(recipe["domains"]):
         raise DumeError(f"{path}: {len(recipe['experts'])} experts for {len(recipe['domains'])} domains")
     return resolve_recipe_paths(recipe, moe_dir)
-
-
-# Recipe entries that are lists of checkpoint paths. On disk they are relative to the
-# recipe's directory (plus an absolute fallback under `<key>_absolute`), so a run
-# directory moved or copied as a whole keeps working; in memory they are resolved paths.
-RECIPE_PATH_LISTS = ("experts", "shared_average_of")
-
-
-def resolve_recipe_paths(recipe: dict, recipe_dir: Path) -> dict:
-    from .io import resolve_stored_path
-
-    out = {k: v for k, v in recipe.items() if not k.endswith("_absolute")}
-    for key in RECIPE_PATH_LISTS:
-        if key in recipe:
-            absolute = recipe.get(f"{key}_absolute") or [None] * len(recipe[key])
-            out[key] = [str(resolve_stored_path(e, recipe_dir, a)) for e, a in zip(recipe[key], absolute)]
-    return out
-
-
-def portable_recipe(recipe: dict, recipe_dir: Path) -> dict:
-    """The recipe as written to disk: path lists relative to `recipe_dir` + absolute."""
-    from .io import portable_path
-
-    out = dict(recipe)
-    for key in RECIPE_PATH_LISTS:
-        if key in recipe:
-            out[key] = [portable_path(e, recipe_dir) for e in recipe[key]]
-            out[f"{key}_absolute"] = [str(Path(e).resolve()) for e in recipe[key]]
-    return out
 
 
 def open_dume(moe_dir: str | Path) -> DumeModel:
@@ -498,7 +469,7 @@ def _moe_extra(recipe: dict) -> dict:
 
 def _write_dume(tmp: Path, stats: RidgeStats, recipe: dict) -> None:
     stats.save(tmp / STATS_SUBDIR)
-    atomic_write_json(tmp / RECIPE_FILE, portable_recipe(recipe, tmp))  # tmp is a sibling of the output
+    write_recipe(tmp, recipe)  # tmp is a sibling of the output: the same relative paths
 
 
 def _with_experts(stats: RidgeStats, recipe: dict) -> RidgeStats:

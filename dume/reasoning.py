@@ -267,12 +267,11 @@ def moe_base(experts: Mapping[str, Path], out_dir: Path, redo: bool = False) -> 
 
 
 def write_router_recipe(model_dir: Path, strategy: str, experts, **settings) -> None:
-    """The recipe beside the model; expert paths relative to it (+ absolute fallback)."""
-    from .dynamic import portable_recipe
+    """The recipe beside the model (`dume.recipe`)."""
+    from .recipe import write_recipe
 
-    atomic_write_json(Path(model_dir) / "dume_router.json", portable_recipe({
-        "method": strategy, "domains": list(DOMAINS), "experts": [str(experts[d]) for d in DOMAINS], **settings},
-        Path(model_dir)))
+    write_recipe(model_dir, {"method": strategy, "domains": list(DOMAINS),
+                             "experts": [str(experts[d]) for d in DOMAINS], **settings})
 
 
 def train_router_model(model_dir: Path, base_dir: Path, strategy: str, docs: Mapping[str, list[str]], tokenizer, *,
@@ -344,7 +343,9 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
     # A routed model is reused only when complete (its recipe is written last) and built
     # from these very experts; otherwise it is rebuilt in a hidden sibling that replaces
     # `out` when finished, so a killed BTX training leaves the previous model in place.
-    if not redo and (out / "dume_router.json").is_file() and built_from(out, made_from):
+    from .recipe import RECIPE_FILE
+
+    if not redo and (out / RECIPE_FILE).is_file() and built_from(out, made_from):
         return out
     defaults = ROUTER_TRAINING.get(strategy, {})
     k = k if k is not None else defaults.get("k", PAPER["k"])

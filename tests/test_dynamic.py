@@ -142,7 +142,7 @@ def test_keep_shared_model_and_recipe(dyn, keep_shared, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(keep_shared)
     assert type(model) is MixtralForCausalLM and model.config.num_local_experts == 3
-    from dume.dynamic import resolve_recipe_paths
+    from dume.recipe import resolve_recipe_paths
 
     recipe = resolve_recipe_paths(read_json(keep_shared / "dume_router.json"), keep_shared)
     assert recipe["mode"] == "keep-shared" and recipe["domains"] == list(DOMAINS)
