@@ -105,7 +105,7 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
     if len(dirs) != len(domains):
         raise DumeError(f"{len(dirs)} experts for {len(domains)} domains")
     shared = shared_state_dict(dirs)
-    stats = counts = None
+    stats = None
     counts = {}
     for i, d in enumerate(domains):
         model = build_oracle_model(dirs, i, shared=shared, dtype=dtype).to(device)

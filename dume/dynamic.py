@@ -40,14 +40,13 @@ from .errors import DumeError
 from .io import atomic_dir, is_complete_checkpoint, read_json
 from .recipe import RECIPE_FILE, resolve_recipe_paths, write_recipe
 from .ridge import RidgeStats
+from .strategies import names as strategy_names
 
 STATS_SUBDIR = "dume_stats"
 MODES = ("keep-shared", "reaverage")
 # Routers that are a closed-form function of the statistics (a trained router is not):
 # the registry's closed-form strategies.
-from .strategies import names as _strategy_names  # noqa: E402
-
-SOLVERS = _strategy_names(closed_form=True)
+SOLVERS = strategy_names(closed_form=True)
 # What decides the content of one domain's statistics, besides the model and the token rule.
 PROVENANCE_KEYS = ("source", "data_dir", "seq_len", "stats_batch_size", "num_dume_stats_steps", "tokenizer")
 

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 
 from .errors import DumeError
 from .io import atomic_write_json, is_complete_checkpoint, read_json
+from .strategies import REGISTRY as _REGISTRY
 from .tasks import DOMAINS
 
 DEFAULT_EXPERTS = {
@@ -39,8 +40,6 @@ EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "DUME", "BTX", "DUMEplus")
 # Strategies whose checkpoint depends on the seed (random gates, the router training's
 # data order): built once per seed; the others once for all seeds (dume.strategies).
-from .strategies import REGISTRY as _REGISTRY  # noqa: E402
-
 SEEDED_STRATEGIES = tuple(s for s in STRATEGIES if s in _REGISTRY and _REGISTRY[s].seeded)
 
 # The paper's reasoning settings (§3.1), and the original code's statistics cap.
@@ -179,9 +178,7 @@ def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
 
     Defaults are the original's: the prompt side of each record only, at most 2048 texts
     per domain, m_arc spread evenly over its languages."""
-    import hashlib
-
-    from .tasks import task_selection
+    from .tasks import task_selection, texts_sha256
 
     docs, sources, selection = {}, {}, {}
     for d in DOMAINS:
@@ -189,7 +186,7 @@ def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
             docs[d], sources[d] = ood_documents(d, ood_data_dir, max_num_samples, text)
             selection[d] = {"source": sources[d], "text": text, "count": len(docs[d]),
                             "ids": [str(i) for i in range(len(docs[d]))],
-                            "sha256": hashlib.sha256("\0".join(docs[d]).encode("utf-8")).hexdigest()}
+                            "sha256": texts_sha256(docs[d])}
         else:
             docs[d], sources[d], selection[d] = task_selection(d, data_dir, max_num_samples, languages, text,
                                                                balance)
@@ -216,7 +213,7 @@ def router_training_documents(*, data_dir=None, languages=None, per_task: int | 
     rng = random.Random(seed)
     docs, record = {}, {}
     for d in DOMAINS:
-        texts, source, sel = task_selection(d, data_dir, None if d != "multilingual" else per_task, languages, text)
+        texts, source, _ = task_selection(d, data_dir, None if d != "multilingual" else per_task, languages, text)
         pool = list(texts)
         if d != "multilingual":
             rng.shuffle(pool)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json
 
 RECIPE_FILE = "dume_router.json"
 # Recipe entries that are lists of checkpoint paths.
@@ -48,7 +48,3 @@ def write_recipe(model_dir: str | Path, recipe: dict) -> Path:
     atomic_write_json(path, portable_recipe(recipe, Path(model_dir)))
     return path
 
-
-def load_recipe(model_dir: str | Path) -> dict:
-    """The recipe of `model_dir` with its paths resolved (no check of what it describes)."""
-    return resolve_recipe_paths(read_json(Path(model_dir) / RECIPE_FILE), Path(model_dir))

@@ -23,12 +23,6 @@ def clm_scores(perplexity: dict[str, float], reference: dict[str, float]) -> dic
     return {"per_domain": per_domain, "average": sum(per_domain.values()) / len(per_domain)}
 
 
-def reasoning_scores(metric: dict[str, float], reference: dict[str, float]) -> dict:
-    """Reasoning setting: higher is better, so the ratio flips (100·p_d/p̂_d)."""
-    per_domain = {d: 100.0 * metric[d] / reference[d] for d in reference}
-    return {"per_domain": per_domain, "average": sum(per_domain.values()) / len(per_domain)}
-
-
 def _ppl(results: dict) -> dict[str, float]:
     return {d: r["perplexity"] for d, r in results.items()}
 

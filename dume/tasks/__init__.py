@@ -446,28 +446,25 @@ def select_texts(domain: str, groups: dict[str, list[dict]], cap: int | None, te
     return texts, ids
 
 
-def task_documents(domain: str, data_dir: str | os.PathLike | None = None, max_num_samples: int | None = None,
-                   languages: list[str] | None = None, text: str = "prompt",
-                   balance: bool = True) -> tuple[list[str], str]:
-    """The evaluation task's own text for DUME's statistics (the paper's default): the
-    train split where the task has one, else the test split. Returns (texts, source)."""
-    texts, source, _ = task_selection(domain, data_dir, max_num_samples, languages, text, balance)
-    return texts, source
+def texts_sha256(texts) -> str:
+    """A digest of exactly which texts (in order) fed a statistic: recorded beside it."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
 
 
 def task_selection(domain: str, data_dir=None, max_num_samples: int | None = None, languages=None,
                    text: str = "prompt", balance: bool = True) -> tuple[list[str], str, dict]:
-    """task_documents plus the record of exactly which texts were taken."""
-    import hashlib
-
+    """The evaluation task's own text for DUME's statistics (the paper's default: the
+    train split where the task has one, else test), its source, and the record of exactly
+    which texts were taken."""
     groups, split, source = task_records(domain, data_dir, languages)
     texts, ids = select_texts(domain, groups, max_num_samples, text, balance)
     if not texts:
         raise DumeError(f"task {domain}: no documents for the statistics ({source})")
-    digest = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
     return texts, source, {"source": source, "split": split, "text": text, "count": len(texts),
                            "balanced_languages": balance if domain == "multilingual" else None,
-                           "ids": ids, "sha256": digest}
+                           "ids": ids, "sha256": texts_sha256(texts)}
 
 
 def finish_texts(texts, max_num_samples: int | None, empty_message: str) -> list[str]:
