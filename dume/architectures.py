@@ -78,6 +78,12 @@ class Architecture:
     mlp_pattern: str = _DENSE_MLP
     dropped: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
 
+    @property
+    def incompatible_flags(self) -> tuple[str, ...]:
+        """Dense config flags the MoE class cannot hold (Mixtral has no bias anywhere;
+        Qwen3-MoE keeps attention biases)."""
+        return ("attention_bias", "mlp_bias") if self.moe_type == "mixtral" else ("mlp_bias",)
+
     def mlp_match(self, name: str):
         return re.match(self.mlp_pattern, name)
 
@@ -110,16 +116,14 @@ class Architecture:
         """The MoE config whose model computes what the MoErged experts compute: every
         architectural field copied (rope parameters of any type, rope theta, head_dim,
         GQA, tied embeddings, sliding-window settings), plus the MoE fields."""
-        for flag in ("attention_bias", "mlp_bias"):
-            if getattr(dense_config, flag, False) and not (flag == "attention_bias" and self.moe_type == "qwen3_moe"):
+        for flag in self.incompatible_flags:
+            if getattr(dense_config, flag, False):
                 raise DumeError(f"{flag}=True: a {self.moe_class} has no such biases, so these experts cannot be "
                                 f"MoErged (model averaging still works)")
         cls = self.config_class(moe=True)
         known = set(cls().to_dict()) | {"rope_parameters", "head_dim", "layer_types"}
         kwargs = {f: getattr(dense_config, f) for f in (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS)
-                  if hasattr(dense_config, f) and f in known and f not in ("mlp_bias",)}
-        if self.moe_type == "mixtral":
-            kwargs.pop("attention_bias", None)
+                  if hasattr(dense_config, f) and f in known and f not in self.incompatible_flags}
         if isinstance(kwargs.get("rope_parameters"), dict):
             kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
         kwargs.pop("intermediate_size", None)

@@ -265,6 +265,7 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
     from .io import atomic_dir, atomic_write_json, atomic_write_text
     from .merge import moerge_experts
     from .reasoning import resolve_expert
+    from .recipe import write_recipe
     from .strategies import REGISTRY, GateContext, make_gates
     from .tokenizer import load_tokenizer
 
@@ -315,8 +316,6 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
             # the sums belong to this MoE's shared weights (those of every oracle)
             stats.model_fingerprint = model_fingerprint(stage)
             stats.save(stage / "dume_stats")
-        from .recipe import write_recipe
-
         write_recipe(stage, recipe)  # a sibling of `out`: the same relative paths
         shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device)
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
@@ -342,7 +341,7 @@ def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_l
 
     from .data import document_batches
     from .merge import load_moe
-    from .routing import routing_shares
+    from .routing import routing_accuracy, routing_shares
 
     if not any(held.values()):
         return None
@@ -355,8 +354,8 @@ def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_l
             pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
             blocks[d] = (torch.cat([pad(b[0]) for b in batches]), torch.cat([pad(b[1]) for b in batches]))
     shares = routing_shares(model, blocks, batch_size)
-    names = list(held)
-    return {d: {"own": sum(layer[names.index(d)] for layer in s) / len(s), "per_layer": s} for d, s in shares.items()}
+    own = routing_accuracy(shares, {d: i for i, d in enumerate(held)})
+    return {d: {"own": sum(own[d]) / len(own[d]), "per_layer": s} for d, s in shares.items()}
 
 
 def model_card(summary: dict, spec: BuildSpec) -> str:

@@ -21,6 +21,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
+# Which config fields must match across experts, and which may differ, live with the
+# architectures (re-exported here for the merge).
+from .architectures import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS  # noqa: F401
 from .errors import DumeError
 from .io import read_json
 
@@ -54,12 +57,6 @@ TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
 # Keys of tokenizer.json that are runtime settings (whatever truncation/padding was last
 # enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
 TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
-
-# Which config fields must match across experts, and which may differ: dume.architectures.
-from .architectures import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS  # noqa: E402,F401
-
-# A Mixtral block has no bias anywhere: Llama features that have no place in it.
-MIXTRAL_INCOMPATIBLE_FLAGS = ("attention_bias", "mlp_bias")
 
 # Substrings that mark the routed (per-expert) part of a tensor name, in a dense Llama
 # (`.mlp.gate_proj`), a saved Mixtral (`.block_sparse_moe.`) and a Mixtral in memory
@@ -337,9 +334,7 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
             raise DumeError(f"{_expert_label(i, d)}: {e}") from e
     ref = configs[0]
     if require_mixtral_compatible:
-        # Qwen3-MoE keeps attention biases; Mixtral has no bias anywhere.
-        flags = MIXTRAL_INCOMPATIBLE_FLAGS if arch.moe_type == "mixtral" else ("mlp_bias",)
-        for flag in flags:
+        for flag in arch.incompatible_flags:
             if getattr(ref, flag, False):
                 raise DumeError(
                     f"{_expert_label(0, dirs[0])}: {flag}=True; a {arch.moe_class} has no such biases, so "

@@ -299,8 +299,7 @@ def _remove_files_of(uid: int, roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev
 
 def _read_report(path: Path) -> dict:
     """What the launcher wrote: did the namespaces come up, the program's host pid."""
-    out = {"namespaces": False, "why": "the launcher did not start", "child": None, "private_proc": False,
-           "refused": False}
+    out = {"namespaces": False, "why": "the launcher did not start", "child": None, "private_proc": False}
     try:
         lines = path.read_text(encoding="ascii", errors="replace").splitlines()
     except OSError:
@@ -314,8 +313,6 @@ def _read_report(path: Path) -> dict:
             out["private_proc"] = True
         elif line.startswith("child "):
             out["child"] = int(line.split()[1])
-    out["refused"] = not out["namespaces"] and out["child"] is None and any(
-        line.startswith("namespaces failed") for line in lines)
     return out
 
 
@@ -422,7 +419,7 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
                     _kill_namespace_init(launcher["child"])  # the whole PID namespace with it
                 if isolate_user:
                     _kill_uid(uid)  # and anything of that uid, wherever it went
-        if launcher["refused"] or (require_isolation and proc.returncode == 111 and not launcher["namespaces"]):
+        if require_isolation and not launcher["namespaces"]:  # the launcher stopped before the program
             raise DumeError(f"the sandbox could not create its own network and PID namespaces "
                             f"({launcher['why']}) and DUME_SANDBOX_REQUIRE_ISOLATION=1 forbids running without")
         if not launcher["namespaces"]:
