@@ -529,8 +529,6 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
     # lm-eval's thousands of built-in tasks (seconds) is only needed for the hub tasks.
     own = all(t.startswith("dume_") for t in spec.tasks)
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=not own)
-    if num_fewshot is None and spec.protocol == "paper":
-        nshot = None  # the task YAMLs hold the protocol's shots
     out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=nshot, limit=limit,
                                   task_manager=tm, gen_kwargs=gen_kwargs, bootstrap_iters=0, log_samples=False,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -546,7 +544,7 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
     score = sum(per_task.values()) / len(per_task)
     raw = {t: {k: v for k, v in out["results"][t].items() if isinstance(v, (int, float, str))} for t in spec.tasks}
     return {"score": score, "metric": spec.metric, "per_task": per_task, "lm_eval_tasks": list(spec.tasks),
-            "protocol": spec.protocol, "seed": seed, "num_fewshot": spec.num_fewshot if nshot is None else nshot,
+            "protocol": spec.protocol, "seed": seed, "num_fewshot": nshot,
             "limit": limit, "data": spec.source, "notes": list(spec.notes),
             "lm_eval_version": getattr(lm_eval, "__version__", None), "raw_results": raw,
             "n_samples": {t: out.get("n-samples", {}).get(t) for t in spec.tasks}}
