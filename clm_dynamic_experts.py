@@ -3,16 +3,17 @@
 added later (both modes of `dume_experts.py add`), against DUME built from all five at
 once; and one expert removed from the five.
 
-  four            DUME of the first four experts (the strategies script, --domains)
+  four            DUME of the first four experts
   + new, keep     the fifth expert added keeping the four-expert shared weights
   + new, reavg    the fifth added by re-averaging the shared weights and re-collecting
-  five at once    DUME of all five experts (the strategies script)
+  five at once    DUME of all five experts
   five − removed  one expert removed from the five (no forward pass)
 
-The four- and five-expert models are built by clm_moerging_strategies_eval.py itself, in
-RUN_DIR/dynamic/: a scratch run directory whose experts/ and tokenizer/ link to the run's,
-so they are built exactly like Table 2's DUME without touching the run's own models,
-statistics cache or results. Every model is evaluated on every domain's test split.
+The four- and five-expert models are built by `dume.build.build_moe` (the library call
+under `dume build`) from the run's experts and training text, with Table 2's DUME settings,
+in RUN_DIR/dynamic/models, without touching the run's own models, statistics cache or
+results; the five-expert one must reproduce Table 2's DUME row (checked below). Every
+model is evaluated on every domain's test split.
 Writes RUN_DIR/results/dynamic/dynamic_experts.json (a subfolder, so Table 2's report,
 which reads results/*.json, gets no extra rows) and RUN_DIR/dynamic_table.md.
 """
@@ -38,28 +39,26 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def prepare_workdir(run: Run) -> Path:
-    """RUN_DIR/dynamic with experts/ and tokenizer/ linking to the run's own."""
-    work = run.run_dir / WORK
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("experts", "tokenizer"):
-        link = work / name
-        if not link.exists():
-            if link.is_symlink():  # a dangling link left by a moved run
-                link.unlink()
-            link.symlink_to(Path("..") / name, target_is_directory=True)
-    return work
+def build_dume(run: Run, args, domains: list[str], out: Path) -> None:
+    """DUME over `domains`' experts (Table 2's settings: λ 0.01, T 1, k 1, every token of
+    every training document), unless `out` already holds that model."""
+    from dume import data
+    from dume.build import build_moe
+    from dume.dynamic import DataSettings
+    from dume.io import atomic_dir, is_complete_checkpoint
+    from dume.recipe import RECIPE_FILE
 
-
-def strategies_argv(run: Run, args, work: Path, domains: list[str], tag: str | None) -> list[str]:
-    argv = ["--run-dir", str(work), "--source", run.source, "--seq-len", str(run.seq_len),
-            "--vocab-size", str(run.vocab_size), "--eval-batch-size", str(args.eval_batch_size),
-            "--stats-batch-size", str(args.stats_batch_size), "--method", "DUME", "--domains", ",".join(domains)]
-    for flag, value in (("--data-dir", run.data_dir), ("--tokenizer", run.tokenizer_name),
-                        ("--max-eval-blocks", run.max_eval_blocks), ("--tag", tag)):
-        if value is not None:
-            argv += [flag, str(value)]
-    return argv + (["--redo"] if args.redo else [])
+    experts = [run.expert_dir(d) for d in domains]
+    recipe = out / RECIPE_FILE
+    if not args.redo and is_complete_checkpoint(out) and recipe.is_file() and read_json(recipe).get("domains") == domains:
+        print(f"using {out}")
+        return
+    docs = {d: data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0] for d in domains}
+    with atomic_dir(out) as stage:
+        build_moe(experts, domains, docs, stage, run.tokenizer, strategy="DUME", max_len=run.seq_len,
+                  batch_size=args.stats_batch_size, data_source=f"{run.source}:train",
+                  extra_meta=DataSettings(source=run.source, data_dir=run.data_dir, seq_len=run.seq_len,
+                                          batch_size=args.stats_batch_size).provenance(run.tokenizer_fingerprint()))
 
 
 def evaluate(run: Run, path: Path, domains: list[str], experts: list[str], batch_size: int, label: str) -> dict:
@@ -67,7 +66,7 @@ def evaluate(run: Run, path: Path, domains: list[str], experts: list[str], batch
     domains that have an expert."""
     import torch
 
-    from dume.merge import load_moe
+    from dume.moe_edit import load_moe
     from dume.routing import routing_accuracy, routing_shares
 
     model = load_moe(path).eval()
@@ -96,7 +95,7 @@ def same_tensors(a: Path, b: Path) -> dict:
     import torch
 
     from dume.checkpoints import CheckpointReader
-    from dume.merge import read_gates
+    from dume.moe_edit import read_gates
 
     with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
         names = set(ra.keys())
@@ -108,7 +107,7 @@ def same_tensors(a: Path, b: Path) -> dict:
 
 def versus_table2(run: Run, perplexity: dict[str, float]) -> float | None:
     """Largest relative perplexity difference from the run's own DUME row (None if absent):
-    the all-at-once model here is built by the same script and must reproduce it."""
+    the all-at-once model here is built with the same settings and must reproduce it."""
     path = run.result_path("DUME")
     if not path.is_file():
         return None
@@ -138,7 +137,7 @@ def markdown(doc: dict) -> str:
               f"router max |Δ| {same['router_max_abs_diff']:.2e}",
               f"- keep-shared vs all at once: router max |Δ| {keep['router_max_abs_diff']:.2e} (its shared weights "
               f"are the {n - 1}-expert average, so its features and routers differ)",
-              f"- all at once vs Table 2's DUME row (results/DUME.json): max relative perplexity difference "
+              "- all at once vs Table 2's DUME row (results/DUME.json): max relative perplexity difference "
               + ("n/a" if c["all_at_once_vs_table2_DUME"] is None else f"{c['all_at_once_vs_table2_DUME']:.1e}"),
               "- time: the operation alone (statistics collection + writing the checkpoint); "
               "the strategies-built rows were not timed here"]
@@ -146,7 +145,6 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv=None):
-    import clm_moerging_strategies_eval as strategies
     from dume.dynamic import add_expert, remove_expert
 
     args = parse(argv)
@@ -161,13 +159,13 @@ def main(argv=None):
     experts_eval = read_result(run, "experts_eval", "clm_experts_eval.py")
     reference = {d: experts_eval["results"][f"{d}_expert"][d]["perplexity"] for d in domains}
     others = [d for d in domains if d != new]
-    work = prepare_workdir(run)
+    work = run.run_dir / WORK
     models = work / "models"
 
     tag = f"without_{new}"
-    strategies.main(strategies_argv(run, args, work, others, tag))
-    strategies.main(strategies_argv(run, args, work, domains, None))
-    base, new_expert, n = models / f"DUME_{tag}", work / "experts" / new, len(domains)
+    build_dume(run, args, others, models / f"DUME_{tag}")
+    build_dume(run, args, domains, models / "DUME")
+    base, new_expert, n = models / f"DUME_{tag}", run.expert_dir(new), len(domains)
     plan = {  # name: (label, how, experts, path, operation or None)
         "base": (f"DUME, {n - 1} experts", "scratch", others, base, None),
         "add_keep_shared": (f"{n - 1} + {new}", "add, keep-shared", domains, models / f"DUME_{tag}+{new}_keep-shared",

@@ -25,7 +25,7 @@ from dume import strategies  # the registry: every method's gates, defaults, nee
 from dume.cli import base_parser, run_main
 from dume.clm import Run, write_result
 from dume.errors import DumeError
-from dume.io import is_complete_checkpoint, read_json
+from dume.fingerprint import built_from
 
 METHODS = ("oracle", *strategies.names(routed=True))
 
@@ -119,13 +119,6 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     return stats
 
 
-def made_from_matches(model_dir, made_from: dict) -> bool:
-    """A reusable intermediate checkpoint: complete, and its config records the same
-    experts (by content fingerprint, not path) it would be built from now."""
-    return is_complete_checkpoint(model_dir) and all(
-        read_json(model_dir / "config.json").get(k) == v for k, v in made_from.items())
-
-
 def router_recipe(args, domains, experts) -> dict:
     """What a later tool needs to re-solve this router (add/remove an expert); written by
     `dume.recipe.write_recipe` (paths relative to the model directory + absolute)."""
@@ -141,7 +134,8 @@ def main(argv=None):
     from dume.checkpoints import check_experts
     from dume.io import atomic_dir, portable_path
     from dume.recipe import write_recipe
-    from dume.merge import load_moe, moerge_experts, set_gates, write_oracle
+    from dume.merge import moerge_experts, write_oracle
+    from dume.moe_edit import load_moe, set_gates
     from dume.router_training import mixed_blocks, train_routers
     from dume.routing import routing_accuracy, routing_shares
     from dume.train import TrainConfig, windows_budget
@@ -174,7 +168,7 @@ def main(argv=None):
         results = {}
         for i, d in enumerate(domains):
             path = model_dir / d
-            if args.redo or not made_from_matches(path, made_from):
+            if args.redo or not built_from(path, made_from):
                 write_oracle(experts, i, path, extra_config=made_from)
             results[d] = run.evaluate(run.load(path, "clm_moerging_strategies_eval.py"), [d],
                                       args.eval_batch_size, label=f"oracle[{d}]")[d]
@@ -187,7 +181,7 @@ def main(argv=None):
     # The MoErged model with zero gates, built once and reused by every router; rebuilt
     # when the experts' contents (or the domain set) differ from those it was made from.
     base_dir = run.model_dir(f"_moe_base{expert_set_key(run, domains)}")
-    if args.redo or not made_from_matches(base_dir, made_from):
+    if args.redo or not built_from(base_dir, made_from):
         moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1,
                        extra_config={**made_from, "dume_experts": [portable_path(e, base_dir) for e in experts]})
 

@@ -142,11 +142,9 @@ def main(argv=None):
 
 def _stale_because(result_path):
     """Why an existing result no longer belongs to its model or experts (None: it does)."""
-    from pathlib import Path
-
     from dume.errors import DumeError
-    from dume.fingerprint import fingerprint
-    from dume.io import is_complete_checkpoint, read_json
+    from dume.fingerprint import stale_because
+    from dume.io import read_json
 
     try:
         res = read_json(result_path)
@@ -155,12 +153,7 @@ def _stale_because(result_path):
                   **{f"{d} expert": (p, recorded["experts"][d]) for d, p in res["experts"].items()}}
     except (DumeError, KeyError, TypeError):
         return "it records no fingerprints of its model and experts (older or unreadable result)"
-    for label, (path, then) in checks.items():
-        if not is_complete_checkpoint(Path(path)):
-            return f"its {label} {path} is gone"
-        if fingerprint(path) != then:
-            return f"its {label} {path} changed since"
-    return None
+    return stale_because(checks)
 
 
 def _build(args, languages, device, dtype):
@@ -171,7 +164,8 @@ def _build(args, languages, device, dtype):
     import torch
 
     from dume.io import is_complete_checkpoint
-    from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, built_from, experts_made_from,
+    from dume.fingerprint import built_from
+    from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, experts_made_from,
                                 generate_dume_params, load_tokenizer_of, parse_experts, resolve_experts,
                                 router_training_documents)
     from dume.ridge import RidgeStats

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -369,7 +368,8 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     from dume.collect import collect_domain
-    from dume.merge import build_oracle_model, load_moe, moerge_experts
+    from dume.merge import build_oracle_model, moerge_experts
+    from dume.moe_edit import load_moe
     from dume.ridge import RidgeStats
     from dume.routers import random_gates
 

@@ -417,7 +417,7 @@ def main(argv=None):
       f"TF32 {tf32_state or 'n/a on a CPU'}, compile {'on' if args.compile else 'off'}")
     w(f"  checks   : initial loss plain {init_loss['plain']:.6f}, optimised {init_loss['optimised']:.6f} "
       f"(|diff| {abs(init_loss['plain'] - init_loss['optimised']):.2e}; same weights, same batch)")
-    w(f"  warmup   : " + ", ".join(f"{n} {t:.1f}s" for n, t in warm.items())
+    w("  warmup   : " + ", ".join(f"{n} {t:.1f}s" for n, t in warm.items())
       + (" (includes torch.compile)" if args.compile else ""))
     w("")
     w(f"  {'variant':<12}{'median s':>10}{'min s':>9}{'max s':>9}{'spread':>8}{'tokens/s':>11}"
@@ -443,7 +443,7 @@ def main(argv=None):
               f"{r['tokens_per_s']:>10.0f}{r['spread_pct']:>7.0f}%")
         big, small = max(args.vocab_compare), min(args.vocab_compare)
         tr = vocab["time_ratio_big_over_small"]
-        w(f"  (emb+head: embedding + lm_head share of the parameters; lm_head: its share of the FLOPs per token)")
+        w("  (emb+head: embedding + lm_head share of the parameters; lm_head: its share of the FLOPs per token)")
         w(f"  time at vocab {big} ÷ at {small}: {tr['median']:.2f} (range [{tr['min']:.2f}, {tr['max']:.2f}]); "
           f"the extra {big - small} vocabulary entries take {100 * vocab['extra_time_share']:.1f}% of the step")
         w(f"  vocabulary-dependent share of the step at {big} (linear in V from the two points: lm_head, "

@@ -100,6 +100,45 @@ class Architecture:
     def expert_tensor(self, layer: int, expert: int, proj: str) -> str:
         return self.expert_name.format(layer=layer, expert=expert, w=self.expert_proj[proj])
 
+    def moe_kind_of(self, name: str):
+        """For a tensor of this architecture's MoE checkpoint (as written): ("expert",
+        layer, expert, dense projection), ("router", layer) or ("shared",)."""
+        m = _template_regex(self.expert_name).match(name)
+        if m and m["w"] in self._proj_of_w:
+            return ("expert", int(m["layer"]), int(m["expert"]), self._proj_of_w[m["w"]])
+        m = _template_regex(self.gate_name).match(name)
+        if m:
+            return ("router", int(m["layer"]))
+        return ("shared",)
+
+    @property
+    def _proj_of_w(self) -> dict[str, str]:
+        return {w: proj for proj, w in self.expert_proj.items()}
+
+    def dense_mlp_name(self, layer: int, proj: str) -> str:
+        return f"model.layers.{layer}.mlp.{proj}.weight"
+
+    def dense_config(self, moe_config):
+        """The dense config of "shared weights + one expert's MLPs" of a MoE built by
+        `moe_config`: its inverse (every architectural field copied back, the expert
+        width as `intermediate_size`, no bias the MoE cannot hold)."""
+        cls = self.config_class(moe=False)
+        known = set(cls().to_dict()) | {"rope_parameters", "head_dim", "layer_types"}
+        kwargs = {f: getattr(moe_config, f) for f in (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS)
+                  if hasattr(moe_config, f) and f in known}
+        if isinstance(kwargs.get("rope_parameters"), dict):
+            kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
+        kwargs["intermediate_size"] = getattr(moe_config, self.expert_size_field)
+        for flag in self.incompatible_flags:
+            if flag in known:
+                kwargs[flag] = False
+        cfg = cls(**kwargs)
+        dtype = getattr(moe_config, "dtype", None)
+        if dtype is not None:
+            cfg.dtype = dtype
+        cfg.architectures = [self.dense_class]
+        return cfg
+
     def config_class(self, moe: bool):
         import transformers
 
@@ -164,7 +203,39 @@ ARCHITECTURES: dict[str, Architecture] = {
                       "output_router_logits": False, "router_aux_loss_coef": 0.0},
         num_experts_field="num_experts", expert_size_field="moe_intermediate_size"),
 }
-MOE_TYPES = {a.moe_type: a for a in ARCHITECTURES.values()}
+# Which dense record a MoE checkpoint is read back as (its experts' dense class): the
+# first record per MoE type; a Mixtral with a sliding window reads back as Mistral.
+MOE_TYPES = {a.moe_type: a for a in reversed(ARCHITECTURES.values())}
+
+
+_REGEX_CACHE: dict[str, re.Pattern] = {}
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """`model.layers.{layer}.x.{expert}.{w}.weight` -> a compiled regex with named groups."""
+    if template not in _REGEX_CACHE:
+        pattern = re.escape(template)
+        for key, group in (("layer", r"(?P<layer>\d+)"), ("expert", r"(?P<expert>\d+)"), ("w", r"(?P<w>\w+)")):
+            pattern = pattern.replace(re.escape("{" + key + "}"), group)
+        _REGEX_CACHE[template] = re.compile(f"^{pattern}$")
+    return _REGEX_CACHE[template]
+
+
+# The MoE classes' in-memory names (fused experts, routers) as `state_dict()` gives them.
+_IN_MEMORY_ROUTED = r"^model\.layers\.\d+\.mlp\.(experts\.|gate\.)"
+
+
+def is_routed(name: str) -> bool:
+    """True for the tensors MoErging does not share: a dense MLP of any supported
+    architecture, a MoE checkpoint's experts and routers as written, and a MoE model's
+    in-memory experts and routers. Everything else (embeddings, attention, norms) is
+    shared. The one answer every module uses (fingerprints, merges, edits)."""
+    if re.match(_IN_MEMORY_ROUTED, name):
+        return True
+    for a in ARCHITECTURES.values():
+        if a.mlp_match(name) or a.moe_kind_of(name)[0] != "shared":
+            return True
+    return False
 # Names a router may be stored under when reading (written names first, then in-memory ones).
 GATE_NAMES = tuple(dict.fromkeys([a.gate_name for a in ARCHITECTURES.values()]
                                  + ["model.layers.{layer}.mlp.gate.weight"]))
@@ -181,7 +252,12 @@ def architecture(dense_type: str | None) -> Architecture:
     return ARCHITECTURES[dense_type]
 
 
-def moe_architecture(moe_type: str | None) -> Architecture:
+def moe_architecture(moe_type_or_config) -> Architecture:
+    """The record a MoE checkpoint belongs to, from its `model_type` or its config (a
+    Mixtral config with a sliding window is Mistral's)."""
+    moe_type = getattr(moe_type_or_config, "model_type", moe_type_or_config)
+    if moe_type == "mixtral" and getattr(moe_type_or_config, "sliding_window", None):
+        return ARCHITECTURES["mistral"]
     if moe_type not in MOE_TYPES:
         raise DumeError(f"model_type {moe_type!r} is not a supported MoE; supported: "
                         f"{', '.join(a.moe_class + ' (' + t + ')' for t, a in MOE_TYPES.items())}")

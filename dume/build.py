@@ -12,7 +12,8 @@
     num_dume_tokens: null    # all tokens of each document
     dtype: auto              # auto | float32 | bfloat16 (the forward passes of the collection)
     out: path/to/moe
-    # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto)
+    # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto),
+    #           max_shard_size (5GB: the largest safetensors file written)
 
 Everything is checked before heavy work (keys and values, the experts' compatibility,
 each expert's data). Then each domain's documents go through its oracle (averaged shared
@@ -41,7 +42,7 @@ from .errors import DumeError
 GATES = {"dume": "DUME", "centroid": "centroid", "random": "random_routing"}
 DTYPES = ("auto", "float32", "bfloat16")
 TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
-            "batch_size", "held_out", "seed", "device"}
+            "batch_size", "held_out", "seed", "device", "max_shard_size"}
 EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs"}
 MAX_HELD_OUT = 64
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -72,6 +73,7 @@ class BuildSpec:
     held_out: float = 0.05
     seed: int = 0
     device: str = "auto"
+    max_shard_size: int = 5 * 10**9
     source: Path | None = field(default=None, compare=False)
 
 
@@ -149,6 +151,12 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
     device = raw.get("device", "auto")
     if not isinstance(device, str):
         raise DumeError(f"{where}: device must be a string (auto, cpu, cuda, cuda:0), got {device!r}")
+    from .shards import parse_size
+
+    try:
+        max_shard_size = parse_size(raw.get("max_shard_size", "5GB"))
+    except DumeError as e:
+        raise DumeError(f"{where}: {e}") from None
     out = raw["out"]
     if not isinstance(out, str) or not out.strip():
         raise DumeError(f"{where}: 'out' must be a path")
@@ -160,7 +168,8 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
         num_dume_tokens=_int(f"{where}: num_dume_tokens", raw.get("num_dume_tokens"), allow_none=True),
         dtype=dtype, seq_len=_int(f"{where}: seq_len", raw.get("seq_len", 1024)),
         batch_size=_int(f"{where}: batch_size", raw.get("batch_size", 8)), held_out=float(held),
-        seed=_int(f"{where}: seed", raw.get("seed", 0), minimum=0), device=device, source=source)
+        seed=_int(f"{where}: seed", raw.get("seed", 0), minimum=0), device=device, max_shard_size=max_shard_size,
+        source=source)
 
 
 def load_spec(path: str | os.PathLike) -> BuildSpec:
@@ -260,13 +269,10 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
     """Run the whole build; return the summary written into the model card."""
     import torch
 
-    from .checkpoints import check_experts, model_fingerprint
-    from .collect import collect_statistics
+    from .checkpoints import check_experts
     from .io import atomic_dir, atomic_write_json, atomic_write_text
-    from .merge import moerge_experts
+    from .memory import release_memory
     from .reasoning import resolve_expert
-    from .recipe import write_recipe
-    from .strategies import REGISTRY, GateContext, make_gates
     from .tokenizer import load_tokenizer
 
     out = Path(spec.out)
@@ -293,31 +299,16 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
         spec.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     cfg = es.config
     max_len = min(spec.seq_len, cfg.max_position_embeddings)
-    # The statistics need only the oracles (built in memory from the experts), so the
-    # routers are solved first and the MoE is written once, with them, by the streaming
-    # merge: no intermediate checkpoint, no shard rewritten to set the gates.
-    stats = counts = None
-    strategy = REGISTRY[GATES[spec.gate]]
-    if strategy.needs_statistics:
-        stats, counts = collect_statistics(
-            dirs, names, docs, tokenizer, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
-            batch_size=spec.batch_size, device=device, dtype=dtype, data_source="dume build",
-            extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size})
-    gates = make_gates(strategy.name, stats, GateContext(
-        num_layers=cfg.num_hidden_layers, num_experts=len(dirs), hidden_size=cfg.hidden_size, lam=spec.lam,
-        temperature=spec.temperature, seed=spec.seed))
-    recipe = {"method": strategy.name, "domains": names, "experts": [str(d) for d in dirs], "lambda": spec.lam,
-              "relative_lambda": False, "temperature": spec.temperature, "k": spec.k,
-              "num_dume_tokens": spec.num_dume_tokens, "trained_steps": 0}
     with atomic_dir(out, overwrite=overwrite) as stage:
         log(f"MoErging {len(dirs)} {es.arch.dense_class} experts into a {es.arch.moe_class}")
-        moerge_experts(dirs, stage, gates=gates, num_experts_per_tok=spec.k, extra_config={"dume_domains": names})
-        if stats is not None:
-            # the sums belong to this MoE's shared weights (those of every oracle)
-            stats.model_fingerprint = model_fingerprint(stage)
-            stats.save(stage / "dume_stats")
-        write_recipe(stage, recipe)  # a sibling of `out`: the same relative paths
-        shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device)
+        stats, counts = build_moe(
+            dirs, names, docs, stage, tokenizer, strategy=GATES[spec.gate], k=spec.k, lam=spec.lam,
+            temperature=spec.temperature, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
+            batch_size=spec.batch_size, device=device, dtype=dtype, seed=spec.seed,
+            max_shard_size=spec.max_shard_size, data_source="dume build",
+            extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size}, log=log)
+        release_memory()
+        shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device, dtype)
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
                                 "documents": len(docs[e.name]), "held_out": len(held[e.name]),
                                 "tokens": (counts or {}).get(e.name)} for e in spec.experts],
@@ -333,19 +324,71 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
     return summary
 
 
+def build_moe(expert_dirs, domains, docs, out, tokenizer, *, strategy: str = "DUME", k: int = 1, lam: float = 0.01,
+              temperature: float = 1.0, num_dume_tokens: int | None = None, max_len: int = 1024,
+              batch_size: int = 8, device: str = "cpu", dtype=None, seed: int = 0, relative_lambda: bool = False,
+              max_shard_size: int = 5 * 10**9, data_source: str = "", extra_meta: dict | None = None, log=print):
+    """The library call under `dume build` and the recipes that build a training-free MoE
+    from experts + text: statistics (`dume.collect`, if the strategy needs them), gates
+    (`dume.strategies`), one streamed merge with those gates (`dume.merge`), and beside
+    the weights the statistics (`dume_stats/`, stamped with the MoE's shared-weight
+    fingerprint) and the recipe (`dume_router.json`), so `dume.dynamic` can edit it.
+
+    The statistics need only the oracles (built in memory from the experts), so the
+    routers are solved first and the MoE is written once, with them: no intermediate
+    checkpoint, no shard rewritten to set the gates. `out` is written in place (wrap the
+    call in `dume.io.atomic_dir`). Returns (RidgeStats or None, {domain: tokens})."""
+    from .checkpoints import check_experts, model_fingerprint
+    from .collect import collect_statistics
+    from .memory import release_memory
+    from .merge import moerge_experts
+    from .recipe import write_recipe
+    from .strategies import REGISTRY, GateContext, make_gates
+
+    es = check_experts(expert_dirs, require_mixtral_compatible=True)
+    entry = REGISTRY[strategy]
+    if entry.trains_router:
+        raise DumeError(f"{strategy} trains its routers; build_moe makes training-free MoEs only")
+    stats = counts = None
+    if entry.needs_statistics:
+        stats, counts = collect_statistics(
+            expert_dirs, domains, docs, tokenizer, num_dume_tokens=num_dume_tokens, max_len=max_len,
+            batch_size=batch_size, device=device, dtype=dtype, data_source=data_source, extra_meta=extra_meta,
+            log=log)
+    cfg = es.config
+    gates = make_gates(strategy, stats, GateContext(
+        num_layers=cfg.num_hidden_layers, num_experts=len(expert_dirs), hidden_size=cfg.hidden_size, lam=lam,
+        temperature=temperature, relative_lambda=relative_lambda, seed=seed))
+    out = Path(out)
+    moerge_experts(expert_dirs, out, gates=gates, num_experts_per_tok=k, extra_config={"dume_domains": list(domains)},
+                   max_shard_size=max_shard_size, overwrite=True)
+    if stats is not None:
+        # the sums belong to this MoE's shared weights (those of every oracle)
+        stats.model_fingerprint = model_fingerprint(out)
+        stats.save(out / "dume_stats")
+    write_recipe(out, {"method": strategy, "domains": list(domains), "experts": [str(d) for d in expert_dirs],
+                       "lambda": lam, "relative_lambda": relative_lambda, "temperature": temperature, "k": k,
+                       "num_dume_tokens": num_dume_tokens, "trained_steps": 0})
+    release_memory()
+    return stats, counts
+
+
 def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_len: int, batch_size: int,
-                     device: str) -> dict | None:
+                     device: str, dtype) -> dict | None:
     """{domain: {"own": share of its held-out tokens routed to its own expert (mean over
-    layers), "per_layer": [[share per expert] per layer]}}; None without held-out text."""
+    layers), "per_layer": [[share per expert] per layer]}}; None without held-out text.
+
+    The only step that holds the whole MoE in memory (loaded as a user would load it);
+    `held_out: 0` skips it."""
     import torch
 
     from .data import document_batches
-    from .merge import load_moe
+    from .moe_edit import load_moe
     from .routing import routing_accuracy, routing_shares
 
     if not any(held.values()):
         return None
-    model = load_moe(moe_dir, dtype=torch.float32).to(device)
+    model = load_moe(moe_dir, dtype=dtype).to(device)
     blocks = {}
     for d, texts in held.items():
         batches = list(document_batches(texts, tokenizer, max_len, batch_size))

@@ -20,17 +20,15 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME  # noqa: F401 (transformers' own file names)
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_NAME
 
 # Which config fields must match across experts, and which may differ, live with the
 # architectures (re-exported here for the merge).
-from .architectures import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS  # noqa: F401
+from .architectures import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, is_routed  # noqa: F401
 from .errors import DumeError
 from .io import read_json
-
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-GENERATION_CONFIG_NAME = "generation_config.json"
 
 # Every file a Hugging Face tokenizer may be saved as; copied verbatim into merged models.
 TOKENIZER_FILES = (
@@ -58,10 +56,6 @@ TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
 # enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
 TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
 
-# Substrings that mark the routed (per-expert) part of a tensor name, in a dense Llama
-# (`.mlp.gate_proj`), a saved Mixtral (`.block_sparse_moe.`) and a Mixtral in memory
-# (`.mlp.experts.*`, `.mlp.gate.`). Everything else is "shared".
-ROUTED_MARKERS = (".mlp.", ".block_sparse_moe.")
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -232,16 +226,20 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, as a private copy.
 
-        `safe_open(...).get_tensor` returns a view of a private memory map that stays
-        alive with the handle: writing into it (an in-place `add_`) would change what
-        later reads of the same name return and pin copy-on-write pages until the
-        reader closes. Copying costs one tensor and makes the result the caller's.
+        `safe_open(...).get_tensor` returns a view of a memory map of the whole file. The
+        map is opened for this one read and closed after the copy: the file pages a read
+        touches count in the process's resident memory for as long as the map lives, so
+        a reader kept open over a merge held every expert's file (measured with
+        `bench/build_memory.py`: a 3-expert build's peak fell by the experts' total size).
+        The copy also makes the result the caller's (an in-place `add_` cannot reach the
+        file's pages). Headers are read once, by the handles `keys`/`shape` use.
         """
         fname = self.weight_map.get(name)
         if fname is None:
             raise DumeError(f"{self.path}: no tensor named {name}")
         try:
-            return self._handle(fname).get_tensor(name).clone()
+            with safe_open(str(self.path / fname), framework="pt", device="cpu") as f:
+                return f.get_tensor(name).clone()
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise DumeError(f"corrupted safetensors file {self.path / fname}: {e}") from e
 
@@ -424,11 +422,6 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
 
 
 # ----------------------------------------------------------------------- fingerprints
-
-
-def is_routed(name: str) -> bool:
-    """True for MLP / expert / router tensors, the part MoErging does not share."""
-    return any(m in name for m in ROUTED_MARKERS)
 
 
 def model_fingerprint(source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module) -> str:

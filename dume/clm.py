@@ -146,7 +146,7 @@ class Run:
         return True
 
     def _stale_because(self, path: Path, inputs: Mapping[str, Path], models: Mapping[str, Path]) -> str | None:
-        from .fingerprint import fingerprint
+        from .fingerprint import stale_because
 
         try:
             stored = read_json(path).get("fingerprints")
@@ -156,14 +156,8 @@ class Run:
             return None
         if not isinstance(stored, dict):
             return "it records no fingerprints of what it was computed from (older run)"
-        for kind, deps in (("inputs", inputs), ("models", models)):
-            for label, dep in deps.items():
-                if not is_complete_checkpoint(dep):
-                    return f"its {label} {dep} is missing"
-                now, then = fingerprint(dep), (stored.get(kind) or {}).get(label)
-                if now != then:
-                    return f"it was computed from another {label} (fingerprint {then} != {now} now)"
-        return None
+        return stale_because({label: (dep, (stored.get(kind) or {}).get(label))
+                              for kind, deps in (("inputs", inputs), ("models", models)) for label, dep in deps.items()})
 
     def begin(self, name: str, inputs: Mapping[str, Path] | None = None) -> dict[str, str]:
         """Mark result `name` as being computed and return its inputs' fingerprints (taken

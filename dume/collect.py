@@ -98,6 +98,7 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
     `max_batches`). The shared weights are averaged once for all domains. Returns
     (RidgeStats, {domain: tokens counted per layer})."""
     from .data import document_batches
+    from .memory import release_memory
     from .merge import build_oracle_model, shared_state_dict
     from .ridge import RidgeStats
 
@@ -119,4 +120,7 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
                                    num_dume_tokens, max_batches)
         log(f"statistics {d}: {counts[d]} tokens per layer")
         del model
+        release_memory()
+    del shared
+    release_memory()
     return stats, counts

@@ -124,7 +124,7 @@ def mlp_fingerprint(source: str | Path, expert: int | None = None) -> str:
     """A short hash of one expert's MLPs, the same whether they sit in a dense Llama
     (expert=None) or in slot `expert` of a Mixtral: statistics record which MLPs they
     were collected through, which the shared-weight fingerprint cannot tell."""
-    from .merge import expert_mlp_state_dict
+    from .moe_edit import expert_mlp_state_dict
 
     h = hashlib.sha256()
     for name, t in sorted(expert_mlp_state_dict(source, expert).items()):
@@ -316,12 +316,28 @@ def current_shard() -> Shard:
     return Shard(state.process_index, state.num_processes, state.device)
 
 
-def _all_reduce_sum(tensors: Sequence[torch.Tensor], shard: Shard) -> None:
-    if shard.world > 1:
-        import torch.distributed as dist
+def _my_documents(docs: Sequence[str], shard: Shard) -> list[str]:
+    """This process's contiguous share of the documents (accelerate's
+    `split_between_processes`; every document once over all processes)."""
+    if shard.world <= 1:
+        return list(docs)
+    from accelerate import PartialState
 
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    with PartialState().split_between_processes(list(docs)) as mine:
+        return list(mine)
+
+
+def _all_reduce_sum(tensors: Sequence[torch.Tensor], shard: Shard) -> None:
+    """Sum each tensor over the processes in place (accelerate's `reduce`). It returns a
+    summed copy, so the statistics are reduced one layer at a time: the transient copy is
+    one [H, H] block, not the whole [L, H, H] (2 GB in float64 for a 3B model)."""
+    if shard.world <= 1:
+        return
+    from accelerate.utils import reduce
+
+    for t in tensors:
+        for part in (t if t.dim() >= 2 else [t]):
+            part.copy_(reduce(part, reduction="sum"))
 
 
 # ------------------------------------------------------------------------- collection
@@ -329,7 +345,7 @@ def _all_reduce_sum(tensors: Sequence[torch.Tensor], shard: Shard) -> None:
 
 def collect_into(model, stats: RidgeStats, domain: str, docs: Sequence[str], tokenizer, settings: DataSettings,
                  shard: Shard = Shard()) -> int:
-    """Add this process's shard (docs[rank::world]) of `domain` into `stats`, then sum the
+    """Add this process's share of `domain`'s documents into `stats`, then sum the
     statistics of all processes. Returns the tokens counted per layer, over all processes.
 
     With several processes the whole of `stats` is summed, so it must hold nothing but
@@ -338,7 +354,7 @@ def collect_into(model, stats: RidgeStats, domain: str, docs: Sequence[str], tok
     from . import data
     from .collect import collect_domain
 
-    mine = list(docs[shard.rank::shard.world])
+    mine = _my_documents(docs, shard)
     error = None
     if mine:
         try:
@@ -397,7 +413,7 @@ def plan_collect(moe_dir: str | Path, domain: str, expert_dir: str | Path | None
     or a new checkpoint that must fit the MoE), the tokenizer and the data. The settings
     default to those of the MoE's stored statistics, so the sums are comparable."""
     from .checkpoints import load_config, model_fingerprint
-    from .merge import check_expert_fits_moe
+    from .moe_edit import check_expert_fits_moe
     from .models import check_tokenizer_matches
 
     moe_dir = Path(moe_dir)
@@ -438,7 +454,7 @@ def collect_stats(plan: CollectPlan, shard: Shard | None = None) -> RidgeStats:
     """One domain's statistics through "the MoE's shared weights + that expert's MLPs",
     with only the MoE (and the new expert) and the domain's data: what an owner computes
     alone. Under `accelerate launch` every process gets the summed result."""
-    from .merge import build_dense_from_moe
+    from .moe_edit import build_dense_from_moe
 
     shard = shard or current_shard()
     model = build_dense_from_moe(plan.moe_dir, plan.expert).to(shard.device)
@@ -479,7 +495,8 @@ def _with_experts(stats: RidgeStats, recipe: dict) -> RidgeStats:
 def shared_drift(moe_dir: str | Path, expert_dir: str | Path) -> float:
     """‖expert's non-MLP weights − the MoE's shared ones‖ / ‖the MoE's shared ones‖ (all
     tensors together): how much of the new expert keep-shared mode leaves out."""
-    from .checkpoints import CheckpointReader, is_routed
+    from .architectures import is_routed
+    from .checkpoints import CheckpointReader
 
     num = den = 0.0
     with CheckpointReader(moe_dir) as moe, CheckpointReader(expert_dir) as rd:
@@ -493,7 +510,7 @@ def shared_drift(moe_dir: str | Path, expert_dir: str | Path) -> float:
 
 
 def _check_new_domain(old: DumeModel, domain: str, expert_dir: str | Path) -> list[str]:
-    from .merge import check_expert_fits_moe
+    from .moe_edit import check_expert_fits_moe
 
     if not domain:
         raise DumeError("the new domain needs a name")
@@ -521,7 +538,7 @@ def add_keep_shared(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path
                     notes: list[str]) -> dict:
     """New MoE = the old one's tensors + the new expert's MLPs as expert D; statistics =
     stored + new; routers re-solved. Shared weights stay the old average."""
-    from .merge import write_moe_experts
+    from .moe_edit import write_moe_experts
 
     stats, more = combine_stats([old.stats, new_stats])
     shared_of = old.recipe.get("shared_average_of", old.recipe["experts"])
@@ -627,7 +644,7 @@ def add_expert(moe_dir: str | Path, expert_dir: str | Path, domain: str, out_dir
 def remove_expert(moe_dir: str | Path, domain: str, out_dir: str | Path, *, overwrite: bool = False) -> dict:
     """The MoE without `domain`'s expert and statistics, routers re-solved: exactly DUME
     built from the other experts' statistics with the same shared weights. No forward."""
-    from .merge import write_moe_experts
+    from .moe_edit import write_moe_experts
 
     old = open_dume(moe_dir)
     j = old.index(domain)
@@ -679,7 +696,7 @@ def parse_weights(text: str) -> dict[str, float]:
 def reweight_domains(moe_dir: str | Path, weights: dict[str, float], out_dir: str | Path, *,
                      overwrite: bool = False) -> dict:
     """Same experts, each listed domain's statistics scaled by its weight, routers re-solved."""
-    from .merge import write_moe_experts
+    from .moe_edit import write_moe_experts
 
     old = open_dume(moe_dir)
     for d in weights:

@@ -140,3 +140,33 @@ def require_finite(path: str | os.PathLike, label: str | None = None) -> Content
         raise DumeError(f"{label or path}: tensor {fp.nonfinite[0]} has non-finite values (NaN or inf){more}; "
                         "refusing to merge or evaluate it")
     return fp
+
+
+# ------------------------------------------------- is a stored thing still what it claims
+
+
+def stale_because(recorded: dict[str, tuple[str | os.PathLike, str | None]]) -> str | None:
+    """Why a stored result no longer belongs to what it was computed from, or None.
+
+    `recorded` maps a label ("model", "code expert", ...) to (checkpoint path, the
+    fingerprint the result recorded for it). The one check behind every "skip what is
+    done" (the CLM scripts' `Run.done`, reasoning_eval.py)."""
+    from .io import is_complete_checkpoint
+
+    for label, (path, then) in recorded.items():
+        if not is_complete_checkpoint(Path(path)):
+            return f"its {label} {path} is missing"
+        now = fingerprint(path)
+        if now != then:
+            return f"it was computed from another {label} (fingerprint {then} != {now} now)"
+    return None
+
+
+def built_from(model_dir: str | os.PathLike, made_from: dict) -> bool:
+    """A reusable built checkpoint: complete, and its config.json records the same
+    `made_from` attributes (e.g. the experts' content fingerprints) it would be built
+    from now -- so a moved run reuses it and an edited expert rebuilds it."""
+    from .io import is_complete_checkpoint, read_json
+
+    return is_complete_checkpoint(Path(model_dir)) and all(
+        read_json(Path(model_dir) / "config.json").get(k) == v for k, v in made_from.items())

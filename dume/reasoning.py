@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .errors import DumeError
+from .fingerprint import built_from
 from .io import atomic_write_json, is_complete_checkpoint, read_json
 from .strategies import REGISTRY as _REGISTRY
 from .tasks import DOMAINS
@@ -279,7 +280,7 @@ def train_router_model(model_dir: Path, base_dir: Path, strategy: str, docs: Map
     import torch
 
     from .data import pack_documents
-    from .merge import load_moe, set_gates
+    from .moe_edit import load_moe, set_gates
     from .router_training import mixed_blocks, train_routers
     from .train import TrainConfig
 
@@ -309,7 +310,8 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
     """The checkpoint directory of `strategy` (built under `work_dir` unless it is an
     expert). `task` picks the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+
     need `train_docs` and `tokenizer`. Existing complete checkpoints are reused."""
-    from .merge import average_experts, set_gates, write_oracle
+    from .merge import average_experts, write_oracle
+    from .moe_edit import set_gates
 
     if strategy not in STRATEGIES:
         raise DumeError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -388,12 +390,6 @@ def experts_made_from(experts: Mapping[str, Path]) -> dict:
     return {"dume_expert_fingerprints": list(es.fingerprints)}
 
 
-def built_from(model_dir: Path, made_from: dict) -> bool:
-    """A complete checkpoint whose config records these experts' fingerprints."""
-    return is_complete_checkpoint(model_dir) and all(
-        read_json(Path(model_dir) / "config.json").get(k) == v for k, v in made_from.items())
-
-
 def load_tokenizer_of(expert_dir: Path):
     from .tokenizer import load_tokenizer
 
@@ -429,7 +425,7 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
     metadata JSON (`dume_params.json`) in `out_dir`. Returns the metadata."""
     from .checkpoints import check_experts
     from .io import atomic_dir
-    from .merge import set_gates
+    from .moe_edit import set_gates
     from .routers import dume_gates
 
     check_router_settings(lam=lam, k=k, temperature=temperature, num_dume_tokens=num_dume_tokens,

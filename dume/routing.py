@@ -1,56 +1,39 @@
 """Where tokens go: per layer, the share of each domain's tokens that each expert
 receives as its top-1 choice. The diagonal share is the per-token routing accuracy, the
-diagnostic that says why a router wins or loses (docs/design.md §4)."""
+diagnostic that says why a router wins or loses (docs/design.md §4).
+
+The routers' logits come from the MoE model itself (`output_router_logits=True`, which
+Mixtral and Qwen3-MoE return per layer); the top-1 expert is chosen exactly as their
+routers choose: top-k of the float32 softmax, first index.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-class RoutingRecorder:
-    """Hooks every Mixtral router and counts top-1 choices of real (non-padding) tokens."""
-
-    def __init__(self, model):
-        self.layers = model.model.layers
-        cfg = model.config
-        self.num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
-        self.counts = torch.zeros(len(self.layers), self.num_experts, dtype=torch.long)
-        self.mask: torch.Tensor | None = None
-        self._handles = [layer.mlp.gate.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
-
-    def _hook(self, index):
-        def hook(module, args, output):
-            top1 = output[2][:, 0].detach().cpu()
-            if self.mask is not None:
-                top1 = top1[self.mask.reshape(-1).bool().cpu()]
-            self.counts[index] += torch.bincount(top1, minlength=self.num_experts)
-        return hook
-
-    def reset(self):
-        self.counts.zero_()
-
-    def close(self):
-        for h in self._handles:
-            h.remove()
-
-
 @torch.no_grad()
 def routing_shares(model, blocks_by_domain: dict, batch_size: int = 32) -> dict:
-    """{domain: [layer][expert] share of that domain's tokens} on the given blocks."""
+    """{domain: [layer][expert] share of that domain's real (non-padding) tokens} on the
+    given (input_ids, attention_mask) blocks."""
     model.eval()
     device = next(model.parameters()).device
-    recorder = RoutingRecorder(model)
+    cfg = model.config
+    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
     out = {}
-    try:
-        for domain, (ids, mask) in blocks_by_domain.items():
-            recorder.reset()
-            for i in range(0, len(ids), batch_size):
-                recorder.mask = mask[i:i + batch_size]
-                model(input_ids=ids[i:i + batch_size].to(device), attention_mask=recorder.mask.to(device))
-            totals = recorder.counts.sum(dim=1, keepdim=True).clamp(min=1)
-            out[domain] = (recorder.counts.double() / totals).tolist()
-    finally:
-        recorder.close()
+    for domain, (ids, mask) in blocks_by_domain.items():
+        counts = torch.zeros(cfg.num_hidden_layers, num_experts, dtype=torch.long)
+        for i in range(0, len(ids), batch_size):
+            m = mask[i:i + batch_size]
+            res = model(input_ids=ids[i:i + batch_size].to(device), attention_mask=m.to(device),
+                        output_router_logits=True, logits_to_keep=1)
+            keep = m.reshape(-1).bool()
+            for layer, logits in enumerate(res.router_logits):
+                probs = torch.softmax(logits.float(), dim=-1)
+                top1 = torch.topk(probs, cfg.num_experts_per_tok, dim=-1).indices[:, 0].cpu()
+                counts[layer] += torch.bincount(top1[keep], minlength=num_experts)
+        totals = counts.sum(dim=1, keepdim=True).clamp(min=1)
+        out[domain] = (counts.double() / totals).tolist()
     return out
 
 

@@ -166,3 +166,37 @@ def test_mixed_architectures_are_refused(tmp_path):
     _qwen3().save_pretrained(tmp_path / "b")
     with pytest.raises(DumeError, match="model_type is 'qwen3', expected 'llama'"):
         check_experts([tmp_path / "a", tmp_path / "b"])
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_editing_a_moe_works_for_every_architecture(kind, tmp_path):
+    """dume.moe_edit reads the same records: a MoE of experts 0, 1 extended with expert 2
+    equals the MoE of all three (routers given), dropping expert 0 equals the MoE of 1, 2,
+    and "shared weights + expert e" read back from the MoE equals the oracle of e."""
+    from transformers import AutoModelForCausalLM
+
+    from dume.merge import build_oracle_model, moerge_experts
+    from dume.moe_edit import (build_dense_from_moe, drop_experts, expert_mlp_state_dict, extend_moe,
+                               moe_shared_state_dict)
+
+    dirs = _experts(kind, tmp_path)
+    gates3 = _gates(2, 3, 32)
+    full = moerge_experts(dirs, tmp_path / "full", gates=gates3)
+    two = moerge_experts(dirs[:2], tmp_path / "two", gates=[g[:2] for g in gates3], weights=None)
+    # keep-shared: the extended MoE keeps the two-expert average, so compare it with a MoE
+    # of all three whose shared tensors are that average (weights 1, 1, 0)
+    ref = moerge_experts(dirs, tmp_path / "ref", gates=gates3, weights=[1, 1, 0])
+    extended = extend_moe(two, [dirs[2]], tmp_path / "extended", gates=gates3)
+    ids = _ids()[:, :100]
+    assert (_logits(extended, ids) - _logits(ref, ids)).abs().max().item() < 1e-5
+    dropped = drop_experts(full, [0], tmp_path / "dropped", gates=[g[1:] for g in gates3])
+    assert type(AutoModelForCausalLM.from_pretrained(str(dropped))).__name__ == BUILDERS[kind][1]
+    for new, old in ((0, 1), (1, 2)):
+        a, b = expert_mlp_state_dict(dropped, new), expert_mlp_state_dict(full, old)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert moe_shared_state_dict(dropped).keys() == moe_shared_state_dict(full).keys()
+    for e in range(3):
+        dense = build_dense_from_moe(full, e)
+        oracle = build_oracle_model(dirs, e, dtype=torch.float32)
+        assert type(dense).__name__ == type(oracle).__name__
+        assert (_logits(dense, ids) - _logits(oracle, ids)).abs().max().item() < 1e-5

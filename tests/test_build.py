@@ -57,7 +57,7 @@ def test_build_writes_a_standard_checkpoint_with_its_recipe_and_card(setup):
     from dume.cli import main
     from dume.collect import collect_statistics
     from dume.dynamic import open_dume
-    from dume.merge import read_gates
+    from dume.moe_edit import read_gates
     from dume.routers import dume_gates
 
     root, tok = setup

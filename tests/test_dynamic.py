@@ -21,8 +21,9 @@ import torch
 
 import clm_moerging_strategies_eval as strategies
 import dume_experts
-from dume.checkpoints import CheckpointReader, is_routed
-from dume.merge import read_gates
+from dume.architectures import is_routed
+from dume.checkpoints import CheckpointReader
+from dume.moe_edit import read_gates
 from dume.ridge import RidgeStats
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)

@@ -23,15 +23,13 @@ from dume.errors import DumeError
 from dume.merge import (
     average_experts,
     build_oracle_model,
-    load_moe,
     moe_config,
     moerge_experts,
     oracle_state_dict,
-    read_gates,
-    set_gates,
     shared_state_dict,
     write_oracle,
 )
+from dume.moe_edit import load_moe, read_gates, set_gates
 
 D = 3
 TINY = dict(

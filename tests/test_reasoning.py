@@ -114,7 +114,7 @@ def test_generate_params_says_where_statistics_come_from(setting, capsys):
 def test_every_strategy_builds_a_loadable_checkpoint(setting):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausalLM
 
-    from dume.merge import read_gates
+    from dume.moe_edit import read_gates
     from dume.reasoning import STRATEGIES, build_strategy, collect_statistics, statistics_documents
     from dume.routers import dume_gates
 

@@ -125,7 +125,7 @@ def test_mlp_only_change_recomputes_statistics_and_result(tmp_path, strategy_run
     i = new_stats.domains.index("math")
     assert not torch.allclose(new_stats.s[1, :, i], old_stats.s[1, :, i])
     # The MoE base was rebuilt with the new MLP, so the DUME model holds it.
-    from dume.merge import expert_mlp_state_dict
+    from dume.moe_edit import expert_mlp_state_dict
 
     mlp = expert_mlp_state_dict(run_dir / "models" / "DUME", expert=1)
     assert torch.equal(mlp[DOWN], load_file(str(run_dir / "experts" / "math" / "model.safetensors"))[DOWN])
@@ -228,7 +228,7 @@ def test_sigkill_during_btx_redo_keeps_the_previous_model_then_a_plain_rerun_fin
 def test_result_whose_model_changed_is_recomputed(tmp_path, strategy_run, corpus_dir, capsys):
     """The window between promoting a model and writing its results (or any later edit of
     the model) is caught by the model fingerprint the results record."""
-    from dume.merge import read_gates, set_gates
+    from dume.moe_edit import read_gates, set_gates
 
     run_dir = copy_run(strategy_run, tmp_path / "run")
     model_dir = run_dir / "models" / "random_routing"

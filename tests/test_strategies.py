@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 import clm_moerging_strategies_eval as strategies
-from dume.merge import read_gates
+from dume.moe_edit import read_gates
 from dume.ridge import RidgeStats
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
