@@ -7,12 +7,11 @@ child process whose peak RSS is read from `getrusage(RUSAGE_CHILDREN)`. Printed 
 one expert's file size, the MoE's largest safetensors shard, the statistics on disk, and
 the RSS of a process that only imports torch + transformers (the floor).
 
-Each size is built twice: with the default held-out routing check (which loads the
-finished MoE once through `from_pretrained`, as a user would) and with `held_out: 0`
-(statistics, solve and the streamed merge only). The merge writes one tensor at a time
-and the statistics hold one dense oracle, so without the check memory follows one expert,
-not the number of experts times their size; the check adds the MoE as transformers loads
-it (about twice its size: the per-expert matrices are fused while the file is mapped).
+Each size is built twice: with the default held-out routing check (which holds the
+finished MoE once, filled one tensor at a time) and with `held_out: 0` (statistics, solve
+and the streamed merge only). The merge writes one tensor at a time and the statistics
+hold one dense oracle, so memory should follow one output shard plus the statistics, not
+the number of experts times their size.
 
     python bench/build_memory.py                       # two sizes, ~9× apart in parameters
     python bench/build_memory.py --hidden 256 1024 --layers 4

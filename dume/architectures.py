@@ -123,21 +123,10 @@ class Architecture:
         `moe_config`: its inverse (every architectural field copied back, the expert
         width as `intermediate_size`, no bias the MoE cannot hold)."""
         cls = self.config_class(moe=False)
-        known = set(cls().to_dict()) | {"rope_parameters", "head_dim", "layer_types"}
-        kwargs = {f: getattr(moe_config, f) for f in (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS)
-                  if hasattr(moe_config, f) and f in known}
-        if isinstance(kwargs.get("rope_parameters"), dict):
-            kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
+        kwargs = _shared_fields(moe_config, cls)
         kwargs["intermediate_size"] = getattr(moe_config, self.expert_size_field)
-        for flag in self.incompatible_flags:
-            if flag in known:
-                kwargs[flag] = False
-        cfg = cls(**kwargs)
-        dtype = getattr(moe_config, "dtype", None)
-        if dtype is not None:
-            cfg.dtype = dtype
-        cfg.architectures = [self.dense_class]
-        return cfg
+        kwargs.update({flag: False for flag in self.incompatible_flags if flag in _known_fields(cls)})
+        return _finish(cls(**kwargs), moe_config, self.dense_class)
 
     def config_class(self, moe: bool):
         import transformers
@@ -160,24 +149,37 @@ class Architecture:
                 raise DumeError(f"{flag}=True: a {self.moe_class} has no such biases, so these experts cannot be "
                                 f"MoErged (model averaging still works)")
         cls = self.config_class(moe=True)
-        known = set(cls().to_dict()) | {"rope_parameters", "head_dim", "layer_types"}
-        kwargs = {f: getattr(dense_config, f) for f in (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS)
-                  if hasattr(dense_config, f) and f in known and f not in self.incompatible_flags}
-        if isinstance(kwargs.get("rope_parameters"), dict):
-            kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
-        kwargs.pop("intermediate_size", None)
+        kwargs = {f: v for f, v in _shared_fields(dense_config, cls).items() if f not in self.incompatible_flags}
         kwargs[self.expert_size_field] = dense_config.intermediate_size
-        if self.expert_size_field != "intermediate_size":
-            kwargs["intermediate_size"] = dense_config.intermediate_size
+        kwargs["intermediate_size"] = dense_config.intermediate_size
         kwargs.update(self.moe_defaults)
         kwargs[self.num_experts_field] = num_experts
         kwargs["num_experts_per_tok"] = num_experts_per_tok
-        cfg = cls(**kwargs)
-        dtype = getattr(dense_config, "dtype", None)
-        if dtype is not None:
-            cfg.dtype = dtype
-        cfg.architectures = [self.moe_class]
-        return cfg
+        return _finish(cls(**kwargs), dense_config, self.moe_class)
+
+
+def _known_fields(config_class) -> set[str]:
+    return set(config_class().to_dict()) | {"rope_parameters", "head_dim", "layer_types"}
+
+
+def _shared_fields(source_config, config_class) -> dict:
+    """The architectural fields of `source_config` that `config_class` knows (rope
+    parameters copied, not shared)."""
+    known = _known_fields(config_class)
+    kwargs = {f: getattr(source_config, f) for f in (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS)
+              if hasattr(source_config, f) and f in known}
+    if isinstance(kwargs.get("rope_parameters"), dict):
+        kwargs["rope_parameters"] = dict(kwargs["rope_parameters"])
+    return kwargs
+
+
+def _finish(cfg, source_config, class_name: str):
+    """The source's dtype and the class name recorded on a derived config."""
+    dtype = getattr(source_config, "dtype", None)
+    if dtype is not None:
+        cfg.dtype = dtype
+    cfg.architectures = [class_name]
+    return cfg
 
 
 # A DUME MoE is a plain inference model: no router jitter or aux loss, and (for

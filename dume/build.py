@@ -378,17 +378,18 @@ def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_l
     """{domain: {"own": share of its held-out tokens routed to its own expert (mean over
     layers), "per_layer": [[share per expert] per layer]}}; None without held-out text.
 
-    The only step that holds the whole MoE in memory (loaded as a user would load it);
+    The only step that holds the whole MoE in memory, filled one tensor at a time
+    (`moe_edit.load_moe_streamed`: transformers' own loading peaks at twice the MoE);
     `held_out: 0` skips it."""
     import torch
 
     from .data import document_batches
-    from .moe_edit import load_moe
+    from .moe_edit import load_moe_streamed
     from .routing import routing_accuracy, routing_shares
 
     if not any(held.values()):
         return None
-    model = load_moe(moe_dir, dtype=dtype).to(device)
+    model = load_moe_streamed(moe_dir, dtype).to(device)
     blocks = {}
     for d, texts in held.items():
         batches = list(document_batches(texts, tokenizer, max_len, batch_size))

@@ -200,3 +200,29 @@ def test_editing_a_moe_works_for_every_architecture(kind, tmp_path):
         oracle = build_oracle_model(dirs, e, dtype=torch.float32)
         assert type(dense).__name__ == type(oracle).__name__
         assert (_logits(dense, ids) - _logits(oracle, ids)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_streamed_moe_load_equals_from_pretrained(kind, tmp_path):
+    """load_moe_streamed (the build's low-memory load) gives exactly the model
+    from_pretrained gives: every parameter and buffer, ties, and the logits."""
+    from transformers import AutoModelForCausalLM
+
+    from dume.merge import moerge_experts
+    from dume.moe_edit import load_moe_streamed
+
+    dirs = _experts(kind, tmp_path)
+    moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
+    ref = AutoModelForCausalLM.from_pretrained(str(moe), dtype=torch.float32).eval()
+    got = load_moe_streamed(moe)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]), n
+    buffers = dict(got.named_buffers())
+    for n, buf in ref.named_buffers():
+        assert torch.equal(buf, buffers[n]), n
+    if ref.config.tie_word_embeddings:
+        assert got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()
+    ids = _ids()[:, :100]
+    assert torch.equal(_logits(ref, ids), _logits(got, ids))
