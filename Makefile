@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test clm dynamic test bench clean-run
+.PHONY: install install-test clm dynamic routers test bench clean-run
 
 # torch==2.13.0 is the CPU build on this machine's disk; on a GPU machine install a CUDA
 # build of torch first (see README) and `pip install -e .` keeps it.
@@ -22,6 +22,10 @@ clm: install
 
 dynamic: install
 	$(PYTHON) clm_dynamic_experts.py --run-dir $(RUN_DIR)
+
+# The routers study: every training-free router, 3 seeds, 2 domain sets (~70 min on 2 cores).
+routers: install
+	$(PYTHON) clm_routers_study.py --run-root runs/routers --report-dir reproduction/clm
 
 test: install-test
 	$(PYTHON) -m pytest tests

@@ -28,6 +28,7 @@ from dume.errors import DumeError
 from dume.fingerprint import built_from
 
 METHODS = ("oracle", *strategies.names(routed=True))
+PAPER_METHODS = ("oracle", *strategies.names(routed=True, paper=True))  # Table 2's rows, run by run_clm.py
 
 
 def parse(argv):
@@ -70,8 +71,15 @@ def validate(args, num_experts: int) -> None:
         raise DumeError("--alpha must be >= 0")
 
 
-def stats_key(args) -> str:
-    return f"tokens-{args.num_dume_tokens or 'all'}_steps-{args.num_dume_stats_steps or 'all'}"
+def stats_key(args, kind: str = "dume") -> str:
+    """The statistics' cache folder: what the sums depend on besides the experts and data.
+    Layer-sequential statistics also depend on the router settings of the earlier layers."""
+    key = f"tokens-{args.num_dume_tokens or 'all'}_steps-{args.num_dume_stats_steps or 'all'}"
+    if kind == "sequential":
+        key += f"_sequential-lambda-{args.lam:g}{'-rel' if args.relative_lambda else ''}_T-{args.temp:g}_k-{args.k}"
+    elif kind != "dume":
+        key += f"_{kind}"
+    return key
 
 
 def expert_set_key(run: Run, domains: list[str]) -> str:
@@ -89,7 +97,7 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     the tokenizer and the collection settings. Any difference recollects, saying why."""
     from dume import data
     from dume.checkpoints import model_fingerprint
-    from dume.collect import collect_statistics
+    from dume.collect import collect_for
     from dume.ridge import RidgeStats
 
     experts = list(expert_set.dirs)
@@ -98,7 +106,8 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
                   "stats_batch_size": args.stats_batch_size, "seq_len": run.seq_len, "source": run.source,
                   "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint(),
                   "expert_fingerprints": list(expert_set.fingerprints)}
-    cache = run.run_dir / f"stats{expert_set_key(run, domains)}" / stats_key(args)
+    kind = strategies.get(args.method).statistics
+    cache = run.run_dir / f"stats{expert_set_key(run, domains)}" / stats_key(args, kind)
     if (cache / "stats.json").is_file() and not args.redo:
         stats = RidgeStats.load(cache)
         differs = [k for k, v in provenance.items() if stats.meta.get(k) != v]
@@ -111,12 +120,27 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
             return stats
         print(f"cached statistics {cache} differ in {', '.join(differs)}; recollecting")
     docs = {d: data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0] for d in domains}
-    stats, _ = collect_statistics(experts, domains, docs, run.tokenizer, num_dume_tokens=args.num_dume_tokens,
-                                  max_len=run.seq_len, batch_size=args.stats_batch_size, model_fingerprint=fingerprint,
-                                  data_source=f"{run.source}:train", extra_meta=provenance,
-                                  max_batches=args.num_dume_stats_steps)
+    stats, _ = collect_for(kind, experts, domains, docs, run.tokenizer, moe_dir=base_dir, lam=args.lam,
+                           temperature=args.temp, relative_lambda=args.relative_lambda, k=args.k,
+                           num_dume_tokens=args.num_dume_tokens, max_len=run.seq_len,
+                           batch_size=args.stats_batch_size, model_fingerprint=fingerprint,
+                           data_source=f"{run.source}:train", extra_meta=provenance,
+                           max_batches=args.num_dume_stats_steps)
     stats.save(cache)
     return stats
+
+
+def prompt_gate_inputs(run: Run, domains) -> dict:
+    """What mergekit's hidden gate reads: the base model (the run's seed model, which the
+    experts were fine-tuned from), the tokenizer, and a user's handful of prompts, stood
+    in for by the first 8 training documents of each domain (64 tokens each)."""
+    from dume import data
+    from dume.prompt_gates import first_prompts
+
+    base = run.require_checkpoint(run.seed_dir, "clm_pretrain.py")
+    prompts = {d: first_prompts(data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0],
+                                run.tokenizer) for d in domains}
+    return {"base_model": base, "tokenizer": run.tokenizer, "prompts": prompts}
 
 
 def router_recipe(args, domains, experts) -> dict:
@@ -190,14 +214,22 @@ def main(argv=None):
         payload["token_counts"] = stats.token_counts()
     gates = strategies.make_gates(args.method, stats, strategies.GateContext(
         num_layers=config.num_hidden_layers, num_experts=len(domains), hidden_size=config.hidden_size, lam=args.lam,
-        temperature=args.temp, relative_lambda=args.relative_lambda, seed=args.seed))
+        temperature=args.temp, relative_lambda=args.relative_lambda, seed=args.seed, expert_dirs=tuple(experts),
+        **(prompt_gate_inputs(run, domains) if strategy.needs_prompts else {})))
 
     # Everything is built, trained and evaluated in a hidden sibling directory that
     # replaces models/<name> only when finished: a run killed halfway (a --redo of BTX at
     # step 7, say) leaves the previous model and its results as they were.
     with atomic_dir(model_dir) as stage:
         set_gates(base_dir, gates, out_dir=stage, num_experts_per_tok=args.k)
-        model = load_moe(stage)
+        if strategy.context_routing:
+            from dume.context_moe import make_context_moe
+            from dume.models import load_model
+
+            make_context_moe(stage)
+            model = load_model(stage).eval()
+        else:
+            model = load_moe(stage)
         if strategy.trains_router:
             warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
             cfg = TrainConfig.with_recipe(

@@ -221,7 +221,7 @@ def main(argv=None):
         timer(f"seed{s} experts", clm_train_experts.main, flags(d, s, *per["experts"]))
         timer(f"seed{s} experts_eval", clm_experts_eval.main, flags(d, s))
         timer(f"seed{s} model_averaging", clm_weights_avg_eval.main, flags(d, s))
-        for m in strategies.METHODS:
+        for m in strategies.PAPER_METHODS:
             router = per["router"] if m in ("BTX", "DUMEplus") else []
             timer(f"seed{s} {m}", strategies.main, flags(d, s, "--method", m, *router))
         timer(f"seed{s} oracle_ablation", oracle_ablation_step, flags(d, s))

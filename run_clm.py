@@ -32,7 +32,7 @@ STEPS = [
     ("experts", clm_train_experts),
     ("experts_eval", clm_experts_eval),
     ("model_averaging", clm_weights_avg_eval),
-] + [(method, clm_moerging_strategies_eval) for method in clm_moerging_strategies_eval.METHODS]
+] + [(method, clm_moerging_strategies_eval) for method in clm_moerging_strategies_eval.PAPER_METHODS]
 
 
 def main(argv=None):
@@ -45,7 +45,7 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     common = ["--run-dir", args.run_dir, *rest]
     step_args = {name: [] for name, _ in STEPS}
-    for method in clm_moerging_strategies_eval.METHODS:
+    for method in clm_moerging_strategies_eval.PAPER_METHODS:
         step_args[method] = ["--method", method]
     if args.smoke:
         step_args["pretrain"] = ["--preset", "test-micro", "--steps", "20", "--warmup", "2", "--eval-every", "10"]

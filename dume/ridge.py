@@ -134,8 +134,13 @@ class RidgeStats:
     # ------------------------------------------------------------------ accumulation
 
     @torch.no_grad()
-    def update(self, layer: int, domain: str, features: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update(self, layer: int, domain: str, features: torch.Tensor, mask: torch.Tensor | None = None,
+               targets: torch.Tensor | None = None) -> None:
         """Add one batch of router inputs of `domain` at `layer`.
+
+        targets: per-token regression targets [..., D] over the experts (in `domains`
+        order) when they are not the one-hot of `domain` (DUME's): `s[layer]` then gains
+        YᵀX instead of Σx in the domain's row (`dume.loss_targets`). A stays per domain.
 
         features: [B, T, H] or [N, H], any float dtype, any device. mask: same leading
         shape, bool or 0/1; tokens where it is false/0 (padding, tokens past
@@ -172,7 +177,18 @@ class RidgeStats:
         if not bool(torch.isfinite(sx).all()):
             raise DumeError(f"non-finite router inputs at layer {layer} for domain {domain!r} (NaN/inf in features)")
         self.A[layer, j] += xtx.to(device=self.device, dtype=torch.float64)
-        self.s[layer, j] += sx.to(device=self.device, dtype=torch.float64)
+        if targets is None:
+            self.s[layer, j] += sx.to(device=self.device, dtype=torch.float64)
+        else:
+            D = len(self.domains)
+            if tuple(targets.shape) != (*features.shape[:-1], D):
+                raise DumeError(f"targets must be {[*features.shape[:-1], D]}, got {list(targets.shape)}")
+            y = targets.reshape(-1, D).to(device=x.device, dtype=torch.float32)
+            if mask is not None:
+                y = torch.where(m.unsqueeze(1), y, 0.0)
+            if not bool(torch.isfinite(y).all()):
+                raise DumeError(f"non-finite targets at layer {layer} for domain {domain!r}")
+            self.s[layer] += (y.T @ x).to(device=self.device, dtype=torch.float64)
         self.n[layer, j] += count.to(device=self.device, dtype=torch.int64)
 
     def update_all_layers(
@@ -313,7 +329,9 @@ class RidgeStats:
     def centroid(self, domains: Sequence[str] | None = None) -> torch.Tensor:
         """Each column the domain's mean router input s/n, normalised: [L, H, D] float64.
 
-        This is mergekit's "hidden" gate initialisation and DUME's λ→∞ limit (where
+        Like mergekit's "hidden" gate, but on the oracles' MLP inputs over all the domain's
+        text (mergekit: the base model's residual stream at a few prompts' last token, the
+        `mergekit_hidden` row), and DUME's λ→∞ limit (where
         (A+λI)⁻¹ ≈ I/λ), a baseline that shows what the A⁻¹ whitening adds."""
         idx = self._indices(domains)
         self._check_tokens(idx)

@@ -44,8 +44,9 @@ def dume_gates(
 def centroid_gates(
     stats: RidgeStats, temperature: float = 1.0, domains: Sequence[str] | None = None
 ) -> list[torch.Tensor]:
-    """Routers whose rows are the domains' normalised mean router inputs (mergekit's
-    "hidden" gates): the baseline that isolates what DUME's A⁻¹ adds."""
+    """Routers whose rows are the domains' normalised mean router inputs (the idea of
+    mergekit's "hidden" gate on DUME's statistics): the baseline that isolates what DUME's
+    A⁻¹ adds."""
     _temperature(temperature)
     return gates_from_solution(stats.centroid(domains=domains), temperature)
 

@@ -354,3 +354,21 @@ def test_hub_m2d2_from_the_hub_cache_without_network(tmp_path, hf_cache, monkeyp
     assert data.load_documents("math", "validation", "hub") == lines["valid"]
     with pytest.raises(DumeError, match="Pre-download"):
         data.load_documents("physics", "train", "hub")
+
+
+def test_heldout_source_keeps_its_domains_out_of_pretraining():
+    """The routers study's second domain set: its five topics are pretraining text in the
+    default source and held out of pretraining here; the default's expert topics swap in."""
+    from dume import data
+
+    assert data.available_domains("offline_heldout") == data.HELDOUT_DOMAINS
+    pretrain = set(data.load_documents("pretrain", "train", "offline_heldout"))
+    default_pretrain = set(data.load_documents("pretrain", "train", "offline"))
+    for d in data.HELDOUT_DOMAINS:
+        docs = set(data.load_documents(d, "train", "offline_heldout"))
+        assert docs and not docs & pretrain
+        assert docs <= default_pretrain
+    assert set(data.load_documents("math", "train", "offline")) <= pretrain
+    assert data.corpus_stamp("pretrain", "offline") != data.corpus_stamp("pretrain", "offline_heldout")
+    with pytest.raises(DumeError, match="unknown domain"):
+        data.load_documents("code", "train", "offline_heldout")

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 import clm_moerging_strategies_eval as strategies
+from dume import strategies as dume_strategies
 from dume.moe_edit import read_gates
 from dume.ridge import RidgeStats
 from tests.helpers import one_error_line
@@ -52,7 +53,11 @@ def _gates_equal(a, b) -> bool:
 
 
 def test_methods_are_the_tables_rows():
-    assert set(strategies.METHODS) == {"oracle", "random_routing", "centroid", "DUME", "BTX", "DUMEplus"}
+    """Table 2's rows (run_clm.py) are the paper's; every other registered router is a
+    row of the routers study, still runnable by name."""
+    assert set(strategies.PAPER_METHODS) == {"oracle", "random_routing", "centroid", "DUME", "BTX", "DUMEplus"}
+    study = set(strategies.METHODS) - set(strategies.PAPER_METHODS)
+    assert study == set(dume_strategies.names(paper=False)) and study
 
 
 @pytest.mark.parametrize("method", strategies.METHODS)
@@ -105,7 +110,10 @@ def test_saved_model_loads_with_plain_transformers_and_reproduces_perplexity(str
             assert type(model) is LlamaForCausalLM
         else:
             model = AutoModelForCausalLM.from_pretrained(strategy_run / "models" / method)
-            assert type(model) is MixtralForCausalLM
+            if dume_strategies.REGISTRY[method].stock_checkpoint:
+                assert type(model) is MixtralForCausalLM
+            else:  # the context-routed research rows: dume's registered subclass (dume.context_moe)
+                assert type(model).__name__ == "ContextMixtralForCausalLM" and isinstance(model, MixtralForCausalLM)
             assert model.config.num_local_experts == len(DOMAINS)
         ids, mask = run.blocks(d, "test")
         got = perplexity(model, ids, mask, batch_size=32)

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""The routers study: every training-free router on the same experts, three seeds, two
+domain sets, written up in reproduction/clm/ROUTERS.md.
+
+Per domain set, per seed (a normal CLM run directory each, RUN_ROOT/<set>/seed<S>):
+the seed model (one per set, shared by its seeds), the experts, their evaluation, model
+averaging, the oracle, centroid, DUME, and every router the registry marks as a study
+row (`dume.strategies`, paper=False). Nothing here trains a router.
+
+Domain sets, fixed before anything was tuned:
+  wiki      code, math, physics, history, philosophy (the embedded default; its Wikipedia
+            topics and code are held out of pretraining as always)
+  heldout   biology, geography, arts, technology, society: Wikipedia topics that are in
+            the default's pretraining corpus, here held out of it (`--source
+            offline_heldout`, whose pretraining corpus is the remaining topics + code)
+
+Like reproduce_clm.py, this is a sequencer of the CLM scripts: it runs them in one process
+with the command lines the README gives, and every step skips what is done, so a rerun
+resumes. The report is rebuilt from the result files each time.
+
+    python clm_routers_study.py                              # both sets, seeds 0,1,2 (~70 min on 2 cores)
+    python clm_routers_study.py --sets wiki --seeds 0        # a first look
+    python clm_routers_study.py --smoke --run-root runs/study_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import clm_experts_eval
+import clm_moerging_strategies_eval as strategies_script
+import clm_pretrain
+import clm_train_experts
+import clm_weights_avg_eval
+from dume import strategies
+from dume.cli import run_main
+from dume.errors import DumeError
+from dume.io import atomic_write_json, atomic_write_text
+from reproduce_clm import Timer, link, step_flags
+
+SETS = {"wiki": "offline", "heldout": "offline_heldout"}
+ROWS = ("oracle", "centroid", "DUME", *strategies.names(paper=False))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--run-root", default="runs/routers")
+    p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated domain sets: {', '.join(SETS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rows", default=",".join(ROWS), help="strategies to run (model averaging always runs)")
+    p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring in a few minutes")
+    p.add_argument("--report-dir", default=None, help="where ROUTERS.md and routers.json go (default: RUN_ROOT)")
+    args, rest = p.parse_known_args(argv)
+    args.sets = [s for s in args.sets.split(",") if s]
+    bad = [s for s in args.sets if s not in SETS]
+    if bad or not args.sets:
+        raise DumeError(f"--sets: choose from {', '.join(SETS)}, got {args.sets}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DumeError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in args.rows if r not in strategies.REGISTRY]
+    if unknown:
+        raise DumeError(f"--rows: unknown strategies {unknown}")
+    if "oracle" not in args.rows:
+        args.rows.insert(0, "oracle")  # the gap needs it
+    for flag in ("--run-dir", "--seed", "--source"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise DumeError(f"{flag} is set by clm_routers_study.py")
+    return args, rest
+
+
+def forward_cost(seed_dir: Path, rows, common: list[str]) -> dict[str, float]:
+    """Per routed row of one seed: the median time of a forward pass over the same 8 test
+    blocks of the first domain, relative to DUME's (5 timed passes after one warm-up)."""
+    import statistics
+
+    import torch
+
+    import dume.context_moe  # noqa: F401  (registers the context-routed subclass)
+    from dume.clm import Run
+    from dume.models import load_model
+
+    run = Run.from_args(clm_experts_eval.parse(["--run-dir", str(seed_dir), *common]))
+    ids, mask = run.blocks(run.domains()[0], "test")
+    ids, mask = ids[:8], mask[:8]
+    times = {}
+    for name in rows:
+        path = run.model_dir(name)
+        if not strategies.REGISTRY[name].routed or not path.is_dir():
+            continue
+        model = load_model(path).eval()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            runs = []
+            for _ in range(5):
+                t = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask)
+                runs.append(time.perf_counter() - t)
+        times[name] = statistics.median(runs)
+    return {n: t / times["DUME"] for n, t in times.items()} if "DUME" in times else {}
+
+
+def main(argv=None):
+    from dume.routers_report import markdown, set_summary, verdict
+
+    args, rest = parse(argv)
+    root = Path(args.run_root)
+    smoke_common, per = step_flags(args.smoke)
+    timer = Timer(root)
+    wall, summaries = {}, {}
+    for set_name in args.sets:
+        common = ["--source", SETS[set_name], *smoke_common, *rest]
+        base = root / set_name
+
+        def flags(run_dir, seed, *extra):
+            return ["--run-dir", str(run_dir), *common, "--seed", str(seed), *extra]
+
+        timer(f"{set_name} pretrain", clm_pretrain.main, flags(base / "shared", 0, *per["pretrain"]))
+        seed_dirs = {}
+        for s in args.seeds:
+            d = base / f"seed{s}"
+            seed_dirs[s] = d
+            link(d / "seed", "../shared/seed")
+            link(d / "tokenizer", "../shared/tokenizer")
+            timer(f"{set_name} seed{s} experts", clm_train_experts.main, flags(d, s, *per["experts"]))
+            timer(f"{set_name} seed{s} experts_eval", clm_experts_eval.main, flags(d, s))
+            timer(f"{set_name} seed{s} model_averaging", clm_weights_avg_eval.main, flags(d, s))
+            for m in args.rows:
+                timer(f"{set_name} seed{s} {m}", strategies_script.main, flags(d, s, "--method", m))
+        # the study's cost: its steps' recorded times (a resumed run keeps the earlier ones)
+        wall[set_name] = sum(v for k, v in timer.data.items() if k.startswith(f"{set_name} "))
+        forward = forward_cost(seed_dirs[args.seeds[0]], args.rows, common)
+        summaries[set_name] = set_summary(seed_dirs, ["model_averaging", *args.rows], timer.data, set_name, forward)
+    decision = verdict(summaries)
+    descriptions = {n: strategies.REGISTRY[n].description for n in args.rows}
+    report_dir = Path(args.report_dir) if args.report_dir else root
+    report_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(report_dir / "routers.json", {"sets": summaries, "verdict": decision,
+                                                    "wall_seconds": wall, "settings": {"seeds": args.seeds,
+                                                                                       "smoke": args.smoke}})
+    md = markdown(summaries, descriptions, decision, wall)
+    atomic_write_text(report_dir / "ROUTERS.md", md)
+    print(md)
+    print(f"wrote {report_dir / 'ROUTERS.md'} and {report_dir / 'routers.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
