@@ -123,8 +123,13 @@ def markdown(summaries: dict[str, dict], descriptions: dict[str, str], decision:
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{n}`: {d}" for n, d in descriptions.items()] + [""]
     if decision["winners"]:
+        from .build import GATES
+
+        offered = {strategy: name for name, strategy in GATES.items()}.get(decision["default"])
         lines.append(f"**Verdict:** {', '.join(decision['winners'])} beat DUME on every seed of every domain set; "
-                     f"`dume build` offers `{decision['default']}` by name.")
+                     f"the best of them over both sets is {decision['default']}, "
+                     + (f"which `dume build` offers as `gate: {offered}`." if offered else
+                        "which `dume build` does not offer yet (add it to `dume.build.GATES`)."))
     else:
         lines.append("**Verdict:** no stock-checkpoint router beats DUME on every seed of every domain set; the "
                      "default stays DUME.")

@@ -90,9 +90,41 @@ def test_build_writes_a_standard_checkpoint_with_its_recipe_and_card(setup):
     assert rc == 2
 
 
+def test_build_offers_the_routers_study_winner_by_name(setup):
+    """gate: sequential_balanced -- the layer-sequential, domain-balanced router: its
+    statistics are the sequential collector's on the written MoE, its gates their
+    balanced solve, and the result is a stock Mixtral that dume_experts.py sees as such."""
+    from transformers import AutoModelForCausalLM
+
+    from dume import strategies
+    from dume.build import expert_texts, load_spec, split_held_out
+    from dume.cli import main
+    from dume.collect import collect_statistics
+    from dume.moe_edit import read_gates
+    from dume.ridge import RidgeStats
+
+    root, tok = setup
+    path = _write(root, _config(root, gate="sequential_balanced", out="out/seq", held_out=0.0), "seq.yaml")
+    assert main(["build", str(path)]) == 0
+    out = root / "out" / "seq"
+    assert type(AutoModelForCausalLM.from_pretrained(str(out))).__name__ == "MixtralForCausalLM"
+    stats = RidgeStats.load(out / "dume_stats")
+    assert stats.meta["statistics"] == "layer-sequential"
+    ctx = strategies.GateContext(num_layers=2, num_experts=3, hidden_size=32)
+    for got, want in zip(read_gates(out), strategies.make_gates("DUME_sequential_balanced", stats, ctx)):
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-6)
+    spec = load_spec(path)
+    docs = {e.name: split_held_out(expert_texts(e)[0], 0.0)[0] for e in spec.experts}
+    one_pass, _ = collect_statistics([root / "experts" / n for n in NAMES], list(NAMES), docs, tok,
+                                     num_dume_tokens=None, max_len=64, batch_size=4, log=lambda *_: None)
+    assert torch.equal(stats.n, one_pass.n)  # every document's every token, at every layer
+    assert torch.allclose(stats.A[0], one_pass.A[0], rtol=1e-5, atol=1e-4)  # layer 0 sees no MLP
+    assert json.loads((out / "dume_router.json").read_text())["method"] == "DUME_sequential_balanced"
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"gates": "dume"}, "unknown key(s) gates"),
-    ({"gate": "smart"}, "gate must be one of dume, centroid, random"),
+    ({"gate": "smart"}, "gate must be one of dume, sequential_balanced, centroid, random"),
     ({"k": 4}, "k = 4 exceeds the number of experts (3)"),
     ({"lambda": -1}, "lambda must be a positive number"),
     ({"held_out": 1.5}, "held_out must be a fraction"),

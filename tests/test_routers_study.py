@@ -239,3 +239,24 @@ def test_context_routing_is_the_stock_router_on_prefix_mean_inputs(setup, tmp_pa
     assert (got - reference).abs().max().item() < 1e-4
     assert (got[:, 0] - plain[:, 0]).abs().max().item() < 1e-5
     assert (got - plain).abs().max().item() > 1e-3
+
+
+def test_verdict_needs_a_stock_router_that_beats_dume_on_every_seed_of_every_set():
+    from dume.routers_report import gap_closed, verdict
+
+    assert gap_closed(85.0, 80.0, 90.0) == 50.0
+    with pytest.raises(Exception, match="no gap"):
+        gap_closed(85.0, 90.0, 90.0)
+
+    def summary(rows):
+        return {"rows": {n: {"per_seed_average": dict(enumerate(v)), "average": {"mean": sum(v) / len(v)}}
+                         for n, v in rows.items()}}
+
+    one = {"DUME": [80, 81, 82], "DUME_balanced": [81, 82, 83], "DUME_context": [90, 90, 90],
+           "centroid": [85, 80, 85]}
+    two = {"DUME": [70, 70, 70], "DUME_balanced": [71, 70.5, 72], "DUME_context": [90, 90, 90],
+           "centroid": [75, 75, 75]}
+    decision = verdict({"a": summary(one), "b": summary(two)})
+    assert decision == {"default": "DUME_balanced", "winners": ["DUME_balanced"]}  # context: not a stock checkpoint
+    two["DUME_balanced"][1] = 69.9  # loses one seed of one set
+    assert verdict({"a": summary(one), "b": summary(two)}) == {"default": "DUME", "winners": []}
