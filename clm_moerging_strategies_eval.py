@@ -109,16 +109,20 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     kind = strategies.get(args.method).statistics
     cache = run.run_dir / f"stats{expert_set_key(run, domains)}" / stats_key(args, kind)
     if (cache / "stats.json").is_file() and not args.redo:
-        stats = RidgeStats.load(cache)
-        differs = [k for k, v in provenance.items() if stats.meta.get(k) != v]
-        if stats.meta.get("model_fingerprint") != fingerprint:
-            differs.append("shared weights")
-        if list(stats.domains) != list(domains):
-            differs.append("domains")
-        if not differs:
-            print(f"using cached statistics {cache}")
-            return stats
-        print(f"cached statistics {cache} differ in {', '.join(differs)}; recollecting")
+        try:
+            stats = RidgeStats.load(cache)
+        except DumeError as e:  # corrupted, or written in an older layout: a cache, so redo it
+            print(f"cached statistics {cache} are unusable ({e}); recollecting")
+        else:
+            differs = [k for k, v in provenance.items() if stats.meta.get(k) != v]
+            if stats.meta.get("model_fingerprint") != fingerprint:
+                differs.append("shared weights")
+            if list(stats.domains) != list(domains):
+                differs.append("domains")
+            if not differs:
+                print(f"using cached statistics {cache}")
+                return stats
+            print(f"cached statistics {cache} differ in {', '.join(differs)}; recollecting")
     docs = {d: data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0] for d in domains}
     stats, _ = collect_for(kind, experts, domains, docs, run.tokenizer, moe_dir=base_dir, lam=args.lam,
                            temperature=args.temp, relative_lambda=args.relative_lambda, k=args.k,

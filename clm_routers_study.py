@@ -52,6 +52,7 @@ def parse(argv):
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated domain sets: {', '.join(SETS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", default=",".join(ROWS), help="strategies to run (model averaging always runs)")
+    p.add_argument("--redo-rows", default="", help="strategies to recompute (comma-separated), e.g. after a fix")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring in a few minutes")
     p.add_argument("--report-dir", default=None, help="where ROUTERS.md and routers.json go (default: RUN_ROOT)")
     args, rest = p.parse_known_args(argv)
@@ -67,6 +68,9 @@ def parse(argv):
     unknown = [r for r in args.rows if r not in strategies.REGISTRY]
     if unknown:
         raise DumeError(f"--rows: unknown strategies {unknown}")
+    args.redo_rows = [r for r in args.redo_rows.split(",") if r]
+    if not set(args.redo_rows) <= set(args.rows):
+        raise DumeError(f"--redo-rows must be among --rows, got {args.redo_rows}")
     if "oracle" not in args.rows:
         args.rows.insert(0, "oracle")  # the gap needs it
     for flag in ("--run-dir", "--seed", "--source"):
@@ -132,7 +136,8 @@ def main(argv=None):
             timer(f"{set_name} seed{s} experts_eval", clm_experts_eval.main, flags(d, s))
             timer(f"{set_name} seed{s} model_averaging", clm_weights_avg_eval.main, flags(d, s))
             for m in args.rows:
-                timer(f"{set_name} seed{s} {m}", strategies_script.main, flags(d, s, "--method", m))
+                redo = ["--redo"] if m in args.redo_rows else []
+                timer(f"{set_name} seed{s} {m}", strategies_script.main, flags(d, s, "--method", m, *redo))
         # the study's cost: its steps' recorded times (a resumed run keeps the earlier ones)
         wall[set_name] = sum(v for k, v in timer.data.items() if k.startswith(f"{set_name} "))
         forward = forward_cost(seed_dirs[args.seeds[0]], args.rows, common)

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -75,6 +75,10 @@ class RidgeStats:
         self.A = torch.zeros(L, D, H, H, dtype=torch.float64, device=self.device)
         self.s = torch.zeros(L, D, H, dtype=torch.float64, device=self.device)
         self.n = torch.zeros(L, D, dtype=torch.int64, device=self.device)
+        # With per-token targets (dume.loss_targets): [L, D, D, H], row j = domain j's
+        # tokens, column e = their YᵀX for expert e; then s = targets.sum(1). Kept per
+        # domain so that re-weighting a domain re-weights its share of every column.
+        self.targets: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ metadata
 
@@ -140,7 +144,8 @@ class RidgeStats:
 
         targets: per-token regression targets [..., D] over the experts (in `domains`
         order) when they are not the one-hot of `domain` (DUME's): `s[layer]` then gains
-        YᵀX instead of Σx in the domain's row (`dume.loss_targets`). A stays per domain.
+        YᵀX instead of Σx in the domain's row (`dume.loss_targets`), and `self.targets`
+        keeps the domain's own part of it. A stays per domain.
 
         features: [B, T, H] or [N, H], any float dtype, any device. mask: same leading
         shape, bool or 0/1; tokens where it is false/0 (padding, tokens past
@@ -178,6 +183,8 @@ class RidgeStats:
             raise DumeError(f"non-finite router inputs at layer {layer} for domain {domain!r} (NaN/inf in features)")
         self.A[layer, j] += xtx.to(device=self.device, dtype=torch.float64)
         if targets is None:
+            if self.targets is not None:
+                raise DumeError("these statistics hold per-token targets: every update must give them")
             self.s[layer, j] += sx.to(device=self.device, dtype=torch.float64)
         else:
             D = len(self.domains)
@@ -188,7 +195,15 @@ class RidgeStats:
                 y = torch.where(m.unsqueeze(1), y, 0.0)
             if not bool(torch.isfinite(y).all()):
                 raise DumeError(f"non-finite targets at layer {layer} for domain {domain!r}")
-            self.s[layer] += (y.T @ x).to(device=self.device, dtype=torch.float64)
+            ytx = (y.T @ x).to(device=self.device, dtype=torch.float64)
+            if self.targets is None:
+                if bool(self.n.any()):
+                    raise DumeError("targets must be given from the first update on (these statistics have "
+                                    "one-hot updates already)")
+                self.targets = torch.zeros(self.num_layers, D, D, self.hidden_size, dtype=torch.float64,
+                                           device=self.device)
+            self.targets[layer, j] += ytx
+            self.s[layer] += ytx
         self.n[layer, j] += count.to(device=self.device, dtype=torch.int64)
 
     def update_all_layers(
@@ -212,6 +227,8 @@ class RidgeStats:
         """
         if not isinstance(other, RidgeStats):
             raise DumeError(f"can only merge RidgeStats with RidgeStats, got {type(other).__name__}")
+        if self.targets is not None or other.targets is not None:
+            raise DumeError("statistics with per-token targets (loss-aware) cannot be merged")
         if (
             self.model_fingerprint is not None
             and other.model_fingerprint is not None
@@ -257,8 +274,12 @@ class RidgeStats:
         idx = self._indices(domains)
         out = self._like([self.domains[i] for i in idx])
         out.A = self.A[:, idx].clone()
-        out.s = self.s[:, idx].clone()
         out.n = self.n[:, idx].clone()
+        if self.targets is None:
+            out.s = self.s[:, idx].clone()
+        else:  # the chosen domains' tokens, for the chosen experts
+            out.targets = self.targets[:, idx][:, :, idx].clone()
+            out.s = out.targets.sum(dim=1)
         return out
 
     def remove_domain(self, name: str) -> RidgeStats:
@@ -272,11 +293,20 @@ class RidgeStats:
         """A new RidgeStats where `name` counts `weight` times (its A and s scaled), as if
         each of its tokens appeared `weight` times. n keeps the real token count; the
         centroid (s/n, normalised) is unchanged by any scaling."""
-        j = self._index(name)
-        w = _positive_finite(weight, "weight")
+        return self.scale_domains({name: weight})
+
+    def scale_domains(self, weights: Mapping[str, float]) -> RidgeStats:
+        """`scale_domain` for several domains at once (one copy of the tensors)."""
+        scale = {self._index(d): _positive_finite(w, "weight") for d, w in weights.items()}
         out = self.select(self.domains)
-        out.A[:, j] *= w
-        out.s[:, j] *= w
+        for j, w in scale.items():
+            out.A[:, j] *= w
+            if out.targets is None:
+                out.s[:, j] *= w
+            else:  # its tokens' share of every expert's column
+                out.targets[:, j] *= w
+        if out.targets is not None:
+            out.s = out.targets.sum(dim=1)
         return out
 
     # ------------------------------------------------------------------ solving
@@ -352,7 +382,8 @@ class RidgeStats:
             json.dumps(doc)
         except (TypeError, ValueError) as e:
             raise DumeError(f"metadata is not JSON-serialisable: {e}") from e
-        tensors = {k: t.detach().cpu().contiguous() for k, t in (("A", self.A), ("s", self.s), ("n", self.n))}
+        tensors = {k: t.detach().cpu().contiguous() for k, t in (("A", self.A), ("s", self.s), ("n", self.n),
+                                                                 ("targets", self.targets)) if t is not None}
         with atomic_dir(path) as tmp:
             save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
             atomic_write_json(tmp / META_FILE, doc)
@@ -420,6 +451,14 @@ class RidgeStats:
         if (tensors["n"] < 0).any():
             raise DumeError(f"{tensor_file} holds negative token counts")
         stats.A, stats.s, stats.n = (tensors[k].to(stats.device) for k in ("A", "s", "n"))
+        if "targets" in tensors:
+            t = tensors["targets"]
+            if tuple(t.shape) != (L, D, D, H) or t.dtype != torch.float64 or not torch.isfinite(t).all():
+                raise DumeError(f"{tensor_file}: tensor 'targets' must be finite {(L, D, D, H)} float64")
+            stats.targets = t.to(stats.device)
+        elif meta.get("targets") == "loss-aware":
+            raise DumeError(f"{tensor_file}: loss-aware statistics without their per-domain targets "
+                            "(written before they were kept); collect them again")
         return stats
 
 

@@ -82,9 +82,7 @@ def _dume_balanced(stats, ctx: GateContext):
     from .routers import dume_gates
 
     counts = stats.n[0].double()
-    balanced = stats
-    for j, d in enumerate(stats.domains):
-        balanced = balanced.scale_domain(d, float(counts.mean() / counts[j]))
+    balanced = stats.scale_domains({d: float(counts.mean() / counts[j]) for j, d in enumerate(stats.domains)})
     return dume_gates(balanced, ctx.lam, ctx.temperature, relative_lambda=ctx.relative_lambda)
 
 

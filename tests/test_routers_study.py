@@ -260,3 +260,27 @@ def test_verdict_needs_a_stock_router_that_beats_dume_on_every_seed_of_every_set
     assert decision == {"default": "DUME_balanced", "winners": ["DUME_balanced"]}  # context: not a stock checkpoint
     two["DUME_balanced"][1] = 69.9  # loses one seed of one set
     assert verdict({"a": summary(one), "b": summary(two)}) == {"default": "DUME", "winners": []}
+
+
+def test_balancing_loss_aware_statistics_reweights_each_domains_tokens_in_every_column(setup, tmp_path):
+    """Loss-aware target sums are kept per data domain, so balancing weights domain d's
+    tokens in every expert's column (not the expert's column as a whole, which the column
+    normalisation would undo); they survive save/load, and subsets keep both axes."""
+    from dume.loss_targets import collect_loss_aware_statistics
+    from dume.ridge import RidgeStats
+
+    (experts, tok) = setup
+    stats, _ = collect_loss_aware_statistics(experts[2], list(DOMAINS), TEXTS, tok, log=lambda *a: None, **COMMON)
+    assert torch.allclose(stats.targets.sum(dim=1), stats.s)
+    w = {"law": 2.0, "med": 0.5, "code": 1.0}
+    scaled = stats.scale_domains(w)
+    want = torch.einsum("d,ldeh->leh", torch.tensor([w[d] for d in DOMAINS], dtype=torch.float64), stats.targets)
+    assert torch.allclose(scaled.s, want)
+    assert torch.equal(scaled.A[:, 0], stats.A[:, 0] * 2.0)
+    stats.save(tmp_path / "loss")
+    back = RidgeStats.load(tmp_path / "loss")
+    assert torch.equal(back.targets, stats.targets) and torch.equal(back.s, stats.s)
+    sub = stats.select(["code", "law"])
+    assert torch.equal(sub.targets, stats.targets[:, [2, 0]][:, :, [2, 0]])
+    with pytest.raises(Exception, match="cannot be merged"):
+        stats.merge(stats)
