@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DumeError
+from .shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 
 # `gate:` values and the registered strategies they are (dume.strategies).
 # `sequential_balanced` is the routers study's verdict (reproduction/clm/ROUTERS.md): the one
@@ -77,7 +78,7 @@ class BuildSpec:
     held_out: float = 0.05
     seed: int = 0
     device: str = "auto"
-    max_shard_size: int = 5 * 10**9
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES
     source: Path | None = field(default=None, compare=False)
 
 
@@ -155,10 +156,8 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
     device = raw.get("device", "auto")
     if not isinstance(device, str):
         raise DumeError(f"{where}: device must be a string (auto, cpu, cuda, cuda:0), got {device!r}")
-    from .shards import parse_size
-
     try:
-        max_shard_size = parse_size(raw.get("max_shard_size", "5GB"))
+        max_shard_size = parse_size(raw.get("max_shard_size", DEFAULT_MAX_SHARD_BYTES))
     except DumeError as e:
         raise DumeError(f"{where}: {e}") from None
     out = raw["out"]
@@ -310,7 +309,8 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
             temperature=spec.temperature, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
             batch_size=spec.batch_size, device=device, dtype=dtype, seed=spec.seed,
             max_shard_size=spec.max_shard_size, data_source="dume build",
-            extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size}, log=log)
+            extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size},
+            expert_set=es, log=log)
         release_memory()
         shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device, dtype)
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
@@ -331,7 +331,8 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
 def build_moe(expert_dirs, domains, docs, out, tokenizer, *, strategy: str = "DUME", k: int = 1, lam: float = 0.01,
               temperature: float = 1.0, num_dume_tokens: int | None = None, max_len: int = 1024,
               batch_size: int = 8, device: str = "cpu", dtype=None, seed: int = 0, relative_lambda: bool = False,
-              max_shard_size: int = 5 * 10**9, data_source: str = "", extra_meta: dict | None = None, log=print):
+              max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, data_source: str = "", extra_meta: dict | None = None,
+              expert_set=None, log=print):
     """The library call under `dume build` and the recipes that build a training-free MoE
     from experts + text: statistics (`dume.collect`, if the strategy needs them), gates
     (`dume.strategies`), one streamed merge with those gates (`dume.merge`), and beside
@@ -340,8 +341,11 @@ def build_moe(expert_dirs, domains, docs, out, tokenizer, *, strategy: str = "DU
 
     The statistics need only the oracles (built in memory from the experts), so the
     routers are solved first and the MoE is written once, with them: no intermediate
-    checkpoint, no shard rewritten to set the gates. `out` is written in place (wrap the
-    call in `dume.io.atomic_dir`). Returns (RidgeStats or None, {domain: tokens})."""
+    checkpoint, no shard rewritten to set the gates -- except for layer-sequential
+    statistics, which are collected through the MoE itself, so it is written with zero
+    routers first and its routers set afterwards. `out` is written in place (wrap the
+    call in `dume.io.atomic_dir`). `expert_set`: the experts' `check_experts` result, when
+    the caller has it already. Returns (RidgeStats or None, {domain: tokens})."""
     from .checkpoints import check_experts, model_fingerprint
     from .collect import collect_for
     from .memory import release_memory
@@ -350,7 +354,7 @@ def build_moe(expert_dirs, domains, docs, out, tokenizer, *, strategy: str = "DU
     from .recipe import write_recipe
     from .strategies import REGISTRY, GateContext, make_gates
 
-    es = check_experts(expert_dirs, require_mixtral_compatible=True)
+    es = expert_set or check_experts(expert_dirs, require_mixtral_compatible=True)
     entry = REGISTRY[strategy]
     if entry.trains_router or not entry.routed or not entry.stock_checkpoint or entry.needs_prompts:
         raise DumeError(f"{strategy}: build_moe makes training-free stock-checkpoint MoEs from experts and text "

@@ -57,14 +57,11 @@ def set_summary(seed_dirs: dict[int, Path], rows, timings: dict[str, float] | No
         per_seed_avg = {s: r["average"] for s, r in have.items()}
         gaps = [gap_closed(per_seed_avg[s], tables[s]["methods"]["model_averaging"]["average"],
                            tables[s]["methods"]["oracle"]["average"]) for s in have]
+        per_seed_accuracy = [read_json(p).get("routing_accuracy") or {} for p in
+                             (Path(run) / "results" / f"{name}.json" for run in seed_dirs.values()) if p.is_file()]
         accuracy = {}
         for d in domains:
-            vals = []
-            for s, run in seed_dirs.items():
-                path = Path(run) / "results" / f"{name}.json"
-                acc = read_json(path).get("routing_accuracy") if path.is_file() else None
-                if acc and d in acc:
-                    vals.append(sum(acc[d]) / len(acc[d]))
+            vals = [sum(acc[d]) / len(acc[d]) for acc in per_seed_accuracy if d in acc]
             accuracy[d] = sum(vals) / len(vals) if vals else None
         secs = [timings.get(f"{label} seed{s} {name}") for s in have] if timings else []
         secs = [t for t in secs if t is not None]

@@ -32,8 +32,9 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .errors import DumeError
 from .io import atomic_write_json
 
-# A shard of a few GB keeps every file loadable by tools that memory-map one at a time.
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# A shard of a few GB keeps every file loadable by tools that memory-map one at a time
+# ("5GB" in transformers' units, the `max_shard_size` default of `dume build`).
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_METADATA = {"format": "pt"}
 SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
