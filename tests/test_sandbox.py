@@ -180,6 +180,62 @@ def test_program_text_and_limits_are_checked():
         run_python("pass", Limits(timeout_s=0))
 
 
+# ------------------------------------------------- only a finished check() passes
+
+# Wrong completions (a - b) that then exit with status 0 before, or instead of, the tests.
+EARLY_EXITS = {
+    "exit()": "    return a - b\nexit()\n",
+    "sys.exit(0)": "    return a - b\nimport sys\nsys.exit(0)\n",
+    "os._exit(0)": "    return a - b\nimport os\nos._exit(0)\n",
+    "SystemExit in finally": "    try:\n        return a - b\n    finally:\n        raise SystemExit\n",
+    "atexit os._exit(0)": "    return a - b\nimport atexit, os\natexit.register(lambda: os._exit(0))\n",
+    # prints and writes (to every descriptor it has) a sentinel of the nonce's shape
+    "fake sentinel": ("    return a - b\nimport os, sys\nfake = b'0' * 32\nfor fd in range(3, 32):\n"
+                      "    try:\n        os.write(fd, fake)\n    except OSError:\n        pass\n"
+                      "print(fake.decode(), flush=True)\nsys.exit(0)\n"),
+}
+
+
+@pytest.mark.parametrize("completion", list(EARLY_EXITS.values()), ids=list(EARLY_EXITS))
+def test_an_early_exit_is_not_a_pass(completion):
+    r = check_completion(ADD, completion, FAST)
+    assert r.returncode == 0 or "AssertionError" in r.stderr, (r.returncode, r.stderr)
+    assert r.status == "failed" and not r.passed and not r.finished, (r.status, r.stdout, r.stderr)
+
+
+def test_only_a_returned_check_passes_in_both_lm_eval_hooks(monkeypatch):
+    """process_results (prompt + completion) and process_programs (create_test programs)
+    both score through the same rule."""
+    from dume.tasks.humaneval import process_programs, process_results
+
+    monkeypatch.setenv("DUME_SANDBOX_TIMEOUT", "5")
+    good, early = "    return a + b\n", EARLY_EXITS["sys.exit(0)"]
+    assert process_results(ADD, [good, early, EARLY_EXITS["os._exit(0)"]]) == {"pass@1": pytest.approx(1 / 3)}
+    assert process_programs(ADD, [[ADD["prompt"] + good], [ADD["prompt"] + early]]) == {"pass@1": 0.5}
+    r = check_completion(ADD, good, FAST)
+    assert r.passed and r.finished and r.to_dict()["finished"] is True
+
+
+def test_the_nonce_is_not_in_the_programs_text_arguments_environment_or_files(monkeypatch):
+    """The sentinel is drawn per run and reaches the program only through a pipe its
+    runner reads after the last statement: a program reading its own source, argv,
+    environment or any file it can see does not find it."""
+    import dume.sandbox as sb
+
+    nonce = "0123456789abcdef" * 2
+    monkeypatch.setattr(sb.secrets, "token_hex", lambda n: nonce)
+    probe = ("import os, sys\nseen = open(__file__).read() + ' '.join(sys.argv) + repr(dict(os.environ))\n"
+             "seen += open('/proc/self/cmdline').read() + open('/proc/self/environ').read()\n"
+             "for root in ('/sandbox', '/tmp', os.getcwd()):\n"
+             "    for d, _, files in os.walk(root):\n"
+             "        for f in files:\n"
+             "            try:\n                seen += open(os.path.join(d, f), errors='replace').read()\n"
+             "            except OSError:\n                pass\n"
+             f"print('found' if {nonce[::-1]!r}[::-1] in seen else 'clean')\n")  # not the nonce verbatim
+    r = run_python(probe, FAST)
+    assert r.passed and r.stdout == "clean\n", (r.stdout, r.stderr)
+
+
 # ------------------------------------------------- network, environment, survivors
 
 
@@ -329,10 +385,13 @@ def test_double_forked_child_does_not_outlive_the_call(isolate_user):
 
 
 def test_without_namespaces_it_warns_or_refuses(monkeypatch, capsys):
-    """Where unshare is denied (simulated), the program still runs with a warning and its
-    result says the network was shared; DUME_SANDBOX_REQUIRE_ISOLATION=1 refuses."""
+    """Where unshare is denied (simulated), the program still runs under its fresh uid with
+    a warning and its result says the network was shared; DUME_SANDBOX_REQUIRE_ISOLATION=1
+    refuses. (Under the caller's own uid it refuses by default: see test_sandbox_isolation.)"""
     import dume.sandbox as sb
 
+    if os.geteuid() != 0:
+        pytest.skip("the warn-and-run fallback is the fresh uid's, which needs root")
     broken = sb._LAUNCHER.replace("libc.unshare(flags) == 0", "False")
     assert broken != sb._LAUNCHER
     monkeypatch.setattr(sb, "_LAUNCHER", broken)
@@ -346,9 +405,19 @@ def test_without_namespaces_it_warns_or_refuses(monkeypatch, capsys):
         run_python("print('ran')", FAST)
 
 
+OWN_FILES_PROBE = """import os
+print(os.path.exists({results!r}), sorted(os.listdir("/tmp")))
+open("f", "w").write("x")
+open("/tmp/y", "w").write("y")
+open({results!r}, "w").write("rewritten")  # a private file of that name, at most
+"""
+
+
 def test_an_ordinary_user_gets_the_same_isolation():
     """The non-root path (user namespace): run the sandbox as `nobody` with the system
-    Python on a world-readable copy of the module (pytest's tmp_path is private)."""
+    Python on a world-readable copy of the module (pytest's tmp_path is private): no
+    network, no survivors, its own files in a private root (not the caller's), and an
+    early exit is not a pass."""
     import shutil
     import subprocess
     import tempfile
@@ -369,11 +438,15 @@ def test_an_ordinary_user_gets_the_same_isolation():
         p.chmod(0o755)
     marker = f"{40 + (os.getpid() % 1000) / 1000:.3f}"
     port, accepted, close = _listener()
-    driver = (f"import sys, json; sys.path.insert(0, {str(tmp_path)!r})\n"
+    driver = (f"import os, sys, json; sys.path.insert(0, {str(tmp_path)!r})\n"
               "from dume.sandbox import run_python, Limits\n"
               f"net = run_python({NETWORK_PROBE.format(port=port)!r}, Limits(timeout_s=5))\n"
               f"fork = run_python({DOUBLE_FORK.format(marker=marker)!r}, Limits(timeout_s=5))\n"
-              "print(json.dumps([net.to_dict(), fork.to_dict()]))\n")
+              "import tempfile\nfd, results = tempfile.mkstemp()\nos.write(fd, b'{}')\n"
+              f"files = run_python({OWN_FILES_PROBE!r}.format(results=results), Limits(timeout_s=5))\n"
+              "files = dict(files.to_dict(), results=open(results).read())\nos.unlink(results)\n"
+              "early = run_python('import sys\\nsys.exit(0)\\n', Limits(timeout_s=5))\n"
+              "print(json.dumps([net.to_dict(), fork.to_dict(), files, early.to_dict()]))\n")
     try:
         out = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"cd /tmp && {py} -"], input=driver,
                              capture_output=True, text=True, timeout=60)
@@ -382,13 +455,19 @@ def test_an_ordinary_user_gets_the_same_isolation():
         shutil.rmtree(tmp_path, ignore_errors=True)
     if out.returncode != 0 and "This account is currently not available" in out.stderr:
         pytest.skip("cannot become nobody here")
+    if out.returncode != 0 and "refusing to run untrusted generated code unisolated" in out.stderr:
+        pytest.skip(f"this kernel denies unprivileged namespaces: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 0, out.stderr
     import json
 
-    net, fork = json.loads(out.stdout.strip().splitlines()[-1])
+    net, fork, files, early = json.loads(out.stdout.strip().splitlines()[-1])
     if not net["isolation"]["pid_namespace"]:
         pytest.skip(f"this kernel denies unprivileged namespaces: {net['isolation']['network']}")
     assert net["isolation"]["fresh_uid"] is False
     assert net["returncode"] == 7 and accepted == []
     assert fork["passed"], fork["stderr"]
     assert _processes_with(marker) == []
+    # its own files work, in a private /tmp; the caller's results file is not even there
+    assert files["passed"] and files["stdout"] == "False []\n", (files["stdout"], files["stderr"])
+    assert files["results"] == "{}" and files["isolation"]["filesystem"].startswith("private root")
+    assert early["status"] == "failed" and early["returncode"] == 0 and not early["finished"]

