@@ -105,7 +105,7 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     provenance = {"num_dume_stats_steps": args.num_dume_stats_steps,
                   "stats_batch_size": args.stats_batch_size, "seq_len": run.seq_len, "source": run.source,
                   "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint(),
-                  "expert_fingerprints": list(expert_set.fingerprints)}
+                  "expert_fingerprints": list(expert_set.fingerprints), "corpus": run.corpus_stamps(domains)}
     kind = strategies.get(args.method).statistics
     cache = run.run_dir / f"stats{expert_set_key(run, domains)}" / stats_key(args, kind)
     if (cache / "stats.json").is_file() and not args.redo:
@@ -157,16 +157,7 @@ def router_recipe(args, domains, experts) -> dict:
 
 
 def main(argv=None):
-    import torch
-
-    from dume.checkpoints import check_experts
-    from dume.io import atomic_dir, portable_path
-    from dume.recipe import write_recipe
-    from dume.merge import moerge_experts, write_oracle
-    from dume.moe_edit import load_moe, set_gates
-    from dume.router_training import mixed_blocks, train_routers
-    from dume.routing import routing_accuracy, routing_shares
-    from dume.train import TrainConfig, windows_budget
+    from dume.outputs import output_lock
 
     args = parse(argv)
     strategy = strategies.get(args.method)
@@ -180,12 +171,27 @@ def main(argv=None):
             data.has_documents(d, "train", run.source, data_dir=run.data_dir)
     name = args.method if not args.tag else f"{args.method}_{args.tag}"
     model_dir = run.model_dir(name)
+    # One writer of this strategy's model and result from the first check to the last write:
+    # a second run of the same strategy on this run directory refuses at once.
+    with output_lock(model_dir), output_lock(run.result_path(name)):
+        evaluate_strategy(args, run, strategy, domains, name, model_dir)
+
+
+def evaluate_strategy(args, run: Run, strategy, domains: list[str], name: str, model_dir) -> None:
+    """Skip what is done; else the oracles (dense), or the routed MoE via `evaluate_routed`."""
+    from dume.checkpoints import check_experts
+    from dume.io import portable_path
+    from dume.merge import moerge_experts, write_oracle
+    from dume.outputs import output_lock, share_lock
+
     inputs = {f"{d} expert": run.expert_dir(d) for d in domains}
     models = {"model": model_dir} if strategy.routed else {d: model_dir / d for d in domains}
     if run.done(name, args.redo, inputs=inputs, models=models):
         return
     experts = [run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains]
     expert_set = check_experts(experts)  # configs, tokenizers, shapes, NaN/inf: before anything is written
+    for w in expert_set.warnings:
+        print(f"warning: {w}")
     run.load(experts[0], "clm_train_experts.py")  # tokenizer/vocabulary check before heavy work
     input_fps = run.begin(name, inputs)
     made_from = {"dume_domains": domains, "dume_expert_fingerprints": list(expert_set.fingerprints)}
@@ -205,14 +211,33 @@ def main(argv=None):
         print("oracle".ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
         return
 
-    config = expert_set.config
     # The MoErged model with zero gates, built once and reused by every router; rebuilt
     # when the experts' contents (or the domain set) differ from those it was made from.
+    # It is shared by every strategy's run: held (others wait) while it is checked, rebuilt
+    # if need be, and read -- never replaced under a reader.
     base_dir = run.model_dir(f"_moe_base{expert_set_key(run, domains)}")
-    if args.redo or not built_from(base_dir, made_from):
-        moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1,
-                       extra_config={**made_from, "dume_experts": [portable_path(e, base_dir) for e in experts]})
+    with output_lock(base_dir, wait=True):
+        if args.redo or not built_from(base_dir, made_from):
+            moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1,
+                           extra_config={**made_from, "dume_experts": [portable_path(e, base_dir) for e in experts]})
+        share_lock(base_dir)  # other strategies may read it too; a rebuild waits for all readers
+        evaluate_routed(args, run, strategy, domains, name, model_dir, experts, expert_set, base_dir, payload,
+                        input_fps, models)
 
+
+def evaluate_routed(args, run: Run, strategy, domains, name, model_dir, experts, expert_set, base_dir, payload,
+                    input_fps, models) -> None:
+    """A routed strategy from the zero-gate base: gates, router training if any, evaluation."""
+    import torch
+
+    from dume.io import atomic_dir
+    from dume.moe_edit import load_moe, set_gates
+    from dume.recipe import write_recipe
+    from dume.router_training import mixed_blocks, train_routers
+    from dume.routing import routing_accuracy, routing_shares
+    from dume.train import TrainConfig, windows_budget
+
+    config = expert_set.config
     stats = get_stats(run, args, expert_set, domains, base_dir) if strategy.needs_statistics else None
     if stats is not None:
         payload["token_counts"] = stats.token_counts()

@@ -59,12 +59,16 @@ def main(argv=None):
     for domain in domains:
         out = run.expert_dir(domain)
         if is_complete_checkpoint(out) and not args.redo:
-            made_from = _recorded_seed(run, domain)
-            if made_from in (None, seed_fp):  # an expert put here by hand has no record: kept
+            made_from, corpus = _recorded(run, domain)
+            changed = run.corpus_changed(corpus)
+            if changed:
+                print(f"expert {domain}: {changed}; retraining")
+            elif made_from in (None, seed_fp):  # an expert put here by hand has no record: kept
                 print(f"expert {domain} exists at {out}; skipping (--redo to retrain)")
                 continue
-            print(f"expert {domain} was trained from another seed model (fingerprint {made_from} != {seed_fp}); "
-                  "retraining")
+            else:
+                print(f"expert {domain} was trained from another seed model (fingerprint {made_from} != {seed_fp}); "
+                      "retraining")
         model = run.load(run.seed_dir, "clm_pretrain.py")
         train_blocks = run.blocks(domain, "train", max_windows=windows_budget(cfg))
         val_blocks = run.blocks(domain, "validation")
@@ -80,14 +84,16 @@ def main(argv=None):
         wait_for_everyone()
 
 
-def _recorded_seed(run: Run, domain: str):
-    """The seed fingerprint the expert's result records, or None when there is none."""
+def _recorded(run: Run, domain: str):
+    """(the seed fingerprint, the corpus stamps) the expert's result records; None for
+    what it does not record (an expert put here by hand has no result)."""
     from dume.io import read_json
 
     path = run.result_path(f"expert_{domain}")
     if not path.is_file():
-        return None
-    return ((read_json(path).get("fingerprints") or {}).get("inputs") or {}).get("seed")
+        return None, None
+    result = read_json(path)
+    return ((result.get("fingerprints") or {}).get("inputs") or {}).get("seed"), result.get("corpus")
 
 
 if __name__ == "__main__":

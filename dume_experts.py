@@ -117,8 +117,14 @@ def combine(args) -> None:
     from dume.dynamic import check_output, combine_stats
     from dume.ridge import RidgeStats
 
+    from dume.dynamic import identical_statistics
+
     out = check_output(args.out, args.stats, args.overwrite)
-    stats, notes = combine_stats([RidgeStats.load(s) for s in args.stats])
+    parts = [RidgeStats.load(s) for s in args.stats]
+    for i, j in identical_statistics(args.stats, parts):
+        print(f"warning: {args.stats[i]} and {args.stats[j]} are the same statistics: combining them counts "
+              "their tokens twice (give each part once)")
+    stats, notes = combine_stats(parts)
     stats.save(out)
     print(f"summed {len(args.stats)} statistics: domains {stats.domains}, tokens "
           f"{ {d: c[0] for d, c in stats.token_counts().items()} } -> {out}")

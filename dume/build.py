@@ -153,9 +153,7 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
     held = raw.get("held_out", 0.05)
     if isinstance(held, bool) or not isinstance(held, (int, float)) or not 0 <= held < 1:
         raise DumeError(f"{where}: held_out must be a fraction in [0, 1), got {held!r}")
-    device = raw.get("device", "auto")
-    if not isinstance(device, str):
-        raise DumeError(f"{where}: device must be a string (auto, cpu, cuda, cuda:0), got {device!r}")
+    device = check_device(where, raw.get("device", "auto"))
     try:
         max_shard_size = parse_size(raw.get("max_shard_size", DEFAULT_MAX_SHARD_BYTES))
     except DumeError as e:
@@ -164,15 +162,60 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
     if not isinstance(out, str) or not out.strip():
         raise DumeError(f"{where}: 'out' must be a path")
     out_path = Path(out).expanduser()
+    out_path = out_path if out_path.is_absolute() else base / out_path
+    check_out(where, out_path, experts, source)
+    seed = _int(f"{where}: seed", raw.get("seed", 0), minimum=0)
+    if seed >= 2**32:
+        raise DumeError(f"{where}: seed must be below 2**32 (numpy's and CUDA's limit), got {seed}")
     return BuildSpec(
-        experts=tuple(experts), out=out_path if out_path.is_absolute() else base / out_path, gate=gate, k=k,
+        experts=tuple(experts), out=out_path, gate=gate, k=k,
         lam=_positive(f"{where}: lambda", raw.get("lambda", 0.01)),
         temperature=_positive(f"{where}: temperature", raw.get("temperature", 1.0)),
         num_dume_tokens=_int(f"{where}: num_dume_tokens", raw.get("num_dume_tokens"), allow_none=True),
         dtype=dtype, seq_len=_int(f"{where}: seq_len", raw.get("seq_len", 1024)),
         batch_size=_int(f"{where}: batch_size", raw.get("batch_size", 8)), held_out=float(held),
-        seed=_int(f"{where}: seed", raw.get("seed", 0), minimum=0), device=device, max_shard_size=max_shard_size,
+        seed=seed, device=device, max_shard_size=max_shard_size,
         source=source)
+
+
+def check_device(where: str, device) -> str:
+    """`auto`, or a torch device that exists on this machine (checked now, not after the
+    experts were hashed)."""
+    import torch
+
+    if not isinstance(device, str) or not device.strip():
+        raise DumeError(f"{where}: device must be a string (auto, cpu, cuda, cuda:0), got {device!r}")
+    if device == "auto":
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DumeError(f"{where}: device {device!r} is not a device name (auto, cpu, cuda, cuda:0, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DumeError(f"{where}: device {device!r} but this machine has no usable CUDA GPU; use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DumeError(f"{where}: device {device!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DumeError(f"{where}: device {device!r} but MPS is not available here; use auto or cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise DumeError(f"{where}: device {device!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
+def check_out(where: str, out: Path, experts, source: Path | None) -> None:
+    """`out` must be creatable, and must not be, contain or lie inside anything the build
+    reads (a local expert, a data file or folder, the config file itself)."""
+    from .outputs import check_output_path, check_writable_location
+
+    inputs = [Path(v) for e in experts for v in (e.model, e.data) if Path(v).exists()]
+    if source is not None:
+        inputs.append(source)
+    try:
+        check_writable_location(out, "out")
+        check_output_path(out, inputs, "out")
+    except DumeError as e:
+        raise DumeError(f"{where}: {e}") from None
 
 
 def load_spec(path: str | os.PathLike) -> BuildSpec:
@@ -192,19 +235,23 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
 
 
 def _file_texts(path: Path, fieldname: str) -> list[str]:
+    from .io import read_records, read_text
+
     if path.suffix == ".txt":
-        return [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        return [t.strip() for t in read_text(path).split("\n\n") if t.strip()]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's ArrowInvalid and friends: the file is not Parquet
+            raise DumeError(f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e)[:160]}); "
+                            "rewrite it or give a .jsonl / .txt file") from None
         if fieldname not in table.column_names:
             raise DumeError(f"{path} has no column {fieldname!r} (columns: {', '.join(table.column_names)})")
         return [str(v) for v in table.column(fieldname).to_pylist() if v]
-    from .tasks import _read_jsonl
-
     out = []
-    for i, rec in enumerate(_read_jsonl(path)):
+    for i, rec in enumerate(read_records(path)):
         if not isinstance(rec, dict) or fieldname not in rec:
             raise DumeError(f"{path} record {i + 1} has no field {fieldname!r}")
         if rec[fieldname]:
@@ -231,6 +278,10 @@ def expert_texts(spec: ExpertSpec) -> tuple[list[str], str]:
             raise DumeError(f"expert {spec.name}: data {spec.data} does not exist (and is not a hub dataset id)")
         import datasets
 
+        from .hub import offline, require_hub
+
+        if not offline():  # offline, datasets reads its cache (or fails) at once
+            require_hub(f"expert {spec.name}: hub dataset {spec.data}", "give a local file or folder instead")
         try:
             ds = datasets.load_dataset(spec.data, split=spec.split)
         except Exception as e:  # offline, missing, gated: one line
@@ -269,25 +320,35 @@ def _device(name: str) -> str:
 
 
 def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
-    """Run the whole build; return the summary written into the model card."""
+    """Run the whole build; return the summary written into the model card. `out` is
+    locked against a second writer for the whole build (`dume.outputs.output_lock`)."""
+    from .outputs import output_lock
+
+    out = Path(spec.out)
+    with output_lock(out):  # one writer of `out` from here to the final rename
+        if out.exists() and not overwrite:
+            raise DumeError(f"{out} exists; pass --overwrite to replace it")
+        return _build(spec, out, overwrite, log)
+
+
+def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
     import torch
 
     from .checkpoints import check_experts
     from .io import atomic_dir, atomic_write_json, atomic_write_text
     from .memory import release_memory
+    from .outputs import check_output_path
     from .reasoning import resolve_expert
     from .tokenizer import load_tokenizer
 
-    out = Path(spec.out)
-    if out.exists() and not overwrite:
-        raise DumeError(f"{out} exists; pass --overwrite to replace it")
     names = [e.name for e in spec.experts]
     dirs = [resolve_expert(e.model) for e in spec.experts]
-    if any(Path(d).resolve() == out.resolve() for d in dirs):
-        raise DumeError(f"out ({out}) is one of the experts")
+    check_output_path(out, dirs, "out")  # hub experts resolve to the cache only now
     es = check_experts(dirs, require_mixtral_compatible=True)
     for n in es.notes:
         log(f"note: {n}")
+    for w in es.warnings:
+        log(f"warning: {w}")
     if es.tokenizer_dir is None:
         raise DumeError("no expert has tokenizer files: the documents cannot be tokenized")
     docs, held, sources = {}, {}, {}

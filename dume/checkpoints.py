@@ -281,6 +281,8 @@ class ExpertSet:
     fingerprints: tuple[str, ...] = field(default_factory=tuple)
     # The experts' entry in dume.architectures (what the MoE becomes).
     arch: Any = None
+    # Not errors, but likely mistakes the user should see (the same checkpoint twice).
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def num_experts(self) -> int:
@@ -409,6 +411,7 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
     from .fingerprint import require_finite
 
     fingerprints = tuple(require_finite(d, _expert_label(i, d)).digest for i, d in enumerate(dirs))
+    warnings = duplicate_warnings(dirs, fingerprints)
     return ExpertSet(
         dirs=dirs,
         config=ref,
@@ -418,7 +421,20 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
         notes=tuple(notes),
         fingerprints=fingerprints,
         arch=arch,
+        warnings=warnings,
     )
+
+
+def duplicate_warnings(dirs, fingerprints) -> tuple[str, ...]:
+    """One line per group of experts with identical contents: a router cannot tell them
+    apart, so their routing shares (and any "own expert" figure) are arbitrary."""
+    groups: dict[str, list[int]] = {}
+    for i, fp in enumerate(fingerprints):
+        groups.setdefault(fp, []).append(i)
+    return tuple(
+        "experts " + ", ".join(_expert_label(i, dirs[i]) for i in idx) + f" are the same checkpoint (content "
+        f"fingerprint {fp[:12]}): the router cannot tell them apart and their routing between them is arbitrary"
+        for fp, idx in groups.items() if len(idx) > 1)
 
 
 # ----------------------------------------------------------------------- fingerprints

@@ -50,7 +50,9 @@ def setup_threads() -> None:
 
 
 def run_main(fn, argv=None) -> int:
-    """Run a script's body; user errors print one clear line and exit 2."""
+    """Run a script's body; user errors -- and operating-system errors (a full disk, a
+    folder without permission), which the work cannot fix either -- print one clear line
+    and exit 2. Anything else is a bug and keeps its traceback."""
     setup_threads()
     start = time.time()
     try:
@@ -61,6 +63,14 @@ def run_main(fn, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed outputs are kept; rerun to finish the rest", file=sys.stderr)
         return 130
+    except Exception as e:  # OS and safetensors I/O errors: one line naming the file and the fix
+        from .outputs import os_error_line
+
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     print(f"[{Path(sys.argv[0]).name} done in {time.time() - start:.1f}s]", file=sys.stderr)
     return 0
 

@@ -149,15 +149,38 @@ class Run:
         from .fingerprint import stale_because
 
         try:
-            stored = read_json(path).get("fingerprints")
+            result = read_json(path)
+            stored = result.get("fingerprints")
         except (DumeError, AttributeError):
             return "unreadable"
+        changed = self.corpus_changed(result.get("corpus"))
+        if changed:
+            return changed
         if not inputs and not models:
             return None
         if not isinstance(stored, dict):
             return "it records no fingerprints of what it was computed from (older run)"
         return stale_because({label: (dep, (stored.get(kind) or {}).get(label))
                               for kind, deps in (("inputs", inputs), ("models", models)) for label, dep in deps.items()})
+
+    def corpus_stamps(self, domains) -> dict[str, dict]:
+        """{domain: `data.corpus_stamp`} (files, sizes, modification times): what a result
+        or statistics computed from these domains' text records, to notice a changed corpus."""
+        return {d: data.corpus_stamp(d, self.source, self.data_dir) for d in domains}
+
+    def corpus_changed(self, recorded: dict | None) -> str | None:
+        """Why the text a result was computed from is no longer what it was, or None
+        (also None for a result that predates corpus stamps)."""
+        if not isinstance(recorded, dict):
+            return None
+        for domain, then in recorded.items():
+            try:
+                now = data.corpus_stamp(domain, self.source, self.data_dir)
+            except DumeError as e:
+                return f"the text of domain {domain!r} cannot be read now ({e})"
+            if now != then:
+                return f"the text of domain {domain!r} changed since ({_stamp_difference(then, now)})"
+        return None
 
     def begin(self, name: str, inputs: Mapping[str, Path] | None = None) -> dict[str, str]:
         """Mark result `name` as being computed and return its inputs' fingerprints (taken
@@ -316,13 +339,37 @@ def environment() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _stamp_difference(then, now) -> str:
+    if not isinstance(then, dict) or not isinstance(now, dict):
+        return "another corpus"
+    if then.get("files") is not None and now.get("files") is not None:
+        old = {f[0]: f[1:] for f in then["files"]}
+        new = {f[0]: f[1:] for f in now["files"]}
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            return "files changed: " + ", ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
+    keys = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    return "changed: " + ", ".join(keys)
+
+
+def result_domains(run: Run, payload: dict) -> list[str]:
+    """The domains whose text a result was computed from: its `domains`, its `domain`,
+    or the domain keys of its `results`."""
+    named = payload.get("domains") or ([payload["domain"]] if isinstance(payload.get("domain"), str) else [])
+    if not named and isinstance(payload.get("results"), dict):
+        known = set(run.domains())
+        named = [d for d in payload["results"] if d in known]
+    return list(named)
+
+
 def write_result(run: Run, name: str, payload: dict, inputs: Mapping[str, str] | None = None,
                  models: Mapping[str, Path] | None = None) -> Path:
     """Write result `name` (strict JSON), recording the fingerprints of its inputs (as
     `Run.begin` returned them) and of the models it evaluated, then clear its pending mark."""
     from .fingerprint import fingerprint
 
-    payload = {**payload, "settings": {**run.settings(), **payload.get("settings", {})}, "environment": environment()}
+    payload = {**payload, "settings": {**run.settings(), **payload.get("settings", {})}, "environment": environment(),
+               "corpus": run.corpus_stamps(result_domains(run, payload))}
     if inputs is not None or models is not None:
         payload["fingerprints"] = {"inputs": dict(inputs or {}),
                                    "models": {label: fingerprint(p) for label, p in (models or {}).items()}}

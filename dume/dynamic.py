@@ -142,6 +142,20 @@ def domain_provenance(stats: RidgeStats) -> dict[str, dict]:
     return {d: dict(per_domain.get(d, shared)) for d in stats.domains}
 
 
+def identical_statistics(paths: Sequence[str | Path], parts: Sequence[RidgeStats]) -> list[tuple[int, int]]:
+    """Pairs (i, j) of parts that are one and the same: the same directory given twice, or
+    equal sums (a copy). Summing them doubles every count, almost always by mistake."""
+    pairs = []
+    for j in range(len(parts)):
+        for i in range(j):
+            same_dir = Path(paths[i]).resolve() == Path(paths[j]).resolve()
+            a, b = parts[i], parts[j]
+            if same_dir or (list(a.domains) == list(b.domains) and a.n.shape == b.n.shape and torch.equal(a.n, b.n)
+                            and a.A.shape == b.A.shape and torch.equal(a.A, b.A)):
+                pairs.append((i, j))
+    return pairs
+
+
 def combine_stats(parts: Sequence[RidgeStats]) -> tuple[RidgeStats, list[str]]:
     """Sum statistics computed apart (other processes, machines or owners).
 
@@ -276,12 +290,10 @@ def solve_gates(stats: RidgeStats, recipe: dict) -> list[torch.Tensor]:
 def check_output(out_dir: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:
     """Refuse an output that is, contains or lies inside an input, or exists (without
     `overwrite`): edits always write a new model and keep the old one."""
-    out = Path(out_dir)
-    r = out.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if r == p or r in p.parents or p in r.parents:
-            raise DumeError(f"output {out} would overwrite or nest inside the input {p}: choose a new directory")
+    from .outputs import check_output_path, check_writable_location
+
+    out = check_output_path(out_dir, inputs, "output")
+    check_writable_location(out)
     if out.exists() and not overwrite:
         raise DumeError(f"{out} exists; pass --overwrite to replace it")
     return out

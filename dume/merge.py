@@ -34,6 +34,7 @@ from .checkpoints import (
 )
 from .errors import DumeError
 from .io import atomic_dir
+from .outputs import require_free_space
 from .shards import DEFAULT_MAX_SHARD_BYTES, OutTensor, const, take, write_safetensors
 
 def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float] | None:
@@ -125,13 +126,22 @@ def _plan_moe(es: ExpertSet, readers, gates: list[torch.Tensor], weights) -> lis
 
 
 def check_out_dir(out_dir: str | Path, protected: Iterable[Path]) -> Path:
-    """Refuse an output directory that would replace (or contain) an input."""
-    out = Path(out_dir).resolve()
-    for p in protected:
-        p = Path(p).resolve()
-        if out == p or out in p.parents:
-            raise DumeError(f"output directory {out_dir} would overwrite the input checkpoint {p}")
-    return Path(out_dir)
+    """Refuse an output directory that is, contains or lies inside an input checkpoint."""
+    from .outputs import check_output_path
+
+    return check_output_path(out_dir, protected, "output directory")
+
+
+def moe_size_bytes(es: ExpertSet) -> int:
+    """Bytes of the MoE these experts make: shared tensors once, MLP tensors once per
+    expert, plus the routers (for the free-space check before writing it)."""
+    total = 0
+    for name, (shape, dtype) in es.tensors.items():
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        kind = es.arch.kind_of(name)
+        total += n * (es.num_experts if kind == "mlp" else 1 if kind == "shared" else 0)
+    cfg = es.config
+    return total + cfg.num_hidden_layers * es.num_experts * cfg.hidden_size * 4
 
 
 def _copy_side_files(es: ExpertSet, dst: Path) -> None:
@@ -279,6 +289,7 @@ def moerge_experts(
         gates = [g.to(dtype) for g in validate_gates(gates, L, D, H, "moerge_experts")]
     mcfg = moe_config(load_config(es.dirs[0], es.arch.dense_type), D, num_experts_per_tok, extra_config)
     out_dir = check_out_dir(out_dir, es.dirs)
+    require_free_space(out_dir.parent, moe_size_bytes(es), f"the MoE {out_dir}")
     with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(_plan_moe(es, readers, gates, w), tmp, max_shard_size)
         mcfg.save_pretrained(str(tmp))

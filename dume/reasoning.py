@@ -98,11 +98,19 @@ def resolve_expert(id_or_path: str, cache_dir: str | os.PathLike | None = None) 
         return p.resolve()
     if p.exists() or id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") != 1:
         raise DumeError(f"expert {id_or_path!r}: no such checkpoint directory, and not a hub id (owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        path = snapshot_download(id_or_path, cache_dir=cache_dir,
-                                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    from .hub import require_hub
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+    try:  # the cache first: no network needed for what was downloaded before
+        return Path(snapshot_download(id_or_path, cache_dir=cache_dir, allow_patterns=patterns,
+                                      local_files_only=True))
+    except Exception:
+        pass
+    require_hub(f"expert {id_or_path}", "pass a local checkpoint directory instead")
+    try:
+        path = snapshot_download(id_or_path, cache_dir=cache_dir, allow_patterns=patterns)
     except Exception as e:
         raise DumeError(f"cannot get expert {id_or_path} from the hub ({type(e).__name__}: {str(e)[:200]}); "
                         f"pass a local checkpoint directory instead") from e
@@ -136,6 +144,7 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
                   max_num_samples: int | None = None, text: str = "prompt") -> tuple[list[str], str]:
     """Text from the expert's training set: local files OOD_DATA_DIR/<domain>/*.jsonl|*.json|*.txt
     (fields tried: TEXT_FIELDS), else the hub dataset of OOD_DATASETS."""
+    from .io import read_text
     from .tasks import _read_jsonl
 
     if ood_data_dir is not None:
@@ -146,7 +155,7 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
         texts: list[str] = []
         for f in files:
             if f.suffix == ".txt":
-                texts += [t for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+                texts += [t for t in read_text(f).split("\n\n") if t.strip()]
             else:
                 fields = PROMPT_TEXT_FIELDS if text == "prompt" else TEXT_FIELDS
                 texts += [_record_text(r, fields, text == "prompt") for r in _read_jsonl(f) if isinstance(r, dict)]

@@ -381,7 +381,7 @@ def test_statistics_of_another_model_are_refused(dyn, apart, tmp_path, capsys):
     (["remove", "--moe", "{two}", "--domain", "physics", "--out", "{tmp}/o"], "no expert for domain 'physics'"),
     (["add", "--moe", "{two}", "--expert", "{run}/experts/math", "--domain", "math", "--mode", "keep-shared",
       "--out", "{tmp}/o"], "already has an expert"),
-    (["remove", "--moe", "{two}", "--domain", "code", "--out", "{two}"], "would overwrite"),
+    (["remove", "--moe", "{two}", "--domain", "code", "--out", "{two}"], "is the input"),
     (["reweight", "--moe", "{two}", "--weights", "code=0", "--out", "{tmp}/o"], "use remove"),
     (["reweight", "--moe", "{two}", "--weights", "physics=2", "--out", "{tmp}/o"], "'physics'"),
     (["collect", "--moe", "{two}", "--domain", "history", "--out", "{tmp}/o"], "--expert"),

@@ -318,20 +318,10 @@ def write_task_configs(domain: str, out_dir: str | os.PathLike, data_dir: str | 
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    import gzip
+    """Records of a .jsonl / .json (optionally .gz) file; bad bytes or JSON are one line."""
+    from ..io import read_records
 
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.suffix == ".json":
-            data = json.load(f)
-            yield from (data if isinstance(data, list) else [data])
-            return
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DumeError(f"{path} line {i + 1}: not JSON: {e}") from e
+    yield from read_records(path)
 
 
 def _arc_text(doc: dict) -> str:
