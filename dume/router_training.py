@@ -45,6 +45,16 @@ def _swap_routers(model, cls):
         layer.mlp.gate = new
 
 
+def set_load_balancing(model, alpha: float) -> None:
+    """Add (alpha > 0) or remove Mixtral's load-balancing loss. `MixtralForCausalLM` copies
+    `router_aux_loss_coef` from its config at construction and its forward reads the copy,
+    so setting only the config -- as this project once did -- leaves the loss unweighted
+    by alpha (0): the attribute is set too."""
+    model.config.output_router_logits = alpha > 0
+    model.config.router_aux_loss_coef = alpha
+    model.router_aux_loss_coef = alpha
+
+
 def train_routers(model, train_data, val_data, cfg: TrainConfig, *, alpha: float = 0.0, desc: str = "routers"):
     """Fine-tune the gates of a MixtralForCausalLM in place; return (model, history)."""
     k = model.config.num_experts_per_tok
@@ -52,8 +62,7 @@ def train_routers(model, train_data, val_data, cfg: TrainConfig, *, alpha: float
         raise DumeError(f"k={k} must be between 1 and the number of experts ({model.config.num_local_experts})")
     if alpha < 0:
         raise DumeError(f"load-balancing coefficient alpha must be >= 0, got {alpha}")
-    model.config.output_router_logits = alpha > 0
-    model.config.router_aux_loss_coef = alpha
+    set_load_balancing(model, alpha)
     if k == 1:
         _swap_routers(model, StraightThroughTop1Router)
     try:
@@ -61,7 +70,7 @@ def train_routers(model, train_data, val_data, cfg: TrainConfig, *, alpha: float
     finally:
         if k == 1:
             _swap_routers(model, MixtralTopKRouter)
-        model.config.output_router_logits = False
+        set_load_balancing(model, 0.0)
     history["straight_through_top1"] = k == 1
     history["alpha"] = alpha
     return model, history
