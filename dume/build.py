@@ -134,6 +134,7 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
         for key in ("split", "field"):
             if key in e and (not isinstance(e[key], str) or not e[key]):
                 raise DumeError(f"{label}: {key!r} must be a non-empty string")
+        check_name(label, e["name"].strip())
         experts.append(ExpertSpec(name=e["name"].strip(), model=_local(e["model"], base), data=_local(e["data"], base),
                                   split=e.get("split", "train"), field=e.get("field", "text"),
                                   max_docs=_int(f"{label}.max_docs", e.get("max_docs"), allow_none=True)))
@@ -176,6 +177,14 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
         batch_size=_int(f"{where}: batch_size", raw.get("batch_size", 8)), held_out=float(held),
         seed=seed, device=device, max_shard_size=max_shard_size,
         source=source)
+
+
+def check_name(where: str, name: str) -> None:
+    """An expert name becomes a domain name (statistics, recipe, config, later edits by
+    name): no path separators, no leading dot, no control characters."""
+    if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
+        raise DumeError(f"{where}: name {name!r} must not contain '/', '\\' or control characters, nor start "
+                        "with '.'; use letters, digits, '-' or '_'")
 
 
 def check_device(where: str, device) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,12 +50,31 @@ def setup_threads() -> None:
     torch.set_num_threads(max(1, n))
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that `finally` blocks (staging folders,
+    locks) run as they do for Ctrl-C; a BaseException so that no `except Exception`
+    swallows it."""
+
+
+def _terminate_as_exception():
+    """Turn SIGTERM into `Terminated` in the main thread; returns the previous handler
+    (None where it cannot be set, e.g. outside the main thread)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
 def run_main(fn, argv=None) -> int:
     """Run a script's body; user errors -- and operating-system errors (a full disk, a
     folder without permission), which the work cannot fix either -- print one clear line
     and exit 2. Anything else is a bug and keeps its traceback."""
     setup_threads()
     start = time.time()
+    previous = _terminate_as_exception()
     try:
         fn(argv)
     except DumeError as e:
@@ -63,6 +83,10 @@ def run_main(fn, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed outputs are kept; rerun to finish the rest", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): completed outputs are kept, staging folders removed; rerun to finish the rest",
+              file=sys.stderr)
+        return 143
     except Exception as e:  # OS and safetensors I/O errors: one line naming the file and the fix
         from .outputs import os_error_line
 
@@ -71,6 +95,9 @@ def run_main(fn, argv=None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"[{Path(sys.argv[0]).name} done in {time.time() - start:.1f}s]", file=sys.stderr)
     return 0
 

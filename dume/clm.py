@@ -59,6 +59,8 @@ class Run:
     def from_args(cls, args) -> "Run":
         run = cls(Path(args.run_dir), args.source, args.data_dir, args.seq_len, args.tokenizer,
                   args.vocab_size, getattr(args, "max_eval_blocks", None), getattr(args, "recipe", "auto"))
+        if run.run_dir.exists() and not run.run_dir.is_dir():
+            raise DumeError(f"--run-dir {run.run_dir} is a file; give a folder (it is created if missing)")
         if run.seq_len < 2:
             raise DumeError("--seq-len must be at least 2")
         if run.recipe not in RECIPE_CHOICES:

@@ -489,3 +489,49 @@ def test_a_hub_id_without_network_fails_fast_with_one_line(tmp_path, capsys, mon
         silent.close()
     one_error_line(capsys, rc, "someone/not-cached-model", "cannot be reached", "local checkpoint")
     assert took < 5, took
+
+
+# ------------------------------------------------------------------ further hostile inputs
+
+
+def test_sigterm_during_a_build_removes_its_staging_and_keeps_nothing_half_written(experts, tmp_path):
+    """SIGTERM (what `kill`, schedulers and launchers send) ran no cleanup before: the
+    staging folder stayed until a rerun removed it. Now it is handled like Ctrl-C."""
+    data = tmp_path / "big.txt"
+    data.write_text("\n\n".join(f"A long law document {i} " + "with many words " * 40 for i in range(400)))
+    cfg = _config(experts, tmp_path / "moe")
+    for e in cfg["experts"]:
+        e["data"] = str(data)
+    config = _write(tmp_path / "build.yaml", cfg)
+    p = subprocess.Popen([sys.executable, "-m", "dume", "build", str(config)], cwd=REPO,
+                         env={**os.environ, "DUME_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".moe.tmp-*")):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert not (tmp_path / "moe").exists()
+    assert not list(tmp_path.glob(".moe*")), list(tmp_path.glob(".moe*"))
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", ".hidden", "tab\there"])
+def test_expert_names_that_could_be_paths_are_refused(experts, tmp_path, capsys, name):
+    cfg = _config(experts, tmp_path / "moe")
+    cfg["experts"][0]["name"] = name
+    rc = _build(capsys, _write(tmp_path / "build.yaml", cfg))
+    one_error_line(capsys, rc, "must not contain")
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, corpus_dir, capsys):
+    import clm_moerging_strategies_eval as strategies
+
+    f = tmp_path / "run.txt"
+    f.write_text("not a folder")
+    rc = run_script(strategies.main, method_args(f, corpus_dir, "DUME"))
+    one_error_line(capsys, rc, "is a file")
+    assert f.read_text() == "not a folder"
