@@ -39,6 +39,7 @@ from .architectures import (
 from .checkpoints import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES, CheckpointReader, load_config
 from .errors import DumeError
 from .io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
+from .outputs import require_free_space
 from .merge import check_extra_config, check_out_dir, validate_gates, validate_k
 from .shards import DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_METADATA, OutTensor, const, take, write_safetensors
 
@@ -152,6 +153,11 @@ def _rewrite_file(rd: CheckpointReader, fname: str, replace: dict[str, torch.Ten
     save_file(tensors, str(dst), metadata=meta)
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (for free-space checks before copying or rewriting it)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def set_gates(
     moe_dir: str | Path,
     gates: Sequence[torch.Tensor],
@@ -203,6 +209,7 @@ def set_gates(
         return moe_dir
 
     out_dir = Path(out_dir)
+    require_free_space(out_dir.parent, dir_bytes(moe_dir), f"the copy {out_dir} of {moe_dir}")
     with atomic_dir(out_dir) as tmp_dir:
         for src in moe_dir.iterdir():
             if src.name in replace_by_file:
@@ -411,6 +418,8 @@ def write_moe_experts(
     validate_k(k, D)
     extra = check_extra_config(extra_config)
     dst = Path(dst)
+    # about the MoE's size scaled to the new number of experts (the MLPs dominate)
+    require_free_space(dst, int(dir_bytes(moe_dir) * max(1.0, D / num_experts(mcfg))), f"the MoE {dst}")
     with CheckpointReader(moe_dir) as moe, contextlib.ExitStack() as stack:
         _check_expert_names(moe, arch, L, num_experts(mcfg))
         gate_dtype = moe.dtype(_gate_names(moe, L)[0])

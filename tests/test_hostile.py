@@ -535,3 +535,18 @@ def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, corpus_dir, capsys
     rc = run_script(strategies.main, method_args(f, corpus_dir, "DUME"))
     one_error_line(capsys, rc, "is a file")
     assert f.read_text() == "not a folder"
+
+
+def test_an_edit_without_disk_space_is_one_line_before_writing(experts, tmp_path, capsys, monkeypatch):
+    import shutil as sh
+
+    import dume_experts
+
+    moe = tmp_path / "moe"
+    assert _build(capsys, _write(tmp_path / "build.yaml", _config(experts, moe))) == 0
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
+    capsys.readouterr()
+    rc = run_script(dume_experts.main, ["remove", "--moe", str(moe), "--domain", "law", "--out", str(tmp_path / "rm")])
+    one_error_line(capsys, rc, "not enough disk", "1000 B free")
+    assert not (tmp_path / "rm").exists() and not list(tmp_path.glob(".rm.tmp-*"))
