@@ -419,7 +419,7 @@ def write_moe_experts(
     extra = check_extra_config(extra_config)
     dst = Path(dst)
     # about the MoE's size scaled to the new number of experts (the MLPs dominate)
-    require_free_space(dst, int(dir_bytes(moe_dir) * max(1.0, D / num_experts(mcfg))), f"the MoE {dst}")
+    require_free_space(dst, int(dir_bytes(moe_dir) * max(1.0, D / num_experts(mcfg))), f"a MoE in {dst.parent}")
     with CheckpointReader(moe_dir) as moe, contextlib.ExitStack() as stack:
         _check_expert_names(moe, arch, L, num_experts(mcfg))
         gate_dtype = moe.dtype(_gate_names(moe, L)[0])

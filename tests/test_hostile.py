@@ -548,5 +548,5 @@ def test_an_edit_without_disk_space_is_one_line_before_writing(experts, tmp_path
     monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=1000))
     capsys.readouterr()
     rc = run_script(dume_experts.main, ["remove", "--moe", str(moe), "--domain", "law", "--out", str(tmp_path / "rm")])
-    one_error_line(capsys, rc, "not enough disk", "1000 B free")
+    one_error_line(capsys, rc, "not enough disk", "1.0 KB free")
     assert not (tmp_path / "rm").exists() and not list(tmp_path.glob(".rm.tmp-*"))
