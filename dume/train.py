@@ -23,7 +23,6 @@ micro-batches' losses summed, not averaged, before one clipped step).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -162,7 +161,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     Under FSDP the returned model holds the full weights on the main process.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
     from . import speed
 
@@ -172,7 +171,12 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         raise DumeError(f"{desc}: no training sequences")
     set_seed(cfg.seed)
     log_with = "wandb" if cfg.wandb_project else None
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+    # sync_with_dataloader=False: accelerate would otherwise force an optimizer step when
+    # the loader wraps mid-accumulation (our loader is endless), taking extra scheduler
+    # steps at every epoch end -- the cosine floor reached early, history["lr"] no longer
+    # the LR applied. Steps are counted here, every grad_accum micro-batches, and only here.
+    accumulation = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
+    accelerator = Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=cfg.mixed_precision,
                               log_with=log_with, cpu=not torch.cuda.is_available())
     if log_with:
         accelerator.init_trackers(cfg.wandb_project, config=asdict(cfg))
@@ -217,8 +221,11 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         val = mean_loss(accelerator.unwrap_model(model), *val_data, cfg.batch_size)
         history["val"].append({"step": step, "loss": val})
         if val < best[0]:
-            best = (val, step, copy.deepcopy({k: v.detach().cpu() for k, v in
-                                              accelerator.unwrap_model(model).state_dict().items()}))
+            # a copy of the weights only when early stopping may restore them (patience): a
+            # whole-model host copy per improvement is ~115 GB for the paper's fp32 MoE
+            snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in
+                         accelerator.unwrap_model(model).state_dict().items()} if cfg.patience else None)
+            best = (val, step, snapshot)
             bad_evals = 0
         else:
             bad_evals += 1

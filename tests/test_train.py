@@ -61,3 +61,30 @@ def test_bad_config_is_refused():
         TrainConfig(lr=-1).validate()
     with pytest.raises(DumeError):
         TrainConfig(steps=5, warmup=10).validate()
+
+
+def test_accumulation_stays_in_step_when_the_data_wraps():
+    """3 batches per epoch, 2 micro-batches per step: the loader wraps inside steps 2 and 5.
+    accelerate's default (sync_with_dataloader) forced an extra optimizer and scheduler
+    step there, so the LR ran ahead of the schedule (issue 22, item 7)."""
+    model = tiny_llama(vocab_size=40)
+    cfg = TrainConfig(lr=1e-3, steps=9, warmup=2, batch_size=8, grad_accum=2, eval_every=0)
+    _, history = train(model, _data(24), None, cfg)
+    assert history["lr"] == pytest.approx([1e-3 * lr_factor(s, cfg) for s in range(9)], rel=1e-12)
+    assert history["steps_done"] == 9
+
+
+def test_no_weight_snapshots_without_early_stopping():
+    """Best-weights copies are only needed to restore them (patience > 0); they were taken
+    at every improving validation (issue 22, item 10)."""
+    model = tiny_llama(vocab_size=40)
+    calls = []
+    real = model.state_dict
+    model.state_dict = lambda *a, **k: calls.append(1) or real(*a, **k)
+    train(model, _data(32), _data(8, seed=1), TrainConfig(steps=4, warmup=0, batch_size=8, eval_every=1, patience=0))
+    assert not calls
+    model = tiny_llama(vocab_size=40)
+    real2 = model.state_dict
+    model.state_dict = lambda *a, **k: calls.append(1) or real2(*a, **k)
+    train(model, _data(32), _data(8, seed=1), TrainConfig(steps=4, warmup=0, batch_size=8, eval_every=1, patience=3))
+    assert calls  # with early stopping the snapshot is taken
