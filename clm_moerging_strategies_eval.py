@@ -265,6 +265,7 @@ def evaluate_routed(args, run: Run, strategy, domains, name, model_dir, experts,
                 "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.num_steps,
                 warmup=warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
                 eval_every=max(1, args.num_steps // 4), seed=args.seed, mixed_precision=args.mixed_precision,
+        param_dtype="bfloat16" if args.pure_bf16 else None,
                 wandb_project=args.wandb_project)
             train_data = mixed_blocks([run.blocks(d, "train", max_windows=windows_budget(cfg)) for d in domains])
             val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])

@@ -42,7 +42,8 @@ def main(argv=None):
     cfg = TrainConfig.with_recipe(
         "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.steps,
         warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
-        seed=args.seed, mixed_precision=args.mixed_precision, wandb_project=args.wandb_project,
+        seed=args.seed, mixed_precision=args.mixed_precision,
+        param_dtype="bfloat16" if args.pure_bf16 else None, wandb_project=args.wandb_project,
         compile=args.compile)
     cfg.validate()
     tokenizer = run.tokenizer

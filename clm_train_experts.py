@@ -49,6 +49,7 @@ def main(argv=None):
         "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.steps,
         warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
         patience=args.patience, seed=args.seed, mixed_precision=args.mixed_precision,
+        param_dtype="bfloat16" if args.pure_bf16 else None,
         wandb_project=args.wandb_project, compile=args.compile)
     cfg.validate()
     run.require_checkpoint(run.seed_dir, "clm_pretrain.py")

@@ -67,7 +67,8 @@ def parse(argv):
     p.add_argument("--max-gen-toks", type=int, default=None, help="cap generated tokens (CPU smoke runs)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="router training")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="router training (default: accelerate launch's --mixed_precision, else no)")
     p.add_argument("--parallelize", action="store_true", help="HFLM model parallelism over the visible GPUs")
     p.add_argument("--seed", type=int, default=0, help="sampling, random gates, router-training order")
     p.add_argument("--cache-dir", default=None)

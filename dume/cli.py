@@ -35,7 +35,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         "CPU default (EOS between documents; AdamW b2 0.95, wd 0.1, fp32). auto: original for hub")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPUs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="bf16 on GPUs")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="bf16 on GPUs (autocast over float32 weights); default: accelerate launch's "
+                        "--mixed_precision, else no")
+    p.add_argument("--pure-bf16", action="store_true",
+                   help="train in bfloat16 weights, as the original code literally did: AdamW then drops updates "
+                        "below a weight's bf16 spacing (DUME+ at lr 1e-5 barely moves); default: float32 weights")
     p.add_argument("--wandb-project", default=None, help="log to wandb (off unless given)")
     p.add_argument("--redo", action="store_true", help="recompute outputs that already exist")
     return p

@@ -283,7 +283,7 @@ def write_router_recipe(model_dir: Path, strategy: str, experts, **settings) -> 
 
 def train_router_model(model_dir: Path, base_dir: Path, strategy: str, docs: Mapping[str, list[str]], tokenizer, *,
                        steps: int, lr: float, k: int, seq_len: int, batch_size: int, seed: int = 0,
-                       mixed_precision: str = "no", val_fraction: float = 0.1) -> dict:
+                       mixed_precision: str | None = None, val_fraction: float = 0.1) -> dict:
     """BTX / DUME+: train only the gates of `model_dir` on the tasks' mixed text, then
     write the trained gates back into `model_dir`. Returns the training history."""
     import torch
@@ -314,7 +314,7 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
                    task: str | None = None, stats=None, train_docs: Mapping[str, list[str]] | None = None,
                    tokenizer=None, lam: float = PAPER["lam"], temperature: float = PAPER["temperature"],
                    k: int | None = None, seed: int = 0, train_steps: int | None = None, train_lr: float | None = None,
-                   seq_len: int = 512, batch_size: int = 4, mixed_precision: str = "no",
+                   seq_len: int = 512, batch_size: int = 4, mixed_precision: str | None = None,
                    redo: bool = False) -> Path:
     """The checkpoint directory of `strategy` (built under `work_dir` unless it is an
     expert). `task` picks the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+

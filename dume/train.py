@@ -17,8 +17,10 @@ effective batch is per-device batch × accumulation × processes (`history["effe
 Two optimizer recipes (`OPTIM_RECIPES`): `embedded` (this project's default: AdamW
 β2 0.95, weight decay 0.1 on matrices only, float32 weights, mean loss over the
 accumulated micro-batches) and `original` (the original code's: torch's AdamW defaults,
-β2 0.999 and weight decay 0.01 on every parameter, bfloat16 weights, and the
-micro-batches' losses summed, not averaged, before one clipped step).
+β2 0.999 and weight decay 0.01 on every parameter, and the micro-batches' losses summed,
+not averaged, before one clipped step; float32 master weights, where the original cast
+its model to bfloat16 -- see `OPTIM_RECIPES` for why, `param_dtype` for the literal
+behaviour).
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ from .errors import DumeError
 OPTIM_RECIPES = {
     "embedded": dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, decay_all=False, param_dtype="float32",
                      sum_accumulated_loss=False),
-    # utils/optimizer.py of the original: torch.optim.AdamW(model.parameters(), lr) on a
-    # model cast to bfloat16 (models/llama.py), loss.backward() per micro-batch (a sum).
-    "original": dict(weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, decay_all=True, param_dtype="bfloat16",
+    # utils/optimizer.py of the original: torch.optim.AdamW(model.parameters(), lr),
+    # loss.backward() per micro-batch (a sum). The original also cast its model to bfloat16
+    # (models/llama.py); we keep float32 master weights (bf16 autocast with
+    # --mixed-precision bf16) instead, because pure-bf16 AdamW drops every update smaller
+    # than the weight's bf16 spacing: DUME+'s lr 1e-5 on gates of ~0.04 left 92 % of them
+    # unchanged, and DUME+ would be DUME -- not the paper's result (DUME+ above DUME).
+    # `param_dtype="bfloat16"` (`--pure-bf16`) gives the original's literal behaviour.
+    "original": dict(weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, decay_all=True, param_dtype="float32",
                      sum_accumulated_loss=True),
 }
 
@@ -64,7 +71,7 @@ class TrainConfig:
     eval_every: int = 50             # steps between validations (0: only at the end)
     patience: int = 0                # evaluations without improvement before stopping (0: never stop)
     seed: int = 0
-    mixed_precision: str = "no"      # "bf16" on GPUs
+    mixed_precision: str | None = None  # "bf16" on GPUs; None: what `accelerate launch` was given, else "no"
     wandb_project: str | None = None  # off unless asked
     extra: dict = field(default_factory=dict)
 
@@ -72,7 +79,8 @@ class TrainConfig:
     def with_recipe(cls, recipe: str, **kwargs) -> "TrainConfig":
         if recipe not in OPTIM_RECIPES:
             raise DumeError(f"unknown optimizer recipe {recipe!r}: choose from {sorted(OPTIM_RECIPES)}")
-        return cls(**{**OPTIM_RECIPES[recipe], **kwargs, "extra": {"recipe": recipe}})
+        given = {k: v for k, v in kwargs.items() if v is not None or k == "mixed_precision"}
+        return cls(**{**OPTIM_RECIPES[recipe], **given, "extra": {"recipe": recipe}})
 
     def validate(self) -> None:
         if self.param_dtype not in ("float32", "bfloat16"):
@@ -211,7 +219,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         log(f"{desc}: effective batch {effective} sequences = {cfg.batch_size} per device x {cfg.grad_accum} "
             f"accumulation x {accelerator.num_processes} processes")
 
-    history = {"config": asdict(cfg), "train_loss": [], "val": [], "lr": [], "stopped_early": False,
+    history = {"config": asdict(cfg), "mixed_precision": str(accelerator.mixed_precision),
+               "param_dtype": cfg.param_dtype, "train_loss": [], "val": [], "lr": [], "stopped_early": False,
                "processes": accelerator.num_processes, "effective_batch": effective, "fast_matmul": fast}
     best = (float("inf"), -1, None)
     bad_evals = 0

@@ -88,3 +88,44 @@ def test_no_weight_snapshots_without_early_stopping():
     model.state_dict = lambda *a, **k: calls.append(1) or real2(*a, **k)
     train(model, _data(32), _data(8, seed=1), TrainConfig(steps=4, warmup=0, batch_size=8, eval_every=1, patience=3))
     assert calls  # with early stopping the snapshot is taken
+
+
+def _moved_fraction(param_dtype: str) -> float:
+    model = tiny_llama(vocab_size=40)
+    stored = torch.float32 if param_dtype == "recipe" else getattr(torch, param_dtype)
+    before = model.lm_head.weight.detach().to(stored).float().clone()  # what the weights hold before a step
+    cfg = TrainConfig.with_recipe("original", lr=1e-5, steps=4, warmup=0, batch_size=8, eval_every=0,
+                                  param_dtype=None if param_dtype == "recipe" else param_dtype)
+    model, history = train(model, _data(32), None, cfg, params=[model.lm_head.weight])
+    assert history["param_dtype"] == ("float32" if param_dtype == "recipe" else param_dtype)
+    return (model.lm_head.weight.detach().float() != before).float().mean().item()
+
+
+def test_the_original_recipe_keeps_float32_master_weights_so_small_updates_land():
+    """lr 1e-5 (DUME+'s) on weights of ~0.02: in bfloat16 weights (the original's cast,
+    once this recipe's default) AdamW's updates fall below the bf16 spacing and vanish
+    (issue 22, item 6)."""
+    assert TrainConfig.with_recipe("original").param_dtype == "float32"
+    assert _moved_fraction("recipe") > 0.99
+    assert _moved_fraction("bfloat16") < 0.2
+
+
+def test_mixed_precision_defaults_to_what_accelerate_launch_was_given():
+    """The scripts' default used to be "no", which overrode `accelerate launch
+    --mixed_precision bf16` (issue 22, item 11). A fresh process: accelerate's state is a
+    per-process singleton."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from dume.train import TrainConfig, train; from tests.helpers import tiny_llama\n"
+            "ids = torch.randint(0, 40, (16, 12)); data = (ids, torch.ones_like(ids))\n"
+            "cfg = TrainConfig.with_recipe('embedded', steps=1, warmup=0, batch_size=8, eval_every=0, "
+            "mixed_precision=None)\n"
+            "print(train(tiny_llama(vocab_size=40), data, None, cfg, log=lambda *a: None)[1]['mixed_precision'])\n")
+    from pathlib import Path
+
+    import os
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, env={**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "bf16", out.stderr[-2000:]
