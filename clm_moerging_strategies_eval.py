@@ -127,7 +127,7 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     stats, _ = collect_for(kind, experts, domains, docs, run.tokenizer, moe_dir=base_dir, lam=args.lam,
                            temperature=args.temp, relative_lambda=args.relative_lambda, k=args.k,
                            num_dume_tokens=args.num_dume_tokens, max_len=run.seq_len,
-                           batch_size=args.stats_batch_size, model_fingerprint=fingerprint,
+                           batch_size=args.stats_batch_size, model_fingerprint=fingerprint, device=run.device,
                            data_source=f"{run.source}:train", extra_meta=provenance,
                            max_batches=args.num_dume_stats_steps)
     stats.save(cache)
@@ -279,7 +279,8 @@ def evaluate_routed(args, run: Run, strategy, domains, name, model_dir, experts,
         write_recipe(stage, router_recipe(args, domains, experts))  # stage is model_dir's sibling
         with torch.no_grad():
             results = run.evaluate(model, domains, args.eval_batch_size, label=name)
-            shares = routing_shares(model, {d: run.blocks(d, "test") for d in domains}, args.eval_batch_size)
+            shares = routing_shares(run.on_device(model), {d: run.blocks(d, "test") for d in domains},
+                                    args.eval_batch_size)
     accuracy = routing_accuracy(shares, {d: i for i, d in enumerate(domains)})
     payload.update(model=str(model_dir), results=results, routing_shares=shares, routing_accuracy=accuracy)
     write_result(run, name, payload, inputs=input_fps, models=models)

@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .devices import check_device, resolve_device
 from .errors import DumeError
 from .shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 
@@ -154,7 +155,10 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
     held = raw.get("held_out", 0.05)
     if isinstance(held, bool) or not isinstance(held, (int, float)) or not 0 <= held < 1:
         raise DumeError(f"{where}: held_out must be a fraction in [0, 1), got {held!r}")
-    device = check_device(where, raw.get("device", "auto"))
+    try:
+        device = check_device(raw.get("device", "auto"))
+    except DumeError as e:
+        raise DumeError(f"{where}: {e}") from None
     try:
         max_shard_size = parse_size(raw.get("max_shard_size", DEFAULT_MAX_SHARD_BYTES))
     except DumeError as e:
@@ -185,31 +189,6 @@ def check_name(where: str, name: str) -> None:
     if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
         raise DumeError(f"{where}: name {name!r} must not contain '/', '\\' or control characters, nor start "
                         "with '.'; use letters, digits, '-' or '_'")
-
-
-def check_device(where: str, device) -> str:
-    """`auto`, or a torch device that exists on this machine (checked now, not after the
-    experts were hashed)."""
-    import torch
-
-    if not isinstance(device, str) or not device.strip():
-        raise DumeError(f"{where}: device must be a string (auto, cpu, cuda, cuda:0), got {device!r}")
-    if device == "auto":
-        return device
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DumeError(f"{where}: device {device!r} is not a device name (auto, cpu, cuda, cuda:0, mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DumeError(f"{where}: device {device!r} but this machine has no usable CUDA GPU; use auto or cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DumeError(f"{where}: device {device!r} but this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DumeError(f"{where}: device {device!r} but MPS is not available here; use auto or cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise DumeError(f"{where}: device {device!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
-    return device
 
 
 def check_out(where: str, out: Path, experts, source: Path | None) -> None:
@@ -320,14 +299,6 @@ def split_held_out(texts: list[str], fraction: float) -> tuple[list[str], list[s
 # ------------------------------------------------------------------------------- build
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
     """Run the whole build; return the summary written into the model card. `out` is
     locked against a second writer for the whole build (`dume.outputs.output_lock`)."""
@@ -367,7 +338,7 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
         log(f"{e.name}: {len(docs[e.name])} documents for the statistics, {len(held[e.name])} held out "
             f"({sources[e.name]})")
     tokenizer = load_tokenizer(es.tokenizer_dir)
-    device = _device(spec.device)
+    device = resolve_device(spec.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         spec.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     cfg = es.config

@@ -34,6 +34,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         "L predicted tokens per window; AdamW defaults, bf16 weights); 'embedded' = this project's "
                         "CPU default (EOS between documents; AdamW b2 0.95, wd 0.1, fp32). auto: original for hub")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPUs)")
+    p.add_argument("--device", default="auto",
+                   help="where evaluation and statistics run: auto (this process's CUDA GPU when present, else "
+                        "cpu), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
                    help="bf16 on GPUs (autocast over float32 weights); default: accelerate launch's "

@@ -52,13 +52,17 @@ class Run:
     vocab_size: int = 4096
     max_eval_blocks: int | None = None
     recipe: str = "auto"
+    device: str = "cpu"              # where evaluation and statistics run (`--device`, resolved)
     _tokenizer: object = field(default=None, repr=False)
     _blocks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_args(cls, args) -> "Run":
+        from .devices import check_device, resolve_device
+
         run = cls(Path(args.run_dir), args.source, args.data_dir, args.seq_len, args.tokenizer,
-                  args.vocab_size, getattr(args, "max_eval_blocks", None), getattr(args, "recipe", "auto"))
+                  args.vocab_size, getattr(args, "max_eval_blocks", None), getattr(args, "recipe", "auto"),
+                  resolve_device(check_device(getattr(args, "device", "auto"))))
         if run.run_dir.exists() and not run.run_dir.is_dir():
             raise DumeError(f"--run-dir {run.run_dir} is a file; give a folder (it is created if missing)")
         if run.seq_len < 2:
@@ -310,9 +314,12 @@ class Run:
         return model
 
     def evaluate(self, model, domains: list[str], batch_size: int = 32, label: str = "") -> dict:
-        """Test perplexity of `model` on each domain."""
+        """Test perplexity of `model` on each domain, on the run's device (`--device`; the
+        model is moved there once, in float32: perplexities are compared across rows to
+        a few digits, which bf16 logits would blur)."""
         from .evaluate import perplexity
 
+        model = self.on_device(model)
         out = {}
         for d in domains:
             ids, mask = self.blocks(d, "test")
@@ -321,6 +328,14 @@ class Run:
                 raise DumeError(f"{label or 'model'}: non-finite perplexity on domain {d} (mean loss {out[d]['loss']}); "
                                 "its weights or its router are broken, nothing was written")
         return out
+
+    def on_device(self, model):
+        """`model` on the run's device (a no-op when it is there already)."""
+        import torch
+
+        if next(model.parameters()).device != torch.device(self.device):
+            model = model.to(self.device)
+        return model
 
     def settings(self) -> dict:
         return {"source": self.source, "data_dir": self.data_dir, "seq_len": self.seq_len,

@@ -550,3 +550,14 @@ def test_an_edit_without_disk_space_is_one_line_before_writing(experts, tmp_path
     rc = run_script(dume_experts.main, ["remove", "--moe", str(moe), "--domain", "law", "--out", str(tmp_path / "rm")])
     one_error_line(capsys, rc, "not enough disk", "1.0 KB free")
     assert not (tmp_path / "rm").exists() and not list(tmp_path.glob(".rm.tmp-*"))
+
+
+@pytest.mark.parametrize("device,needle", [("banana", "not a device name"), ("cuda:3", "CUDA")])
+def test_a_script_device_this_machine_lacks_is_one_line(tmp_path, corpus_dir, capsys, device, needle):
+    import clm_moerging_strategies_eval as strategies
+
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("this machine has a GPU")
+    rc = run_script(strategies.main, method_args(tmp_path / "run", corpus_dir, "DUME", "--device", device))
+    one_error_line(capsys, rc, needle)
+    assert not (tmp_path / "run").exists()

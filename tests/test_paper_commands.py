@@ -98,7 +98,7 @@ python() {{
             "DUMEplus"} <= results
     pre = json.loads((run / "results" / "pretrain.json").read_text())
     assert pre["settings"]["recipe"] == "original"
-    assert pre["history"]["config"]["param_dtype"] == "bfloat16" and pre["history"]["config"]["betas"] == [0.9, 0.999]
+    assert pre["history"]["config"]["param_dtype"] == "float32" and pre["history"]["config"]["betas"] == [0.9, 0.999]
     assert json.loads((run / "tokenizer" / "dume_tokenizer.json").read_text())["made_from"] == str(tok)
     dume = json.loads((run / "results" / "DUME.json").read_text())
     assert set(dume["results"]) == {"code", "math", "physics", "history", "philosophy"}
