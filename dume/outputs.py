@@ -97,6 +97,9 @@ def output_lock(path: str | os.PathLike, *, wait: bool = False, poll_s: float = 
     duration of the block. `wait=False` refuses when another process holds it; `wait=True`
     waits (for writes that take moments, like a result file)."""
     path = Path(path)
+    if _launched_non_main():
+        yield path
+        return
     key = _key(path)
     with _held_guard:
         if key in _held:
@@ -146,6 +149,8 @@ def share_lock(path: str | os.PathLike) -> None:
     """Turn this process's exclusive lock of `path` into a shared one: other readers may
     then hold it too, while a writer (who needs it exclusive) waits for all of them. For an
     input that is checked or rebuilt under the exclusive lock and then only read."""
+    if _launched_non_main():
+        return
     with _held_guard:
         entry = _held.get(_key(Path(path)))
     if entry is None:
@@ -153,17 +158,11 @@ def share_lock(path: str | os.PathLike) -> None:
     fcntl.flock(entry[0], fcntl.LOCK_SH)
 
 
-@contextlib.contextmanager
-def shared_lock(path: str | os.PathLike, poll_s: float = 0.2) -> Iterator[Path]:
-    """Hold `path`'s lock shared for reading: taken exclusive (waiting for any writer),
-    then shared (`share_lock`)."""
-    with output_lock(path, wait=True, poll_s=poll_s) as p:
-        share_lock(p)
-        yield p
-
-
-def holds_lock(path: str | os.PathLike) -> bool:
-    return _key(Path(path)) in _held
+def _launched_non_main() -> bool:
+    """A process other than rank 0 of an `accelerate launch` / torchrun: the lock guards
+    one *run* against another, and a launch's N processes are one run (its writes are
+    the main process's), so they do not lock each other out. Rank 0 holds it for all."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
 
 
 # ------------------------------------------------------------------------- output paths

@@ -561,3 +561,21 @@ def test_a_script_device_this_machine_lacks_is_one_line(tmp_path, corpus_dir, ca
     rc = run_script(strategies.main, method_args(tmp_path / "run", corpus_dir, "DUME", "--device", device))
     one_error_line(capsys, rc, needle)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_ranks_of_one_launch_do_not_lock_each_other_out(tmp_path, monkeypatch):
+    """Rank 0 of an `accelerate launch` holds the one-writer lock for its launch; rank 1
+    must not be refused by it (it was: the launch then failed)."""
+    from dume.io import atomic_dir
+
+    target = tmp_path / "model"
+    holder = _hold_lock(target, tmp_path / "go")  # stands for rank 0
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        with atomic_dir(target) as stage:
+            (stage / "x").write_text("rank 1")
+    finally:
+        (tmp_path / "go").touch()
+        holder.wait(10)
+    assert (target / "x").read_text() == "rank 1"
