@@ -9,7 +9,7 @@ once; and one expert removed from the five.
   five at once    DUME of all five experts
   five − removed  one expert removed from the five (no forward pass)
 
-The four- and five-expert models are built by `dume.build.build_moe` (the library call
+The four- and five-expert models are built by `dume.upcycle.pipeline.build_moe` (the library call
 under `dume build`) from the run's experts and training text, with Table 2's DUME settings,
 in RUN_DIR/dynamic/models, without touching the run's own models, statistics cache or
 results; the five-expert one must reproduce Table 2's DUME row (checked below). Every
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from dume.cli import base_parser, run_main
-from dume.clm import Run, environment, read_result
-from dume.io import atomic_write_json, atomic_write_text, read_json
+from dume.clm.run import Run, environment, read_result
+from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 
 WORK = "dynamic"
 
@@ -42,11 +42,11 @@ def parse(argv):
 def build_dume(run: Run, args, domains: list[str], out: Path) -> None:
     """DUME over `domains`' experts (Table 2's settings: λ 0.01, T 1, k 1, every token of
     every training document), unless `out` already holds that model."""
-    from dume import data
-    from dume.build import build_moe
-    from dume.dynamic import DataSettings
-    from dume.io import atomic_dir, is_complete_checkpoint
-    from dume.recipe import RECIPE_FILE
+    from dume.corpora import documents as data
+    from dume.upcycle.pipeline import build_moe
+    from dume.upcycle.dynamic import DataSettings
+    from dume.checkpoint.io import atomic_dir, is_complete_checkpoint
+    from dume.moe.recipe import RECIPE_FILE
 
     experts = [run.expert_dir(d) for d in domains]
     recipe = out / RECIPE_FILE
@@ -66,8 +66,8 @@ def evaluate(run: Run, path: Path, domains: list[str], experts: list[str], batch
     domains that have an expert."""
     import torch
 
-    from dume.moe_edit import load_moe
-    from dume.routing import routing_accuracy, routing_shares
+    from dume.moe.edit import load_moe
+    from dume.moe.routing import routing_accuracy, routing_shares
 
     model = load_moe(path).eval()
     with torch.no_grad():
@@ -80,7 +80,7 @@ def evaluate(run: Run, path: Path, domains: list[str], experts: list[str], batch
 
 def score(row: dict, reference: dict[str, float], domains: list[str]) -> dict:
     """Normalised scores: per domain, averaged over the model's own domains and over all."""
-    from dume.report import clm_scores
+    from dume.report.clm_table import clm_scores
 
     covered = row["experts"]
     per = clm_scores({d: row["perplexity"][d] for d in domains}, reference)["per_domain"]
@@ -94,8 +94,8 @@ def same_tensors(a: Path, b: Path) -> dict:
     """Are two MoEs equal apart from their routers, and how far apart are the routers?"""
     import torch
 
-    from dume.checkpoints import CheckpointReader
-    from dume.moe_edit import read_gates
+    from dume.checkpoint.reader import CheckpointReader
+    from dume.moe.edit import read_gates
 
     with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
         names = set(ra.keys())
@@ -145,7 +145,7 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv=None):
-    from dume.dynamic import add_expert, remove_expert
+    from dume.upcycle.dynamic import add_expert, remove_expert
 
     args = parse(argv)
     run = Run.from_args(args)

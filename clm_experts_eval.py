@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from dume.cli import base_parser, run_main
-from dume.clm import Run, write_result
+from dume.clm.run import Run, write_result
 
 
 def parse(argv):

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import sys
 
-from dume import strategies  # the registry: every method's gates, defaults, needs
+from dume.checkpoint.fingerprint import built_from
 from dume.cli import base_parser, run_main
-from dume.clm import Run, write_result
+from dume.clm.run import Run, write_result
 from dume.errors import DumeError
-from dume.fingerprint import built_from
+from dume.routers import registry as strategies  # the registry: every method's gates, defaults, needs
 
 METHODS = ("oracle", *strategies.names(routed=True))
 PAPER_METHODS = ("oracle", *strategies.names(routed=True, paper=True))  # Table 2's rows, run by run_clm.py
@@ -95,10 +95,11 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     fingerprint (an MLP-only change of one expert changes it, while the shared-weight
     fingerprint of the base does not), the base's shared weights, the domains, the data,
     the tokenizer and the collection settings. Any difference recollects, saying why."""
-    from dume import data
-    from dume.checkpoints import model_fingerprint
-    from dume.collect import collect_for
-    from dume.ridge import RidgeStats
+    from dume.checkpoint.experts import model_fingerprint
+    from dume.corpora import documents as data
+    from dume.routers.closed_form import layer_solver
+    from dume.stats.collectors import collect_for
+    from dume.stats.ridge import RidgeStats
 
     experts = list(expert_set.dirs)
     fingerprint = model_fingerprint(base_dir)
@@ -124,8 +125,8 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
                 return stats
             print(f"cached statistics {cache} differ in {', '.join(differs)}; recollecting")
     docs = {d: data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0] for d in domains}
-    stats, _ = collect_for(kind, experts, domains, docs, run.tokenizer, moe_dir=base_dir, lam=args.lam,
-                           temperature=args.temp, relative_lambda=args.relative_lambda, k=args.k,
+    stats, _ = collect_for(kind, experts, domains, docs, run.tokenizer, moe_dir=base_dir, k=args.k,
+                           solve_layer=layer_solver(args.lam, args.temp, args.relative_lambda),
                            num_dume_tokens=args.num_dume_tokens, max_len=run.seq_len,
                            batch_size=args.stats_batch_size, model_fingerprint=fingerprint, device=run.device,
                            data_source=f"{run.source}:train", extra_meta=provenance,
@@ -138,8 +139,8 @@ def prompt_gate_inputs(run: Run, domains) -> dict:
     """What mergekit's hidden gate reads: the base model (the run's seed model, which the
     experts were fine-tuned from), the tokenizer, and a user's handful of prompts, stood
     in for by the first 8 training documents of each domain (64 tokens each)."""
-    from dume import data
-    from dume.prompt_gates import first_prompts
+    from dume.corpora import documents as data
+    from dume.routers.prompt_hidden import first_prompts
 
     base = run.require_checkpoint(run.seed_dir, "clm_pretrain.py")
     prompts = {d: first_prompts(data.iter_documents(d, "train", run.source, data_dir=run.data_dir)[0],
@@ -147,17 +148,8 @@ def prompt_gate_inputs(run: Run, domains) -> dict:
     return {"base_model": base, "tokenizer": run.tokenizer, "prompts": prompts}
 
 
-def router_recipe(args, domains, experts) -> dict:
-    """What a later tool needs to re-solve this router (add/remove an expert); written by
-    `dume.recipe.write_recipe` (paths relative to the model directory + absolute)."""
-    return {"method": args.method, "domains": domains, "experts": [str(e) for e in experts],
-            "lambda": args.lam, "relative_lambda": args.relative_lambda, "temperature": args.temp, "k": args.k,
-            "num_dume_tokens": args.num_dume_tokens,
-            "trained_steps": args.num_steps if strategies.get(args.method).trains_router else 0}
-
-
 def main(argv=None):
-    from dume.outputs import output_lock
+    from dume.checkpoint.outputs import output_lock
 
     args = parse(argv)
     strategy = strategies.get(args.method)
@@ -165,7 +157,7 @@ def main(argv=None):
     domains = run.select_domains(args.domains)
     validate(args, len(domains))
     if strategy.routed:  # every domain has training text, before any heavy work
-        from dume import data
+        from dume.corpora import documents as data
 
         for d in domains:
             data.has_documents(d, "train", run.source, data_dir=run.data_dir)
@@ -179,10 +171,10 @@ def main(argv=None):
 
 def evaluate_strategy(args, run: Run, strategy, domains: list[str], name: str, model_dir) -> None:
     """Skip what is done; else the oracles (dense), or the routed MoE via `evaluate_routed`."""
-    from dume.checkpoints import check_experts
-    from dume.io import portable_path
-    from dume.merge import moerge_experts, write_oracle
-    from dume.outputs import output_lock, share_lock
+    from dume.checkpoint.experts import check_experts
+    from dume.checkpoint.io import portable_path
+    from dume.moe.merge import write_oracle
+    from dume.upcycle.pipeline import shared_zero_gate_base
 
     inputs = {f"{d} expert": run.expert_dir(d) for d in domains}
     models = {"model": model_dir} if strategy.routed else {d: model_dir / d for d in domains}
@@ -212,71 +204,65 @@ def evaluate_strategy(args, run: Run, strategy, domains: list[str], name: str, m
         return
 
     # The MoErged model with zero gates, built once and reused by every router; rebuilt
-    # when the experts' contents (or the domain set) differ from those it was made from.
-    # It is shared by every strategy's run: held (others wait) while it is checked, rebuilt
-    # if need be, and read -- never replaced under a reader.
+    # when the experts' contents (or the domain set) differ from those it was made from,
+    # and shared by every strategy's run (`dume.upcycle.pipeline.shared_zero_gate_base`).
     base_dir = run.model_dir(f"_moe_base{expert_set_key(run, domains)}")
-    with output_lock(base_dir, wait=True):
-        if args.redo or not built_from(base_dir, made_from):
-            moerge_experts(experts, base_dir, gates=None, num_experts_per_tok=1,
-                           extra_config={**made_from, "dume_experts": [portable_path(e, base_dir) for e in experts]})
-        share_lock(base_dir)  # other strategies may read it too; a rebuild waits for all readers
+    with shared_zero_gate_base(experts, base_dir, made_from, redo=args.redo,
+                               extra_config={"dume_experts": [portable_path(e, base_dir) for e in experts]}):
         evaluate_routed(args, run, strategy, domains, name, model_dir, experts, expert_set, base_dir, payload,
                         input_fps, models)
 
 
+def router_training(args, run: Run, domains, name: str):
+    """BTX / DUME+ training: the run's recipe (embedded or original), the training windows
+    of every domain mixed, each domain's validation windows."""
+    from dume.routers.training import mixed_blocks
+    from dume.train.loop import TrainConfig, windows_budget
+    from dume.upcycle.pipeline import RouterTraining
+
+    warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
+    cfg = TrainConfig.with_recipe(
+        "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.num_steps,
+        warmup=warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        eval_every=max(1, args.num_steps // 4), seed=args.seed, mixed_precision=args.mixed_precision,
+        param_dtype="bfloat16" if args.pure_bf16 else None, wandb_project=args.wandb_project)
+    train_data = mixed_blocks([run.blocks(d, "train", max_windows=windows_budget(cfg)) for d in domains])
+    val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])
+    return RouterTraining(train_data, val_data, cfg, alpha=args.alpha, desc=name)
+
+
 def evaluate_routed(args, run: Run, strategy, domains, name, model_dir, experts, expert_set, base_dir, payload,
                     input_fps, models) -> None:
-    """A routed strategy from the zero-gate base: gates, router training if any, evaluation."""
+    """A routed strategy from the zero-gate base (`dume.upcycle.pipeline.build_routed`:
+    gates, router training if any, statistics and recipe), then its evaluation."""
     import torch
 
-    from dume.io import atomic_dir
-    from dume.moe_edit import load_moe, set_gates
-    from dume.recipe import write_recipe
-    from dume.router_training import mixed_blocks, train_routers
-    from dume.routing import routing_accuracy, routing_shares
-    from dume.train import TrainConfig, windows_budget
+    from dume.checkpoint.io import atomic_dir
+    from dume.moe.edit import load_moe
+    from dume.moe.routing import routing_accuracy, routing_shares
+    from dume.upcycle.pipeline import RouterSettings, build_routed
 
-    config = expert_set.config
     stats = get_stats(run, args, expert_set, domains, base_dir) if strategy.needs_statistics else None
     if stats is not None:
         payload["token_counts"] = stats.token_counts()
-    gates = strategies.make_gates(args.method, stats, strategies.GateContext(
-        num_layers=config.num_hidden_layers, num_experts=len(domains), hidden_size=config.hidden_size, lam=args.lam,
-        temperature=args.temp, relative_lambda=args.relative_lambda, seed=args.seed, expert_dirs=tuple(experts),
-        **(prompt_gate_inputs(run, domains) if strategy.needs_prompts else {})))
-
+    training = router_training(args, run, domains, name) if strategy.trains_router else None
+    settings = RouterSettings(k=args.k, lam=args.lam, temperature=args.temp, relative_lambda=args.relative_lambda,
+                              seed=args.seed, num_dume_tokens=args.num_dume_tokens)
     # Everything is built, trained and evaluated in a hidden sibling directory that
     # replaces models/<name> only when finished: a run killed halfway (a --redo of BTX at
     # step 7, say) leaves the previous model and its results as they were.
     with atomic_dir(model_dir) as stage:
-        set_gates(base_dir, gates, out_dir=stage, num_experts_per_tok=args.k)
+        built = build_routed(args.method, experts, domains, stage, settings=settings, stats=stats, base_dir=base_dir,
+                             training=training, expert_set=expert_set,
+                             gate_inputs=prompt_gate_inputs(run, domains) if strategy.needs_prompts else None)
+        if built.history is not None:
+            payload["history"] = built.history
         if strategy.context_routing:
-            from dume.context_moe import make_context_moe
-            from dume.models import load_model
+            from dume.train.models import load_model
 
-            make_context_moe(stage)
             model = load_model(stage).eval()
         else:
             model = load_moe(stage)
-        if strategy.trains_router:
-            warmup = args.warmup if args.warmup is not None else max(1, args.num_steps // 10)
-            cfg = TrainConfig.with_recipe(
-                "original" if run.recipe_name == "original" else "embedded", lr=args.lr, steps=args.num_steps,
-                warmup=warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                eval_every=max(1, args.num_steps // 4), seed=args.seed, mixed_precision=args.mixed_precision,
-        param_dtype="bfloat16" if args.pure_bf16 else None,
-                wandb_project=args.wandb_project)
-            train_data = mixed_blocks([run.blocks(d, "train", max_windows=windows_budget(cfg)) for d in domains])
-            val_data = mixed_blocks([run.blocks(d, "validation") for d in domains])
-            model, history = train_routers(model, train_data, val_data, cfg, alpha=args.alpha, desc=name)
-            trained = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
-            set_gates(base_dir, trained, out_dir=stage, num_experts_per_tok=args.k)
-            model = load_moe(stage)
-            payload["history"] = history
-        if stats is not None:
-            stats.save(stage / "dume_stats")
-        write_recipe(stage, router_recipe(args, domains, experts))  # stage is model_dir's sibling
         with torch.no_grad():
             results = run.evaluate(model, domains, args.eval_batch_size, label=name)
             shares = routing_shares(run.on_device(model), {d: run.blocks(d, "test") for d in domains},

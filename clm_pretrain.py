@@ -7,7 +7,7 @@ Defaults are the embedded CPU setting; the paper's run (README, "The paper's set
       --seq-len 1024 --lr 6e-4 --steps 20000 --warmup 1000 --batch-size 4 --grad-accum 4 --mixed-precision bf16
 (global batch 4 per device x 4 accumulation x 4 GPUs = the paper's 16 x 4; on 1 GPU:
 --batch-size 16, on 2: --batch-size 8). Only the windows the step budget needs are
-tokenized (dume.tokens); only the main process writes the checkpoint and the results.
+tokenized (dume.clm.tokens); only the main process writes the checkpoint and the results.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import sys
 
 from dume.cli import base_parser, run_main
-from dume.clm import Run, write_result
-from dume.io import is_complete_checkpoint, save_pretrained_atomic
+from dume.clm.run import Run, write_result
+from dume.checkpoint.io import is_complete_checkpoint
+from dume.checkpoint.save import save_pretrained_atomic
 
 
 def parse(argv):
@@ -31,8 +32,9 @@ def parse(argv):
 
 
 def main(argv=None):
-    from dume.models import count_parameters, new_model
-    from dume.train import TrainConfig, is_main_process, train, wait_for_everyone, windows_budget
+    from dume.train.models import count_parameters, new_model
+    from dume.train.loop import TrainConfig, train, windows_budget
+    from dume.runtime.distributed import is_main_process, wait_for_everyone
 
     args = parse(argv)
     run = Run.from_args(args)

@@ -5,7 +5,7 @@ domain sets, written up in reproduction/clm/ROUTERS.md.
 Per domain set, per seed (a normal CLM run directory each, RUN_ROOT/<set>/seed<S>):
 the seed model (one per set, shared by its seeds), the experts, their evaluation, model
 averaging, the oracle, centroid, DUME, and every router the registry marks as a study
-row (`dume.strategies`, paper=False). Nothing here trains a router.
+row (`dume.routers.registry`, paper=False). Nothing here trains a router.
 
 Domain sets, fixed before anything was tuned:
   wiki      code, math, physics, history, philosophy (the embedded default; its Wikipedia
@@ -35,10 +35,10 @@ import clm_moerging_strategies_eval as strategies_script
 import clm_pretrain
 import clm_train_experts
 import clm_weights_avg_eval
-from dume import strategies
+from dume.routers import registry as strategies
 from dume.cli import run_main
 from dume.errors import DumeError
-from dume.io import atomic_write_json, atomic_write_text
+from dume.checkpoint.io import atomic_write_json, atomic_write_text
 from reproduce_clm import Timer, link, step_flags
 
 SETS = {"wiki": "offline", "heldout": "offline_heldout"}
@@ -86,9 +86,9 @@ def forward_cost(seed_dir: Path, rows, common: list[str]) -> dict[str, float]:
 
     import torch
 
-    import dume.context_moe  # noqa: F401  (registers the context-routed subclass)
-    from dume.clm import Run
-    from dume.models import load_model
+    import dume.moe.context_moe  # noqa: F401  (registers the context-routed subclass)
+    from dume.clm.run import Run
+    from dume.train.models import load_model
 
     run = Run.from_args(clm_experts_eval.parse(["--run-dir", str(seed_dir), *common]))
     ids, mask = run.blocks(run.domains()[0], "test")
@@ -111,7 +111,7 @@ def forward_cost(seed_dir: Path, rows, common: list[str]) -> dict[str, float]:
 
 
 def main(argv=None):
-    from dume.routers_report import markdown, set_summary, verdict
+    from dume.report.routers_study import markdown, set_summary, verdict
 
     args, rest = parse(argv)
     root = Path(args.run_root)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import sys
 
 from dume.cli import base_parser, run_main
-from dume.clm import Run, write_result
-from dume.io import is_complete_checkpoint, save_pretrained_atomic
+from dume.clm.run import Run, write_result
+from dume.checkpoint.io import is_complete_checkpoint
+from dume.checkpoint.save import save_pretrained_atomic
 
 
 def parse(argv):
@@ -40,7 +41,8 @@ def parse(argv):
 
 
 def main(argv=None):
-    from dume.train import TrainConfig, is_main_process, train, wait_for_everyone, windows_budget
+    from dume.train.loop import TrainConfig, train, windows_budget
+    from dume.runtime.distributed import is_main_process, wait_for_everyone
 
     args = parse(argv)
     run = Run.from_args(args)
@@ -54,7 +56,7 @@ def main(argv=None):
     cfg.validate()
     run.require_checkpoint(run.seed_dir, "clm_pretrain.py")
     run.tokenizer  # the run's tokenizer (and a --tokenizer that differs from it refused) before any work
-    from dume.fingerprint import fingerprint
+    from dume.checkpoint.fingerprint import fingerprint
 
     seed_fp = fingerprint(run.seed_dir)
     for domain in domains:
@@ -88,7 +90,7 @@ def main(argv=None):
 def _recorded(run: Run, domain: str):
     """(the seed fingerprint, the corpus stamps) the expert's result records; None for
     what it does not record (an expert put here by hand has no result)."""
-    from dume.io import read_json
+    from dume.checkpoint.io import read_json
 
     path = run.result_path(f"expert_{domain}")
     if not path.is_file():

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 
 from dume.cli import base_parser, run_main
-from dume.clm import Run, write_result
-from dume.io import is_complete_checkpoint, read_json
+from dume.clm.run import Run, write_result
+from dume.checkpoint.io import is_complete_checkpoint, read_json
 
 
 def parse(argv):
@@ -18,8 +18,8 @@ def parse(argv):
 
 
 def main(argv=None):
-    from dume.checkpoints import check_experts
-    from dume.merge import average_experts
+    from dume.checkpoint.experts import check_experts
+    from dume.moe.merge import average_experts
 
     args = parse(argv)
     run = Run.from_args(args)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Add, remove or re-weight the experts of a DUME MoE, and collect one domain's router
-statistics apart, without retraining anything (docs/design.md §5; library: dume/dynamic.py).
+statistics apart, without retraining anything (docs/design.md §5; library: dume/upcycle/dynamic.py).
 
   collect   one domain's statistics, computed alone: needs only the MoE (plus, for a new
             expert, its checkpoint via --expert) and that domain's data. Under
@@ -96,7 +96,7 @@ def _threads_per_process(world: int) -> None:
 
 
 def collect(args) -> None:
-    from dume.dynamic import check_output, collect_stats, current_shard, plan_collect
+    from dume.upcycle.dynamic import check_output, collect_stats, current_shard, plan_collect
 
     shard = current_shard()
     _threads_per_process(shard.world)
@@ -114,10 +114,10 @@ def collect(args) -> None:
 
 
 def combine(args) -> None:
-    from dume.dynamic import check_output, combine_stats
-    from dume.ridge import RidgeStats
+    from dume.upcycle.dynamic import check_output, combine_stats
+    from dume.stats.ridge import RidgeStats
 
-    from dume.dynamic import identical_statistics
+    from dume.upcycle.dynamic import identical_statistics
 
     out = check_output(args.out, args.stats, args.overwrite)
     parts = [RidgeStats.load(s) for s in args.stats]
@@ -133,7 +133,7 @@ def combine(args) -> None:
 
 
 def edit(args) -> None:
-    from dume import dynamic
+    from dume.upcycle import dynamic
 
     if args.command == "add":
         summary = dynamic.add_expert(args.moe, args.expert, args.domain, args.out, args.mode, stats_dir=args.stats,

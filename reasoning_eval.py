@@ -15,7 +15,7 @@ RUN_DIR/results/<protocol>/<name>__<task>__seed<seed>.json.
   strategies: math_expert multilingual_expert coding_expert instruction_expert
               model_averaging oracle random_routing DUME BTX DUMEplus
   tasks:      math (gsm8k 8-shot)  multilingual (Okapi arc_xx, acc_norm averaged)
-              coding (HumanEval pass@1, code run by dume.sandbox)  instruction (ifeval)
+              coding (HumanEval pass@1, code run by dume.reasoning.sandbox)  instruction (ifeval)
 
 DUME reads the MoE written by reasoning_generate_dume_params.py (RUN_DIR/models/DUME, or
 --dume-dir; e.g. --dume-dir RUN_DIR/models/DUME_OOD --name DUME_OOD for the OOD row) and
@@ -37,8 +37,9 @@ from dume.cli import run_main
 
 
 def parse(argv):
-    from dume.reasoning import PAPER, STRATEGIES, add_statistics_flags
-    from dume.tasks import DOMAINS, PROTOCOLS, ROUTER_TRAINING_PER_TASK
+    from dume.reasoning.settings import PAPER, STRATEGIES
+    from dume.reasoning.flags import add_statistics_flags
+    from dume.reasoning.tasks import DOMAINS, PROTOCOLS, ROUTER_TRAINING_PER_TASK
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
@@ -83,10 +84,10 @@ def main(argv=None):
 
     import torch
 
-    from dume.io import atomic_write_json
-    from dume.reasoning import evaluate_checkpoint
+    from dume.checkpoint.io import atomic_write_json
+    from dume.reasoning.evaluate import evaluate_checkpoint
 
-    from dume.reasoning import check_router_settings
+    from dume.reasoning.flags import check_router_settings
 
     args = parse(argv)
     check_router_settings(lam=args.lam, k=args.k, temperature=args.temp, num_dume_tokens=args.num_dume_tokens,
@@ -105,14 +106,14 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     languages = args.languages.split(",") if args.languages else None
     if args.task == "instruction":  # fail before any heavy work
-        from dume.tasks import check_ifeval_runnable
+        from dume.reasoning.tasks import check_ifeval_runnable
 
         check_ifeval_runnable()
     # Under `accelerate launch` (data-parallel lm-eval), rank 0 builds the checkpoint
     # while the other ranks wait, then every rank loads it.
     guard = contextlib.nullcontext()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from dume.train import partial_state
+        from dume.runtime.distributed import partial_state
 
         guard = partial_state().main_process_first()
     with guard:
@@ -124,7 +125,7 @@ def main(argv=None):
                                  parallelize=args.parallelize, seed=args.seed, protocol=args.protocol)
     if result is None or int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 writes
-    from dume.fingerprint import fingerprint
+    from dume.checkpoint.fingerprint import fingerprint
 
     payload = {"name": name, "strategy": args.strategy, "task": args.task, "model": str(model_dir),
                "experts": {d: str(p) for d, p in experts.items()}, **result,
@@ -144,8 +145,8 @@ def main(argv=None):
 def _stale_because(result_path):
     """Why an existing result no longer belongs to its model or experts (None: it does)."""
     from dume.errors import DumeError
-    from dume.fingerprint import stale_because
-    from dume.io import read_json
+    from dume.checkpoint.fingerprint import stale_because
+    from dume.checkpoint.io import read_json
 
     try:
         res = read_json(result_path)
@@ -164,18 +165,19 @@ def _build(args, languages, device, dtype):
 
     import torch
 
-    from dume.io import is_complete_checkpoint
-    from dume.fingerprint import built_from
-    from dume.reasoning import (EXPERT_STRATEGIES, build_strategy, experts_made_from,
-                                generate_dume_params, load_tokenizer_of, parse_experts, resolve_experts,
-                                router_training_documents)
-    from dume.ridge import RidgeStats
+    from dume.checkpoint.io import is_complete_checkpoint
+    from dume.checkpoint.fingerprint import built_from
+    from dume.reasoning.settings import EXPERT_STRATEGIES, parse_experts
+    from dume.reasoning.strategies import build_strategy, experts_made_from, generate_dume_params, load_tokenizer_of
+    from dume.checkpoint.resolve import resolve_experts
+    from dume.reasoning.statistics import router_training_documents
+    from dume.stats.ridge import RidgeStats
 
     run_dir = Path(args.run_dir)
     experts = resolve_experts(parse_experts(args.experts), args.cache_dir)
     models = run_dir / "models"
     stats = train_docs = tokenizer = train_record = None
-    from dume.strategies import REGISTRY
+    from dume.routers.registry import REGISTRY
 
     spec = REGISTRY.get(args.strategy)
     if spec is not None and spec.needs_statistics:

@@ -26,7 +26,8 @@ from dume.cli import run_main
 
 
 def parse(argv):
-    from dume.reasoning import PAPER, add_statistics_flags
+    from dume.reasoning.settings import PAPER
+    from dume.reasoning.flags import add_statistics_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", default=None,
@@ -55,7 +56,10 @@ def main(argv=None):
 
     import torch
 
-    from dume.reasoning import check_router_settings, generate_dume_params, parse_experts, resolve_experts
+    from dume.reasoning.flags import check_router_settings
+    from dume.reasoning.strategies import generate_dume_params
+    from dume.reasoning.settings import parse_experts
+    from dume.checkpoint.resolve import resolve_experts
 
     args = parse(argv)
     check_router_settings(lam=args.lam, k=args.k, temperature=args.temp, num_dume_tokens=args.num_dume_tokens,

@@ -14,8 +14,8 @@ from dume.cli import run_main
 
 
 def main(argv=None):
-    from dume.reasoning_table import write_reasoning_table
-    from dume.tasks import PROTOCOLS
+    from dume.report.reasoning_table import write_reasoning_table
+    from dume.reasoning.tasks import PROTOCOLS
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run-dir", default="runs/reasoning")

@@ -28,7 +28,7 @@ which keeps the whole command under an hour on two CPU cores.
 Two checks beside the paper's figures, both in RESULTS.md: BTX's router lr at the same
 step budget (the first seed, lr 1e-3 and 1e-2 besides the paper's 1e-4: the paper tuned
 1e-4 for 1000 steps, this default trains 100), and, per seed, where the oracle loses
-(dume/diagnostics.py: each non-MLP parameter group averaged inside each expert).
+(dume/report/diagnostics.py: each non-MLP parameter group averaged inside each expert).
 
 Flags not listed here (e.g. --source, --data-dir, --seq-len) are passed to every step.
 """
@@ -49,8 +49,8 @@ import clm_train_experts
 import clm_weights_avg_eval
 from dume.cli import run_main
 from dume.errors import DumeError
-from dume.io import atomic_write_json, atomic_write_text, read_json
-from dume.strategies import TABLE_ORDER
+from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
+from dume.routers.registry import TABLE_ORDER
 
 TOKENS = [2, 8, 32, 128, "all"]
 LAMBDAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
@@ -99,9 +99,9 @@ def btx_tag(lr: float) -> str:
 
 
 def oracle_ablation_step(argv) -> None:
-    """Per seed: each non-MLP group averaged inside each expert (dume/diagnostics.py)."""
-    from dume.clm import Run
-    from dume.diagnostics import ablation_path, oracle_ablation
+    """Per seed: each non-MLP group averaged inside each expert (dume/report/diagnostics.py)."""
+    from dume.clm.run import Run
+    from dume.report.diagnostics import ablation_path, oracle_ablation
 
     args = clm_experts_eval.parse(argv)
     run = Run.from_args(args)
@@ -226,7 +226,7 @@ def main(argv=None):
             timer(f"seed{s} {m}", strategies.main, flags(d, s, "--method", m, *router))
         timer(f"seed{s} oracle_ablation", oracle_ablation_step, flags(d, s))
 
-    from dume.multiseed import seed_table
+    from dume.report.multiseed import seed_table
 
     domains = seed_table(seed_dirs[args.seeds[0]])["domains"]
     sweep_dirs = {}
@@ -266,7 +266,7 @@ def main(argv=None):
 
 def collect_sweeps(args, seed_dirs, sweep_dirs, domains, tables) -> dict:
     """{method: {sweep: {x: mean_std}}} and the centroid reference."""
-    from dume.multiseed import aggregate_points, result_scores
+    from dume.report.multiseed import aggregate_points, result_scores
 
     out = {}
     for m in args.sweep_methods:
@@ -313,9 +313,9 @@ def write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timings
     """RESULTS.md, results.json and figures/ in `report_dir`, from the run's files alone, so
     a rerun that finds everything done rewrites the same report (the invocation's own
     wall time is printed, not written)."""
-    from dume import paper, plots
-    from dume.multiseed import (aggregate_routing, aggregate_tables, fmt, paper_markdown, seed_table,
-                                table2_markdown)
+    from dume.report import paper, plots
+    from dume.report.multiseed import (aggregate_routing, aggregate_tables, fmt, paper_markdown, seed_table,
+        table2_markdown)
 
     tables = {s: seed_table(d) for s, d in seed_dirs.items()}
     agg = aggregate_tables([tables[s] for s in args.seeds])
@@ -419,9 +419,9 @@ GOALS_TEXT = ("The goal set for the embedded default (issue 4; a goal, not a tes
 
 def analysis_lines(agg, tables, args, seed_dirs, sweep_dirs, domains) -> list[str]:
     """The comparisons with the paper, computed from this run's files (nothing typed in)."""
-    from dume import paper
-    from dume.diagnostics import ablation_markdown, ablation_path
-    from dume.multiseed import result_scores
+    from dume.report import paper
+    from dume.report.diagnostics import ablation_markdown, ablation_path
+    from dume.report.multiseed import result_scores
 
     meth = agg["methods"]
     avg = {m: meth[m]["average"]["mean"] for m in meth}
@@ -475,14 +475,14 @@ def analysis_lines(agg, tables, args, seed_dirs, sweep_dirs, domains) -> list[st
         lines += ["## Where the oracle loses", "",
                   "Expert d with one group of its non-MLP parameters replaced by the average over the experts, "
                   "scored on d's test split (100 = expert d itself; `non-MLP` is exactly the oracle; mean over "
-                  f"{len(ablations)} seed(s); dume/diagnostics.py):", "", ablation_markdown(ablations, domains)]
+                  f"{len(ablations)} seed(s); dume/report/diagnostics.py):", "", ablation_markdown(ablations, domains)]
     return lines
 
 
 def routing_destination_lines(results, domains) -> list[str]:
     """Where each domain's tokens go (last layer, mean over seeds): the misroutes explain
     a method's losses, domain by domain."""
-    from dume.multiseed import aggregate_routing
+    from dume.report.multiseed import aggregate_routing
 
     lines = []
     for m in ("DUME", "BTX"):
@@ -505,7 +505,7 @@ FLAT = 0.1  # score points: differences below this are ties (seeds differ by abo
 
 def trend_lines(sweeps, centroid) -> list[str]:
     """Figure 2's trends as numbers: the spread of each curve and where it peaks."""
-    from dume import paper
+    from dume.report import paper
 
     lines = []
     for m, by_sweep in sweeps.items():

@@ -36,8 +36,8 @@ STEPS = [
 
 
 def main(argv=None):
-    from dume.clm import Run, environment
-    from dume.report import write_clm_table
+    from dume.clm.run import Run, environment
+    from dume.report.clm_table import write_clm_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/clm")

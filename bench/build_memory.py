@@ -77,7 +77,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import yaml
 
-    from dume.tokenizer import train_bpe_tokenizer
+    from dume.text.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"word{i} Document domain of" for i in range(97)] * 20, vocab_size=300)
     floor = peak_rss_mb([sys.executable, "-c", "import torch, transformers"])

@@ -13,7 +13,7 @@ order rotates every repeat, so machine noise hits all variants alike):
              multiplied by a dense top-1 weight mask and summed (a module swapped into
              the MoE's layers; same gates; its logits are checked against the sparse MoE's)
   oracle     plain forward of the dense oracle (averaged non-MLP + expert 0's MLPs)
-  collect    `dume.collect.collect_domain` into a `dume.ridge.RidgeStats` on that oracle
+  collect    `dume.stats.oracle.collect_domain` into a `dume.stats.ridge.RidgeStats` on that oracle
 
 Targets: MoE ÷ dense throughput ≥ 0.9; collection time ÷ oracle forward time ≤ 1.15.
 A cost breakdown of the collection (hooks, XᵀX, the rest of `RidgeStats.update`, the
@@ -50,7 +50,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 PRESETS = {
-    # the embedded default's model size (dume.models "cpu-small")
+    # the embedded default's model size (dume.train.models "cpu-small")
     "tiny": dict(hidden=128, intermediate=512, layers=4, heads=4, vocab=4096, batch=16, seq=256),
     # twice as wide: big enough that matmuls, not Python, dominate on a CPU
     "default": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=4096, batch=16, seq=256),
@@ -298,8 +298,8 @@ def batched_update(stats, j, feats, keep):
 def collection_breakdown(oracle, ids, mask, cfg, repeats, sync, num_dume_tokens):
     """Where collect_domain's extra time goes, measured piece by piece on the same batch
     (the update pieces on the last layer's captured features, L times)."""
-    from dume.collect import MLPInputCapture, token_mask
-    from dume.ridge import RidgeStats
+    from dume.stats.capture import MLPInputCapture, token_mask
+    from dume.stats.ridge import RidgeStats
 
     L, H = cfg.num_hidden_layers, cfg.hidden_size
 
@@ -367,11 +367,11 @@ def main(argv=None):
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from dume.collect import collect_domain
-    from dume.merge import build_oracle_model, moerge_experts
-    from dume.moe_edit import load_moe
-    from dume.ridge import RidgeStats
-    from dume.routers import random_gates
+    from dume.stats.oracle import collect_domain
+    from dume.moe.merge import build_oracle_model, moerge_experts
+    from dume.moe.edit import load_moe
+    from dume.stats.ridge import RidgeStats
+    from dume.routers.closed_form import random_gates
 
     hf_logging.set_verbosity_error()
     t_setup = time.perf_counter()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput of a Llama: a plain fp32 loop against one with `dume.speed`'s switches,
+"""Training throughput of a Llama: a plain fp32 loop against one with `dume.train.speed`'s switches,
 and what the Llama-3 vocabulary's lm_head costs.
 
 One run, one batch of token ids, both variants timed on it in interleaved repeats (the
@@ -9,7 +9,7 @@ AdamW step (weight decay 0.1 on matrices, 0 on norms, betas 0.9/0.95), zero_grad
 
   plain      fp32, "eager" attention, torch's default AdamW (foreach on CUDA, for-loop on
              a CPU), IEEE fp32 matmuls, no compile
-  optimised  everything of `dume.speed` that applies on the device: bf16 autocast on CUDA
+  optimised  everything of `dume.train.speed` that applies on the device: bf16 autocast on CUDA
              (on a CPU fp32: bf16 autocast there is usually slower), `attn_implementation`
              ("sdpa"), `make_adamw` (fused on CUDA), `enable_fast_matmul` (TF32 on CUDA),
              and `maybe_compile` with --compile
@@ -114,15 +114,15 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from moe_throughput import usable_cores  # noqa: E402  (bench/ is the script's own folder)
-from dume.speed import (attn_implementation, enable_fast_matmul, make_adamw, maybe_compile,  # noqa: E402
-                        model_flops_per_token, peak_flops)
+from dume.train.speed import (attn_implementation, enable_fast_matmul, make_adamw, maybe_compile,
+    model_flops_per_token, peak_flops)
 
 # Per preset: model size, then defaults per device (cpu / cuda) for batch and steps.
 PRESETS = {
     # for the tests: a few seconds end to end
     "micro": dict(hidden=32, intermediate=64, layers=2, heads=4, vocab=512, seq=32,
                   batch=(2, 8), steps=(2, 5), repeats=2, warmup=1, vocab_compare=(4096, 512)),
-    # the embedded default's size (dume.models "cpu-small")
+    # the embedded default's size (dume.train.models "cpu-small")
     "tiny": dict(hidden=128, intermediate=512, layers=4, heads=4, vocab=4096, seq=256,
                  batch=(8, 32), steps=(4, 20), repeats=5, warmup=2, vocab_compare=(128256, 4096)),
     "small": dict(hidden=256, intermediate=1024, layers=4, heads=4, vocab=4096, seq=256,

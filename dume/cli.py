@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import DumeError
+from dume.errors import DumeError
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -96,7 +96,7 @@ def run_main(fn, argv=None) -> int:
               file=sys.stderr)
         return 143
     except Exception as e:  # OS and safetensors I/O errors: one line naming the file and the fix
-        from .outputs import os_error_line
+        from dume.checkpoint.outputs import os_error_line
 
         line = os_error_line(e)
         if line is None:
@@ -114,12 +114,13 @@ def dume_command(argv=None) -> None:
     """`dume build CONFIG.yaml [--overwrite]` (the console script; `python -m dume` too)."""
     p = argparse.ArgumentParser(prog="dume", description="DUME: combine dense experts into a MoE, training-free")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="MoErge your experts and set the routers from their text (see dume.build)")
+    b = sub.add_parser("build", help="MoErge your experts and set the routers from their text (see dume.upcycle.build)")
     b.add_argument("config", help="the build YAML (experts, gate, k, lambda, temperature, ..., out)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
     if args.command == "build":
-        from .build import build, load_spec
+        from dume.upcycle.build import build
+        from dume.upcycle.spec import load_spec
 
         build(load_spec(args.config), overwrite=args.overwrite)
 

@@ -73,7 +73,7 @@ def write_corpus(root: Path, n: int = PARAGRAPHS_PER_FILE) -> Path:
 def non_train_paragraphs(count: int, words=("zebra", "yak", "quokka", "ibis", "okapi")) -> list[str]:
     """Paragraphs that the hash split sends to validation or test only (a domain with no
     training text)."""
-    from dume.data import hash_split
+    from dume.corpora.documents import hash_split
 
     rng = random.Random(1)
     out, i = [], 0
@@ -116,8 +116,8 @@ def base_args(run_dir, data_dir, *extra) -> list[str]:
 
 
 def make_run(run_dir, data_dir):
-    """A `dume.clm.Run` with the same settings as `base_args` (for evaluating by hand)."""
-    from dume.clm import Run
+    """A `dume.clm.run.Run` with the same settings as `base_args` (for evaluating by hand)."""
+    from dume.clm.run import Run
 
     return Run(Path(run_dir), "local", str(data_dir), SEQ_LEN, None, VOCAB_SIZE, MAX_EVAL_BLOCKS)
 

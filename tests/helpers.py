@@ -21,7 +21,7 @@ def tiny_texts(n: int = 200, seed: int = 0) -> list[str]:
 
 
 def tiny_tokenizer(vocab_size: int = 300):
-    from dume.tokenizer import train_bpe_tokenizer
+    from dume.text.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(tiny_texts(300), vocab_size=vocab_size)
 

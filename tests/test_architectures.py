@@ -1,4 +1,4 @@
-"""MoErging works for every architecture in dume.architectures, on tiny experts saved the
+"""MoErging works for every architecture in dume.arch.table, on tiny experts saved the
 way the hub ships them: Llama with llama3 rope scaling, tied embeddings and GQA; Mistral
 with a sliding window; Qwen3 with tied embeddings, q/k norms and an explicit head_dim.
 
@@ -85,7 +85,7 @@ def _gates(n_layers, n_experts, hidden, seed=0):
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_identical_experts_give_the_experts_logits(kind, tmp_path):
-    from dume.merge import moerge_experts
+    from dume.moe.merge import moerge_experts
 
     dirs = _experts(kind, tmp_path, same=True)
     moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
@@ -98,7 +98,7 @@ def test_identical_experts_give_the_experts_logits(kind, tmp_path):
 def test_forced_routing_gives_each_expert(kind, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dume.merge import moerge_experts
+    from dume.moe.merge import moerge_experts
 
     dirs = _experts(kind, tmp_path)
     moe_dir = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
@@ -126,8 +126,8 @@ def test_forced_routing_gives_each_expert(kind, tmp_path):
 def test_written_names_and_config_are_the_moe_classes_own(kind, tmp_path):
     import transformers
 
-    from dume.checkpoints import load_config
-    from dume.merge import moe_config, moerge_experts
+    from dume.checkpoint.reader import load_config
+    from dume.moe.merge import moe_config, moerge_experts
 
     dirs = _experts(kind, tmp_path)
     moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32), num_experts_per_tok=2)
@@ -150,7 +150,7 @@ def test_written_names_and_config_are_the_moe_classes_own(kind, tmp_path):
 def test_unsupported_architectures_are_refused_with_the_list(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from dume.checkpoints import check_experts
+    from dume.checkpoint.experts import check_experts
 
     for i in range(2):
         GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / f"g{i}")
@@ -159,7 +159,7 @@ def test_unsupported_architectures_are_refused_with_the_list(tmp_path):
 
 
 def test_mixed_architectures_are_refused(tmp_path):
-    from dume.checkpoints import check_experts
+    from dume.checkpoint.experts import check_experts
 
     torch.manual_seed(0)
     _llama().save_pretrained(tmp_path / "a")
@@ -170,14 +170,14 @@ def test_mixed_architectures_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_editing_a_moe_works_for_every_architecture(kind, tmp_path):
-    """dume.moe_edit reads the same records: a MoE of experts 0, 1 extended with expert 2
+    """dume.moe.edit reads the same records: a MoE of experts 0, 1 extended with expert 2
     equals the MoE of all three (routers given), dropping expert 0 equals the MoE of 1, 2,
     and "shared weights + expert e" read back from the MoE equals the oracle of e."""
     from transformers import AutoModelForCausalLM
 
-    from dume.merge import build_oracle_model, moerge_experts
-    from dume.moe_edit import (build_dense_from_moe, drop_experts, expert_mlp_state_dict, extend_moe,
-                               moe_shared_state_dict)
+    from dume.moe.merge import build_oracle_model, moerge_experts
+    from dume.moe.edit import (build_dense_from_moe, drop_experts, expert_mlp_state_dict, extend_moe,
+        moe_shared_state_dict)
 
     dirs = _experts(kind, tmp_path)
     gates3 = _gates(2, 3, 32)
@@ -208,8 +208,8 @@ def test_streamed_moe_load_equals_from_pretrained(kind, tmp_path):
     from_pretrained gives: every parameter and buffer, ties, and the logits."""
     from transformers import AutoModelForCausalLM
 
-    from dume.merge import moerge_experts
-    from dume.moe_edit import load_moe_streamed
+    from dume.moe.merge import moerge_experts
+    from dume.moe.edit import load_moe_streamed
 
     dirs = _experts(kind, tmp_path)
     moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))

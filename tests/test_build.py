@@ -53,12 +53,14 @@ def _write(root, cfg, name="build.yaml"):
 def test_build_writes_a_standard_checkpoint_with_its_recipe_and_card(setup):
     from transformers import AutoModelForCausalLM
 
-    from dume.build import expert_texts, load_spec, split_held_out
+    from dume.text.files import expert_texts
+    from dume.upcycle.spec import load_spec
+    from dume.upcycle.build import split_held_out
     from dume.cli import main
-    from dume.collect import collect_statistics
-    from dume.dynamic import open_dume
-    from dume.moe_edit import read_gates
-    from dume.routers import dume_gates
+    from dume.stats.oracle import collect_statistics
+    from dume.upcycle.dynamic import open_dume
+    from dume.moe.edit import read_gates
+    from dume.routers.closed_form import dume_gates
 
     root, tok = setup
     path = _write(root, _config(root))
@@ -96,12 +98,14 @@ def test_build_offers_the_routers_study_winner_by_name(setup):
     balanced solve, and the result is a stock Mixtral that dume_experts.py sees as such."""
     from transformers import AutoModelForCausalLM
 
-    from dume import strategies
-    from dume.build import expert_texts, load_spec, split_held_out
+    from dume.routers import registry as strategies
+    from dume.text.files import expert_texts
+    from dume.upcycle.spec import load_spec
+    from dume.upcycle.build import split_held_out
     from dume.cli import main
-    from dume.collect import collect_statistics
-    from dume.moe_edit import read_gates
-    from dume.ridge import RidgeStats
+    from dume.stats.oracle import collect_statistics
+    from dume.moe.edit import read_gates
+    from dume.stats.ridge import RidgeStats
 
     root, tok = setup
     path = _write(root, _config(root, gate="sequential_balanced", out="out/seq", held_out=0.0), "seq.yaml")

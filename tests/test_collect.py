@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dume.collect import MLPInputCapture, collect_domain, token_mask
+from dume.stats.capture import MLPInputCapture, token_mask
+from dume.stats.oracle import collect_domain
 from dume.errors import DumeError
-from dume.ridge import RidgeStats
+from dume.stats.ridge import RidgeStats
 from tests.fixtures import datasets_cache, single_thread  # noqa: F401  (pytest fixtures)
 from tests.helpers import tiny_llama, tiny_texts, tiny_tokenizer
 
@@ -111,7 +112,7 @@ def test_token_mask_counts_first_real_tokens():
 
 
 def _docs_stats(model, tokenizer, docs, batch_size, num_dume_tokens):
-    from dume.data import document_batches
+    from dume.text.batches import document_batches
 
     stats = RidgeStats(model.config.num_hidden_layers, model.config.hidden_size, ["d"],
                        num_dume_tokens=num_dume_tokens)
@@ -147,7 +148,7 @@ def test_domain_without_tokens_is_an_error(model, batch):
 
 def test_domain_whose_documents_give_no_tokens(model):
     """A tokenizer without bos and documents that tokenize to nothing: no batch at all."""
-    from dume.data import document_batches
+    from dume.text.batches import document_batches
 
     class NoBos:
         bos_token_id, eos_token_id, pad_token_id = None, 0, 0

@@ -1,4 +1,4 @@
-"""dume.data: the offline corpus's splits, the local and hub sources on local files, and
+"""dume.corpora.documents: the offline corpus's splits, the local and hub sources on local files, and
 the two tokenization helpers. Offline and fast: the hub source is exercised on files laid
 out like the hub repos, never on the network."""
 
@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dume import data
+from dume.corpora import documents as data
+from dume.text import batches as text_batches
 from dume.errors import DumeError
 
 WIKI_DOMAINS = ("math", "physics", "history", "philosophy")
@@ -297,7 +298,7 @@ def stream_of(docs, tok):
 def test_pack_documents_conserves_tokens_and_separates_with_eos(tokenizer):
     docs = ["the cat sat on the mat", "a dog ate the bone", "def f(x): return x + 1"] * 7
     seq_len = 16
-    ids, mask = data.pack_documents(docs, tokenizer, seq_len)
+    ids, mask = text_batches.pack_documents(docs, tokenizer, seq_len)
     stream = stream_of(docs, tokenizer)
     n = len(stream) // seq_len
     assert ids.shape == mask.shape == (n, seq_len) and ids.dtype == torch.long
@@ -310,19 +311,19 @@ def test_pack_documents_conserves_tokens_and_separates_with_eos(tokenizer):
 
 
 def test_pack_documents_pads_a_stream_shorter_than_one_block(tokenizer):
-    ids, mask = data.pack_documents(["the cat"], tokenizer, 64)
+    ids, mask = text_batches.pack_documents(["the cat"], tokenizer, 64)
     stream = stream_of(["the cat"], tokenizer)
     assert ids.shape == (1, 64)
     assert mask[0].tolist() == [1] * len(stream) + [0] * (64 - len(stream))
     assert ids[0, : len(stream)].tolist() == stream
     assert (ids[0, len(stream):] == tokenizer.pad_token_id).all()
     with pytest.raises(DumeError, match="no tokens"):
-        data.pack_documents(["", ""], tokenizer, 8)
+        text_batches.pack_documents(["", ""], tokenizer, 8)
 
 
 def test_document_batches_one_row_per_document_truncated_and_padded(tokenizer):
     docs = ["the cat sat on the mat " * 10, "a dog", "import os", "print('hello world')", "the bone"]
-    batches = list(data.document_batches(docs, tokenizer, max_len=12, batch_size=2))
+    batches = list(text_batches.document_batches(docs, tokenizer, max_len=12, batch_size=2))
     assert [b[0].shape[0] for b in batches] == [2, 2, 1]
     rows = [r for ids, mask in batches for r in zip(ids, mask)]
     for doc, (ids, mask) in zip(docs, rows):
@@ -333,7 +334,7 @@ def test_document_batches_one_row_per_document_truncated_and_padded(tokenizer):
         assert (ids[n:] == tokenizer.pad_token_id).all()
     assert batches[0][0].shape[1] == 12  # the long document was truncated to max_len
     with pytest.raises(DumeError, match="batch_size"):
-        list(data.document_batches(docs, tokenizer, 12, 0))
+        list(text_batches.document_batches(docs, tokenizer, 12, 0))
 
 
 def test_hub_m2d2_from_the_hub_cache_without_network(tmp_path, hf_cache, monkeypatch):
@@ -359,7 +360,7 @@ def test_hub_m2d2_from_the_hub_cache_without_network(tmp_path, hf_cache, monkeyp
 def test_heldout_source_keeps_its_domains_out_of_pretraining():
     """The routers study's second domain set: its five topics are pretraining text in the
     default source and held out of pretraining here; the default's expert topics swap in."""
-    from dume import data
+    from dume.corpora import documents as data
 
     assert data.available_domains("offline_heldout") == data.HELDOUT_DOMAINS
     pretrain = set(data.load_documents("pretrain", "train", "offline_heldout"))

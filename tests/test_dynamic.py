@@ -1,4 +1,4 @@
-"""Dynamic experts (`dume_experts.py`, `dume/dynamic.py`) on the tiny trained run.
+"""Dynamic experts (`dume_experts.py`, `dume/upcycle/dynamic.py`) on the tiny trained run.
 
 The claims of docs/design.md §5, each checked against an independent construction:
 keep-shared "add" = DUME collected from scratch through the same shared weights;
@@ -21,10 +21,11 @@ import torch
 
 import clm_moerging_strategies_eval as strategies
 import dume_experts
-from dume.architectures import is_routed
-from dume.checkpoints import CheckpointReader
-from dume.moe_edit import read_gates
-from dume.ridge import RidgeStats
+from dume.text.batches import document_batches
+from dume.arch.table import is_routed
+from dume.checkpoint.reader import CheckpointReader
+from dume.moe.edit import read_gates
+from dume.stats.ridge import RidgeStats
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
@@ -84,9 +85,9 @@ def _collect_reference(run_dir: Path, corpus: Path, experts: list[Path], domains
                        shared_from: list[Path]) -> RidgeStats:
     """DUME's statistics from scratch, by the strategies script's own building blocks:
     domain i through "average of `shared_from`'s shared weights + expert i's MLPs"."""
-    from dume import data
-    from dume.collect import collect_domain
-    from dume.merge import build_oracle_model, shared_state_dict
+    from dume.corpora import documents as data
+    from dume.stats.oracle import collect_domain
+    from dume.moe.merge import build_oracle_model, shared_state_dict
 
     run = make_run(run_dir, corpus)
     shared = shared_state_dict(shared_from)
@@ -94,7 +95,7 @@ def _collect_reference(run_dir: Path, corpus: Path, experts: list[Path], domains
     stats = RidgeStats(cfg.num_hidden_layers, cfg.hidden_size, domains)
     for i, d in enumerate(domains):
         docs = data.load_documents(d, "train", "local", data_dir=corpus)
-        batches = data.document_batches(docs, run.tokenizer, SEQ_LEN, STATS_BATCH)
+        batches = document_batches(docs, run.tokenizer, SEQ_LEN, STATS_BATCH)
         collect_domain(build_oracle_model(experts, i, shared=shared), stats, d, batches)
     return stats
 
@@ -114,7 +115,7 @@ def keep_shared(dyn, datasets_cache):
 
 
 def test_keep_shared_add_equals_scratch_with_the_same_shared_weights(dyn, corpus_dir, keep_shared):
-    from dume.routers import dume_gates
+    from dume.routers.closed_form import dume_gates
 
     experts = [dyn / "experts" / d for d in DOMAINS]
     ref = _collect_reference(dyn, corpus_dir, experts, list(DOMAINS), shared_from=experts[:2])
@@ -138,12 +139,12 @@ def test_keep_shared_add_equals_scratch_with_the_same_shared_weights(dyn, corpus
 def test_keep_shared_model_and_recipe(dyn, keep_shared, capsys):
     from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-    from dume.checkpoints import model_fingerprint
-    from dume.io import read_json
+    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.io import read_json
 
     model = AutoModelForCausalLM.from_pretrained(keep_shared)
     assert type(model) is MixtralForCausalLM and model.config.num_local_experts == 3
-    from dume.recipe import resolve_recipe_paths
+    from dume.moe.recipe import resolve_recipe_paths
 
     recipe = resolve_recipe_paths(read_json(keep_shared / "dume_router.json"), keep_shared)
     assert recipe["mode"] == "keep-shared" and recipe["domains"] == list(DOMAINS)
@@ -180,7 +181,7 @@ def test_reaverage_add_equals_building_all_at_once(dyn, tmp_path, capsys):
 
 
 def test_remove_equals_building_without_that_expert(dyn, tmp_path):
-    from dume.routers import dume_gates
+    from dume.routers.closed_form import dume_gates
 
     src, out = _moe(dyn, "DUME_three"), tmp_path / "no_math"
     assert _cli("remove", "--moe", src, "--domain", "math", "--out", out) == 0
@@ -201,8 +202,8 @@ def test_remove_equals_building_without_that_expert(dyn, tmp_path):
 
 
 def test_reweight_scales_statistics(dyn, tmp_path):
-    from dume.io import read_json
-    from dume.routers import dume_gates
+    from dume.checkpoint.io import read_json
+    from dume.routers.closed_form import dume_gates
 
     src, out = _moe(dyn, "DUME_three"), tmp_path / "rw"
     assert _cli("reweight", "--moe", src, "--weights", "code=2,math=0.5", "--out", out) == 0
@@ -417,7 +418,7 @@ def test_experiment_recipe_end_to_end(dyn, corpus_dir, capsys):
 
     import clm_dynamic_experts
     import clm_experts_eval
-    from dume.report import gather_clm_methods
+    from dume.report.clm_table import gather_clm_methods
     from tests.fixtures import base_args
 
     clm_experts_eval.main(base_args(dyn, corpus_dir))

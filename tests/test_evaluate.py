@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dume.evaluate import perplexity
+from dume.train.perplexity import perplexity
 from tests.helpers import tiny_llama
 
 

@@ -86,7 +86,7 @@ def _experts_load(root: Path) -> None:
 def _hold_lock(path: Path, release: Path) -> subprocess.Popen:
     """Another process holding `path`'s writer lock until `release` exists."""
     code = ("import sys, time, pathlib\n"
-            "from dume.outputs import output_lock\n"
+            "from dume.checkpoint.outputs import output_lock\n"
             "with output_lock(sys.argv[1]):\n"
             "    print('held', flush=True)\n"
             "    while not pathlib.Path(sys.argv[2]).exists():\n"
@@ -118,7 +118,7 @@ def test_build_never_writes_over_or_inside_what_it_reads(experts, tmp_path, caps
 
 def test_a_folder_holding_another_checkpoint_is_never_replaced(tmp_path):
     from dume.errors import DumeError
-    from dume.io import atomic_dir
+    from dume.checkpoint.io import atomic_dir
 
     outer = tmp_path / "expert"
     tiny_llama().save_pretrained(outer)
@@ -134,7 +134,7 @@ def test_a_folder_holding_another_checkpoint_is_never_replaced(tmp_path):
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):
     from dume.errors import DumeError
-    from dume.io import atomic_dir
+    from dume.checkpoint.io import atomic_dir
 
     target = tmp_path / "model"
     holder = _hold_lock(target, tmp_path / "go")
@@ -165,7 +165,7 @@ def test_two_builds_to_one_out_do_not_both_write(experts, tmp_path, capsys):
 
 
 def test_a_live_writers_staging_directory_is_kept(tmp_path):
-    from dume.io import cleanup_stale_tmp
+    from dume.checkpoint.io import cleanup_stale_tmp
 
     target = tmp_path / "model"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -184,7 +184,7 @@ def test_a_live_writers_staging_directory_is_kept(tmp_path):
 
 
 def test_replacing_a_model_never_leaves_its_path_absent(tmp_path):
-    from dume.io import atomic_dir
+    from dume.checkpoint.io import atomic_dir
 
     target = tmp_path / "model"
     with atomic_dir(target) as stage:
@@ -212,7 +212,7 @@ def test_replacing_a_model_never_leaves_its_path_absent(tmp_path):
 
 def test_the_exists_check_is_repeated_at_the_rename(tmp_path):
     from dume.errors import DumeError
-    from dume.io import atomic_dir
+    from dume.checkpoint.io import atomic_dir
 
     target = tmp_path / "model"
     with pytest.raises(DumeError, match="appeared while it was being written"):
@@ -259,7 +259,7 @@ def test_two_strategy_runs_on_one_run_directory(tmp_path, strategy_run, corpus_d
         stop.set()
         watcher.join()
     assert not missing
-    from dume.moe_edit import load_moe
+    from dume.moe.edit import load_moe
 
     load_moe(model)
     assert json.loads((run_dir / "results" / "DUME.json").read_text())["results"]
@@ -291,7 +291,7 @@ def test_a_full_disk_is_found_before_the_work(experts, tmp_path, capsys, monkeyp
 def test_a_disk_that_fills_during_the_write_is_one_line(experts, tmp_path, capsys, monkeypatch):
     """The write itself fails (the space went elsewhere after the check): one line, the
     previous output intact."""
-    import dume.merge
+    import dume.moe.merge
 
     out = tmp_path / "moe"
     config = _write(tmp_path / "build.yaml", _config(experts, out))
@@ -301,7 +301,7 @@ def test_a_disk_that_fills_during_the_write_is_one_line(experts, tmp_path, capsy
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
 
-    monkeypatch.setattr(dume.merge, "write_safetensors", full)
+    monkeypatch.setattr(dume.moe.merge, "write_safetensors", full)
     rc = _build(capsys, config, "--overwrite")
     one_error_line(capsys, rc, "disk full", "model.safetensors", "free space")
     assert sorted(p.name for p in out.iterdir()) == before
@@ -313,9 +313,9 @@ def test_a_real_full_filesystem_is_one_line(experts, tmp_path, capsys, monkeypat
     if small is None:
         pytest.skip("mounting a tmpfs needs root and mount rights")
     try:
-        import dume.merge
+        import dume.moe.merge
 
-        monkeypatch.setattr(dume.merge, "require_free_space", lambda *a, **k: None)  # reach the real write
+        monkeypatch.setattr(dume.moe.merge, "require_free_space", lambda *a, **k: None)  # reach the real write
         rc = _build(capsys, _write(tmp_path / "build.yaml", _config(experts, small / "moe")))
         one_error_line(capsys, rc, "disk full")
         assert not (small / "moe").exists()
@@ -358,7 +358,7 @@ def test_unreadable_data_files_are_one_line_naming_the_file(experts, tmp_path, c
 ])
 def test_bad_build_values_are_refused_while_parsing(experts, tmp_path, capsys, monkeypatch, change, needle):
     """Refused by `load_spec`, before any expert is hashed or any data read."""
-    import dume.checkpoints
+    import dume.checkpoint.experts
 
     if change.get("device", "").__class__ is str and str(change.get("device")).startswith("cuda") \
             and torch.cuda.is_available():
@@ -366,7 +366,7 @@ def test_bad_build_values_are_refused_while_parsing(experts, tmp_path, capsys, m
     (tmp_path / "FILE").write_text("a file")
     if "out" in change:
         change = {"out": str(tmp_path / change["out"]) if not change["out"].startswith("/") else change["out"]}
-    monkeypatch.setattr(dume.checkpoints, "check_experts", lambda *a, **k: pytest.fail("experts were hashed"))
+    monkeypatch.setattr(dume.checkpoint.experts, "check_experts", lambda *a, **k: pytest.fail("experts were hashed"))
     rc = _build(capsys, _write(tmp_path / "build.yaml", {**_config(experts, tmp_path / "moe"), **change}))
     one_error_line(capsys, rc, needle)
 
@@ -473,7 +473,7 @@ def test_a_hub_id_without_network_fails_fast_with_one_line(tmp_path, capsys, mon
     import socket
 
     from dume.cli import run_main
-    from dume.reasoning import resolve_expert
+    from dume.checkpoint.resolve import resolve_expert
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -566,7 +566,7 @@ def test_a_script_device_this_machine_lacks_is_one_line(tmp_path, corpus_dir, ca
 def test_the_ranks_of_one_launch_do_not_lock_each_other_out(tmp_path, monkeypatch):
     """Rank 0 of an `accelerate launch` holds the one-writer lock for its launch; rank 1
     must not be refused by it (it was: the launch then failed)."""
-    from dume.io import atomic_dir
+    from dume.checkpoint.io import atomic_dir
 
     target = tmp_path / "model"
     holder = _hold_lock(target, tmp_path / "go")  # stands for rank 0

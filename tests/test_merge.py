@@ -18,18 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from dume.checkpoints import CheckpointReader, check_experts, model_fingerprint
+from dume.checkpoint.reader import CheckpointReader
+from dume.checkpoint.experts import check_experts, model_fingerprint
 from dume.errors import DumeError
-from dume.merge import (
-    average_experts,
-    build_oracle_model,
-    moe_config,
-    moerge_experts,
-    oracle_state_dict,
-    shared_state_dict,
-    write_oracle,
-)
-from dume.moe_edit import load_moe, read_gates, set_gates
+from dume.moe.merge import (average_experts, build_oracle_model, moe_config, moerge_experts, oracle_state_dict,
+    shared_state_dict, write_oracle)
+from dume.moe.edit import load_moe, read_gates, set_gates
 
 D = 3
 TINY = dict(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import clm_train_experts
-from dume.io import is_complete_checkpoint
+from dume.checkpoint.io import is_complete_checkpoint
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     base_args,
@@ -89,8 +89,8 @@ def test_two_processes_use_the_single_process_lr_and_write_one_checkpoint(tmp_pa
 @pytest.mark.usefixtures("single_thread")
 def test_tokenizer_differing_from_the_runs_exits_2_before_any_work(tmp_path, trained_run, corpus_dir, capsys,
                                                                     monkeypatch):
-    import dume.train
-    from dume.tokenizer import load_tokenizer, train_bpe_tokenizer
+    import dume.train.loop
+    from dume.text.tokenizer import load_tokenizer, train_bpe_tokenizer
     from tests.helpers import tiny_texts
 
     other = train_bpe_tokenizer(tiny_texts(300, seed=5), vocab_size=300)  # same size, another vocabulary
@@ -98,7 +98,7 @@ def test_tokenizer_differing_from_the_runs_exits_2_before_any_work(tmp_path, tra
     assert len(other) == len(load_tokenizer(trained_run / "tokenizer"))
     run_dir = copy_run(trained_run, tmp_path / "run")
     shutil.rmtree(run_dir / "experts" / "math")
-    monkeypatch.setattr(dume.train, "train", lambda *a, **k: pytest.fail("trained with another tokenizer"))
+    monkeypatch.setattr(dume.train.loop, "train", lambda *a, **k: pytest.fail("trained with another tokenizer"))
     before = snapshot(run_dir)
     capsys.readouterr()
     rc = run_script(clm_train_experts.main, base_args(run_dir, corpus_dir, "--domain", "math",

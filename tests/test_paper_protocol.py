@@ -64,7 +64,7 @@ def data(tmp_path_factory):
 def _first_request(domain, data, tmp_path, protocol="paper"):
     from lm_eval.tasks import TaskManager
 
-    from dume.tasks import write_task_configs
+    from dume.reasoning.tasks import write_task_configs
 
     spec = write_task_configs(domain, tmp_path / domain, data, protocol=protocol)
     tm = TaskManager(include_path=str(tmp_path / domain), include_defaults=False)
@@ -141,8 +141,8 @@ def test_prompts_are_tokenised_with_bos_like_the_original(tmp_path):
 
 
 def test_statistics_texts_are_prompt_only_capped_and_balanced(tmp_path):
-    from dume.reasoning import router_training_documents, statistics_documents
-    from dume.tasks import PAPER_ARC_LANGUAGES
+    from dume.reasoning.statistics import router_training_documents, statistics_documents
+    from dume.reasoning.tasks import PAPER_ARC_LANGUAGES
 
     data = tmp_path / "data"
     gsm = [{"question": f"Question {i}?", "answer": f"Answer {i}\n#### {i}"} for i in range(50)]
@@ -186,7 +186,7 @@ def test_statistics_texts_are_prompt_only_capped_and_balanced(tmp_path):
 def test_dume_params_records_which_texts_fed_the_statistics(tmp_path):
     import torch
 
-    from dume.reasoning import generate_dume_params
+    from dume.reasoning.strategies import generate_dume_params
     from helpers import tiny_llama, tiny_tokenizer
 
     torch.set_num_threads(1)

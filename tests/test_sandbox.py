@@ -11,16 +11,8 @@ import os
 import pytest
 
 from dume.errors import DumeError
-from dume.sandbox import (
-    Limits,
-    _processes_of,
-    check_completion,
-    humaneval_program,
-    interpreter_for,
-    pass_at_1,
-    read_humaneval_problems,
-    run_python,
-)
+from dume.reasoning.sandbox import (Limits, _processes_of, check_completion, humaneval_program, interpreter_for,
+    pass_at_1, read_humaneval_problems, run_python)
 
 if os.geteuid() == 0 and interpreter_for(True) is None:
     pytest.skip("running as root, the sandbox needs a Python every user can execute (a system python3); "
@@ -206,7 +198,7 @@ def test_an_early_exit_is_not_a_pass(completion):
 def test_only_a_returned_check_passes_in_both_lm_eval_hooks(monkeypatch):
     """process_results (prompt + completion) and process_programs (create_test programs)
     both score through the same rule."""
-    from dume.tasks.humaneval import process_programs, process_results
+    from dume.reasoning.tasks.humaneval import process_programs, process_results
 
     monkeypatch.setenv("DUME_SANDBOX_TIMEOUT", "5")
     good, early = "    return a + b\n", EARLY_EXITS["sys.exit(0)"]
@@ -220,7 +212,7 @@ def test_the_nonce_is_not_in_the_programs_text_arguments_environment_or_files(mo
     """The sentinel is drawn per run and reaches the program only through a pipe its
     runner reads after the last statement: a program reading its own source, argv,
     environment or any file it can see does not find it."""
-    import dume.sandbox as sb
+    import dume.reasoning.sandbox as sb
 
     nonce = "0123456789abcdef" * 2
     monkeypatch.setattr(sb.secrets, "token_hex", lambda n: nonce)
@@ -330,7 +322,7 @@ def test_generated_code_cannot_see_the_parents_environment(isolate_user):
     if isolate_user and os.geteuid() != 0:
         pytest.skip("a fresh uid needs root")
     secret = f"dume-secret-{os.getpid()}"
-    driver = ("import json, os\nfrom dume.sandbox import run_python, Limits\n"
+    driver = ("import json, os\nfrom dume.reasoning.sandbox import run_python, Limits\n"
               f"assert {secret!r}.encode() in open(f'/proc/{{os.getpid()}}/environ', 'rb').read()\n"
               f"r = run_python({ENV_PROBE.format(secret=secret)!r}, Limits(timeout_s=5), "
               f"isolate_user={isolate_user})\nprint(json.dumps(r.to_dict()))\n")
@@ -388,7 +380,7 @@ def test_without_namespaces_it_warns_or_refuses(monkeypatch, capsys):
     """Where unshare is denied (simulated), the program still runs under its fresh uid with
     a warning and its result says the network was shared; DUME_SANDBOX_REQUIRE_ISOLATION=1
     refuses. (Under the caller's own uid it refuses by default: see test_sandbox_isolation.)"""
-    import dume.sandbox as sb
+    import dume.reasoning.sandbox as sb
 
     if os.geteuid() != 0:
         pytest.skip("the warn-and-run fallback is the fresh uid's, which needs root")
@@ -430,16 +422,16 @@ def test_an_ordinary_user_gets_the_same_isolation():
 
     tmp_path = Path(tempfile.mkdtemp(prefix="dume-test-nobody-"))
     pkg = tmp_path / "dume"
-    pkg.mkdir()
+    (pkg / "reasoning").mkdir(parents=True)
     src = os.path.dirname(dume.__file__)
-    for name in ("__init__.py", "errors.py", "sandbox.py"):
+    for name in ("__init__.py", "errors.py", "reasoning/__init__.py", "reasoning/sandbox.py"):
         shutil.copy(os.path.join(src, name), pkg / name)
-    for p in (tmp_path, pkg, *pkg.iterdir()):
+    for p in (tmp_path, pkg, *pkg.iterdir(), *(pkg / "reasoning").iterdir()):
         p.chmod(0o755)
     marker = f"{40 + (os.getpid() % 1000) / 1000:.3f}"
     port, accepted, close = _listener()
     driver = (f"import os, sys, json; sys.path.insert(0, {str(tmp_path)!r})\n"
-              "from dume.sandbox import run_python, Limits\n"
+              "from dume.reasoning.sandbox import run_python, Limits\n"
               f"net = run_python({NETWORK_PROBE.format(port=port)!r}, Limits(timeout_s=5))\n"
               f"fork = run_python({DOUBLE_FORK.format(marker=marker)!r}, Limits(timeout_s=5))\n"
               "import tempfile\nfd, results = tempfile.mkstemp()\nos.write(fd, b'{}')\n"

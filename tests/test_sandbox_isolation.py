@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dume.errors import DumeError
-from dume.sandbox import Limits, interpreter_for, run_python
+from dume.reasoning.sandbox import Limits, interpreter_for, run_python
 
 if os.geteuid() == 0 and interpreter_for(True) is None:
     pytest.skip("running as root, the sandbox needs a Python every user can execute (a system python3); "
@@ -269,7 +269,7 @@ def test_the_harness_is_out_of_reach(isolate_user, tmp_path):
 
 def _without(monkeypatch, what: str, replacement: str) -> None:
     """Simulate a kernel that denies `what` (a piece of the launcher)."""
-    import dume.sandbox as sb
+    import dume.reasoning.sandbox as sb
 
     broken = sb._LAUNCHER.replace(what, replacement)
     assert broken != sb._LAUNCHER

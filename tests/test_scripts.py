@@ -20,7 +20,7 @@ import clm_experts_eval
 import clm_pretrain
 import clm_train_experts
 import clm_weights_avg_eval
-from dume.io import is_complete_checkpoint
+from dume.checkpoint.io import is_complete_checkpoint
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
@@ -57,7 +57,7 @@ def _checkpoints_under(root: Path) -> list[Path]:
 
 
 def test_pipeline_writes_results_and_table(trained_run, corpus_dir):
-    from dume.report import write_clm_table
+    from dume.report.clm_table import write_clm_table
 
     args = base_args(trained_run, corpus_dir)
     clm_experts_eval.main(args)
@@ -184,7 +184,7 @@ def test_failed_save_leaves_no_checkpoint_and_rerun_completes(tmp_path, trained_
 
 
 def test_keyboard_interrupt_in_training_leaves_nothing(tmp_path, trained_run, corpus_dir, monkeypatch, capsys):
-    import dume.train
+    import dume.train.loop
 
     run_dir = _fresh_run_with_tokenizer(tmp_path, trained_run)
     args = base_args(run_dir, corpus_dir, *PRETRAIN_FLAGS)
@@ -209,7 +209,7 @@ def test_keyboard_interrupt_in_training_leaves_nothing(tmp_path, trained_run, co
         def close(self):
             pass
 
-    monkeypatch.setattr(dume.train, "tqdm", InterruptedBar)
+    monkeypatch.setattr(dume.train.loop, "tqdm", InterruptedBar)
     assert run_script(clm_pretrain.main, args) == 130
     assert steps_done == [0, 1]
     assert "interrupted" in capsys.readouterr().err
@@ -291,14 +291,14 @@ def test_missing_seed_checkpoint(tmp_path, corpus_dir, capsys, script):
 
 
 def test_corrupted_seed_checkpoint(tmp_path, trained_run, corpus_dir, capsys, monkeypatch):
-    import dume.train
+    import dume.train.loop
 
     run_dir = copy_run(trained_run, tmp_path / "run")
     shutil.rmtree(run_dir / "experts")
     weights = run_dir / "seed" / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    monkeypatch.setattr(dume.train, "train", lambda *a, **k: pytest.fail("trained despite a corrupted seed"))
+    monkeypatch.setattr(dume.train.loop, "train", lambda *a, **k: pytest.fail("trained despite a corrupted seed"))
     before = snapshot(run_dir)
     _expect_error(capsys, clm_train_experts.main, base_args(run_dir, corpus_dir), str(run_dir / "seed"))
     assert snapshot(run_dir) == before
@@ -310,7 +310,7 @@ def test_corrupted_seed_checkpoint(tmp_path, trained_run, corpus_dir, capsys, mo
 ])
 def test_corrupted_expert_is_refused_before_any_evaluation(tmp_path, trained_run, corpus_dir, capsys,
                                                            monkeypatch, script):
-    import dume.evaluate
+    import dume.train.perplexity
 
     run_dir = copy_run(trained_run, tmp_path / "run")
     for name in ("experts_eval", "model_averaging"):
@@ -320,8 +320,8 @@ def test_corrupted_expert_is_refused_before_any_evaluation(tmp_path, trained_run
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     evaluated = []
-    real = dume.evaluate.perplexity
-    monkeypatch.setattr(dume.evaluate, "perplexity", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    real = dume.train.perplexity.perplexity
+    monkeypatch.setattr(dume.train.perplexity, "perplexity", lambda *a, **k: evaluated.append(1) or real(*a, **k))
     before = snapshot(run_dir)
     _expect_error(capsys, script.main, base_args(run_dir, corpus_dir), str(run_dir / "experts" / DOMAINS[-1]))
     assert snapshot(run_dir) == before
@@ -335,9 +335,9 @@ def test_corrupted_expert_is_refused_before_any_evaluation(tmp_path, trained_run
 ])
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, trained_run, corpus_dir, capsys, monkeypatch,
                                                     script):
-    import dume.evaluate
-    import dume.train
-    from dume.tokenizer import load_tokenizer
+    import dume.train.perplexity
+    import dume.train.loop
+    from dume.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(trained_run / "tokenizer")
     tok.add_tokens([f"<extra_{i}>" for i in range(40)])
@@ -352,8 +352,8 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, trained_run, corpu
     shutil.rmtree(run_dir / "models", ignore_errors=True)
     if script is clm_train_experts:
         shutil.rmtree(run_dir / "experts" / "math")
-    monkeypatch.setattr(dume.train, "train", lambda *a, **k: pytest.fail("trained with a mismatched tokenizer"))
-    monkeypatch.setattr(dume.evaluate, "perplexity", lambda *a, **k: pytest.fail("evaluated with it"))
+    monkeypatch.setattr(dume.train.loop, "train", lambda *a, **k: pytest.fail("trained with a mismatched tokenizer"))
+    monkeypatch.setattr(dume.train.perplexity, "perplexity", lambda *a, **k: pytest.fail("evaluated with it"))
     before = snapshot(run_dir)
     # Refused as soon as the run is opened: its vocabulary differs from the run's tokenizer
     # (the one the seed was made with), which is also the model's.

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dume.errors import DumeError
-from dume.shards import OutTensor, const, parse_size, write_safetensors
+from dume.checkpoint.shards import OutTensor, const, parse_size, write_safetensors
 
 
 def _plan(tensors):

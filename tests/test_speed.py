@@ -1,4 +1,4 @@
-"""dume.speed: the fast-training switches do what they say on a CPU, and the training
+"""dume.train.speed: the fast-training switches do what they say on a CPU, and the training
 throughput benchmark runs end to end."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dume.speed import (attn_implementation, enable_fast_matmul, make_adamw, maybe_compile, model_flops_per_token,
-                        peak_flops)
+from dume.train.speed import (attn_implementation, enable_fast_matmul, make_adamw, maybe_compile,
+    model_flops_per_token, peak_flops)
 
 REPO = Path(__file__).resolve().parents[1]
 

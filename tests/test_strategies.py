@@ -13,9 +13,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 import clm_moerging_strategies_eval as strategies
-from dume import strategies as dume_strategies
-from dume.moe_edit import read_gates
-from dume.ridge import RidgeStats
+from dume.routers import registry as dume_strategies
+from dume.moe.edit import read_gates
+from dume.stats.ridge import RidgeStats
 from tests.helpers import one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
@@ -84,7 +84,7 @@ def test_result_file(strategy_run, method):
 
 def test_routing_shares_count_real_tokens_only(strategy_run, corpus_dir):
     """Shares of a right-padded batch = the token-weighted shares of its rows' real parts."""
-    from dume.routing import routing_shares
+    from dume.moe.routing import routing_shares
 
     moe = AutoModelForCausalLM.from_pretrained(strategy_run / "models" / "DUME").eval()
     ids, _ = make_run(strategy_run, corpus_dir).blocks("math", "test")
@@ -100,7 +100,7 @@ def test_routing_shares_count_real_tokens_only(strategy_run, corpus_dir):
 
 @pytest.mark.parametrize("method", strategies.METHODS)
 def test_saved_model_loads_with_plain_transformers_and_reproduces_perplexity(strategy_run, corpus_dir, method):
-    from dume.evaluate import perplexity
+    from dume.train.perplexity import perplexity
 
     run = make_run(strategy_run, corpus_dir)
     res = _result(strategy_run, method)
@@ -112,7 +112,7 @@ def test_saved_model_loads_with_plain_transformers_and_reproduces_perplexity(str
             model = AutoModelForCausalLM.from_pretrained(strategy_run / "models" / method)
             if dume_strategies.REGISTRY[method].stock_checkpoint:
                 assert type(model) is MixtralForCausalLM
-            else:  # the context-routed research rows: dume's registered subclass (dume.context_moe)
+            else:  # the context-routed research rows: dume's registered subclass (dume.moe.context_moe)
                 assert type(model).__name__ == "ContextMixtralForCausalLM" and isinstance(model, MixtralForCausalLM)
             assert model.config.num_local_experts == len(DOMAINS)
         ids, mask = run.blocks(d, "test")
@@ -134,8 +134,8 @@ def test_k_per_method(strategy_run):
 
 
 def test_dume_stats_resolve_to_the_saved_gates(strategy_run):
-    from dume.checkpoints import model_fingerprint
-    from dume.routers import centroid_gates, dume_gates
+    from dume.checkpoint.experts import model_fingerprint
+    from dume.routers.closed_form import centroid_gates, dume_gates
 
     res = _result(strategy_run, "DUME")
     lam, temp = res["settings"]["lam"], res["settings"]["temp"]
@@ -157,7 +157,7 @@ def test_dume_stats_resolve_to_the_saved_gates(strategy_run):
 
 
 def test_random_routing_gates_are_the_seeded_random_gates(strategy_run):
-    from dume.routers import random_gates
+    from dume.routers.closed_form import random_gates
 
     cfg = AutoConfig.from_pretrained(strategy_run / "models" / "random_routing")
     expected = random_gates(cfg.num_hidden_layers, len(DOMAINS), cfg.hidden_size, seed=0)
@@ -165,10 +165,10 @@ def test_random_routing_gates_are_the_seeded_random_gates(strategy_run):
 
 
 def test_temperature_and_lambda_reuse_the_cached_statistics(strategy_run, corpus_dir, capsys, monkeypatch):
-    import dume.collect
-    from dume.routers import dume_gates
+    import dume.stats.oracle
+    from dume.routers.closed_form import dume_gates
 
-    monkeypatch.setattr(dume.collect, "collect_domain", lambda *a, **k: pytest.fail("recollected statistics"))
+    monkeypatch.setattr(dume.stats.oracle, "collect_domain", lambda *a, **k: pytest.fail("recollected statistics"))
     capsys.readouterr()
     strategies.main(method_args(strategy_run, corpus_dir, "DUME", "--temp", "0.5", "--lambda", "3",
                                 "--tag", "sweep"))
@@ -185,7 +185,7 @@ def test_temperature_and_lambda_reuse_the_cached_statistics(strategy_run, corpus
 
 def test_a_tagged_sweep_does_not_replace_the_method_row(tmp_path, strategy_run, corpus_dir):
     import clm_experts_eval
-    from dume.report import write_clm_table
+    from dume.report.clm_table import write_clm_table
 
     run_dir = copy_run(strategy_run, tmp_path / "run")
     clm_experts_eval.main(base_args(run_dir, corpus_dir))  # skipped if it already exists
@@ -249,7 +249,7 @@ def test_dumeplus_is_dume_trained_a_little(strategy_run):
 
 
 def test_btx_trains_random_top2_routers(strategy_run):
-    from dume.routers import random_gates
+    from dume.routers.closed_form import random_gates
 
     res = _result(strategy_run, "BTX")
     assert res["settings"]["lr"] == 1e-4
@@ -342,7 +342,7 @@ def test_cached_statistics_of_another_seq_len_are_not_reused(tmp_path, strategy_
 
 
 def test_domain_subsets_get_their_own_experts(tmp_path, strategy_run, corpus_dir):
-    from dume.checkpoints import CheckpointReader
+    from dume.checkpoint.reader import CheckpointReader
 
     run_dir = copy_run(strategy_run, tmp_path / "run")
     strategies.main(method_args(run_dir, corpus_dir, "random_routing", "--domains", "code,math", "--tag", "cm"))
@@ -373,7 +373,7 @@ def test_domain_without_training_text_is_refused(tmp_path, strategy_run, corpus_
 def test_saved_dume_model_equals_a_handwritten_routed_forward(strategy_run):
     """The DUME checkpoint, loaded with plain from_pretrained, computes top-1 routing with
     the gates solved from its statistics over the experts' own MLPs."""
-    from dume.routers import dume_gates
+    from dume.routers.closed_form import dume_gates
     from tests.test_merge import reference_moe
 
     res = _result(strategy_run, "DUME")

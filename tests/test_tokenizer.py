@@ -1,4 +1,4 @@
-from dume.tokenizer import load_tokenizer
+from dume.text.tokenizer import load_tokenizer
 from tests.helpers import tiny_texts, tiny_tokenizer
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dume.errors import DumeError
-from dume.tokens import RECIPES, TokenWindows, prepare_tokens, token_dtype, tokens_needed
+from dume.clm.tokens import RECIPES, TokenWindows, prepare_tokens, token_dtype, tokens_needed
 
 WORDS = "a b c d e f g h i j k l".split()
 DOCS = ["a b c", "d e", "", "f g h i"]  # the empty document is skipped, as the original did
@@ -66,7 +66,7 @@ def test_original_recipe_equals_the_hand_computation(word_tokenizer):
     assert mask.all()
     # Labels: Hugging Face shifts inside the model, so window i predicts stream[iL+1 .. iL+L]:
     # L targets per window, exactly the original's `label = buffer[1:L+1]`.
-    from dume.evaluate import token_nll
+    from dume.train.perplexity import token_nll
 
     class Uniform(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
@@ -79,7 +79,7 @@ def test_original_recipe_equals_the_hand_computation(word_tokenizer):
 
 def test_eos_recipe_equals_pack_documents(word_tokenizer):
     """The embedded default's recipe is unchanged: [BOS] doc [EOS] ..., disjoint L-blocks."""
-    from dume.data import pack_documents
+    from dume.text.batches import pack_documents
 
     tf, _ = _prepare(word_tokenizer, "eos")
     stream = [BOS, *_ids("a b c"), EOS, BOS, *_ids("d e"), EOS, BOS, *_ids("f g h i"), EOS]
@@ -127,7 +127,7 @@ def test_dtype_follows_the_vocabulary():
 
 def test_large_vocabulary_ids_round_trip(tmp_path, monkeypatch):
     """Ids above 65535 (Llama-3's vocabulary) survive the file."""
-    from dume.tokens import RECIPES as R
+    from dume.clm.tokens import RECIPES as R
 
     class Big:
         bos_token_id, eos_token_id = 128000, 128001

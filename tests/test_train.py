@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dume.errors import DumeError
-from dume.train import TrainConfig, lr_factor, mean_loss, train
+from dume.train.loop import TrainConfig, lr_factor, mean_loss, train
 from tests.helpers import tiny_llama
 
 
@@ -117,7 +117,7 @@ def test_mixed_precision_defaults_to_what_accelerate_launch_was_given():
     import subprocess
     import sys
 
-    code = ("import torch; from dume.train import TrainConfig, train; from tests.helpers import tiny_llama\n"
+    code = ("import torch; from dume.train.loop import TrainConfig, train; from tests.helpers import tiny_llama\n"
             "ids = torch.randint(0, 40, (16, 12)); data = (ids, torch.ones_like(ids))\n"
             "cfg = TrainConfig.with_recipe('embedded', steps=1, warmup=0, batch_size=8, eval_every=0, "
             "mixed_precision=None)\n"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 3 offline, under the paper protocol, seeds 0 1 2: all ten strategies x four tasks
 # on four small local experts (the CLM experts of `make clm`) and the synthetic task files
-# of dume.tasks.synthetic. Plumbing, not the paper's numbers (docs/reasoning.md).
+# of dume.reasoning.tasks.synthetic. Plumbing, not the paper's numbers (docs/reasoning.md).
 #   bash reproduction/reasoning/offline_table3.sh [CLM_RUN_DIR] [OUT_DIR]
 set -euo pipefail
 CLM=${1:-runs/clm}
@@ -11,7 +11,7 @@ E=math=$CLM/experts/math,multilingual=$CLM/experts/history,coding=$CLM/experts/c
 # The CLM experts have a 256-token context: 128 new tokens leave room for the prompt
 # (the paper protocol samples 256 on the 3B experts' 128k context).
 CELL=(--experts "$E" --data-dir "$R/data" --run-dir "$R" --limit 20 --max-gen-toks 128 --train-steps 50 --seq-len 256)
-python -m dume.tasks.synthetic "$R/data" --n 20
+python -m dume.reasoning.tasks.synthetic "$R/data" --n 20
 python reasoning_generate_dume_params.py --experts "$E" --data-dir "$R/data" --run-dir "$R"
 for seed in 0 1 2; do
   for s in math_expert multilingual_expert coding_expert instruction_expert model_averaging oracle random_routing DUME BTX DUMEplus; do

@@ -1,0 +1,1 @@
+"""The supported dense -> MoE architectures, as one table."""

@@ -1,0 +1,233 @@
+"""Checking that dense experts can be combined, and fingerprinting what they share."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME as WEIGHTS_NAME,
+)
+
+from dume.arch.table import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, is_routed
+from dume.checkpoint.io import read_json
+from dume.checkpoint.reader import CheckpointReader, canonical, load_config, tokenizer_fingerprints
+from dume.errors import DumeError
+
+
+@dataclass(frozen=True)
+class ExpertSet:
+    """D checked experts: their directories, the shared config, the tensor layout.
+
+    `tensors` maps each tensor name to (shape, dtype) as stored by expert 0. `notes` are
+    harmless differences worth reporting (an expert without tokenizer files, ...).
+    """
+
+    dirs: tuple[Path, ...]
+    config: Any  # LlamaConfig
+    tokenizer_fingerprint: str | None
+    tokenizer_dir: Path | None
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    # Content fingerprints (dume.checkpoint.fingerprint), one per expert: what caches are keyed by.
+    fingerprints: tuple[str, ...] = field(default_factory=tuple)
+    # The experts' entry in dume.arch.table (what the MoE becomes).
+    arch: Any = None
+    # Not errors, but likely mistakes the user should see (the same checkpoint twice).
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.dirs)
+
+    def readers(self) -> list[CheckpointReader]:
+        return [CheckpointReader(d) for d in self.dirs]
+
+
+def _expert_label(i: int, path: Path) -> str:
+    return f"expert {i} ({path})"
+
+
+def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible: bool = False) -> ExpertSet:
+    """Refuse experts that cannot be merged, reading configs and headers only.
+
+    Raises `DumeError` naming the expert and the differing field when: fewer than two
+    experts are given; a directory is missing or incomplete; a config is not Llama; an
+    architecture field differs; the tensor names, shapes differ; the tokenizers differ.
+    With `require_mixtral_compatible`, Llama features Mixtral cannot hold (biases) are
+    refused too.
+    """
+    dirs = tuple(Path(d) for d in expert_dirs)
+    if len(dirs) < 2:
+        raise DumeError(f"merging needs at least 2 experts, got {len(dirs)}")
+    for i, d in enumerate(dirs):
+        if not d.is_dir():
+            raise DumeError(f"{_expert_label(i, d)}: directory does not exist")
+        if not (d / CONFIG_NAME).is_file():
+            raise DumeError(f"{_expert_label(i, d)}: not a complete checkpoint (no {CONFIG_NAME})")
+        if not ((d / WEIGHTS_NAME).is_file() or (d / WEIGHTS_INDEX_NAME).is_file()):
+            raise DumeError(
+                f"{_expert_label(i, d)}: not a complete checkpoint (no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
+            )
+
+    from dume.arch.table import architecture
+
+    notes: list[str] = []
+    configs = []
+    raw0 = read_json(dirs[0] / CONFIG_NAME)
+    try:
+        arch = architecture(raw0.get("model_type") if isinstance(raw0, dict) else None)
+    except DumeError as e:
+        raise DumeError(f"{_expert_label(0, dirs[0])}: {e}") from e
+    for i, d in enumerate(dirs):
+        try:
+            configs.append(load_config(d, arch.dense_type))
+        except DumeError as e:
+            raise DumeError(f"{_expert_label(i, d)}: {e}") from e
+    ref = configs[0]
+    if require_mixtral_compatible:
+        for flag in arch.incompatible_flags:
+            if getattr(ref, flag, False):
+                raise DumeError(
+                    f"{_expert_label(0, dirs[0])}: {flag}=True; a {arch.moe_class} has no such biases, so "
+                    f"these experts cannot be MoErged (model averaging still works)"
+                )
+    for i, cfg in enumerate(configs[1:], start=1):
+        for f in MUST_MATCH_FIELDS:
+            a, b = canonical(getattr(ref, f, None)), canonical(getattr(cfg, f, None))
+            if a != b:
+                raise DumeError(
+                    f"{_expert_label(i, dirs[i])} differs from {_expert_label(0, dirs[0])} in {f}: {b!r} != {a!r}"
+                )
+        for f in MAY_DIFFER_FIELDS:
+            a, b = getattr(ref, f, None), getattr(cfg, f, None)
+            if a != b:
+                notes.append(f"{_expert_label(i, dirs[i])} has {f}={b!r}, expert 0 has {a!r}; using expert 0's")
+
+    # Tokenizers: before tensors, since it is cheap and the most common user mistake.
+    fps = [tokenizer_fingerprints(d) for d in dirs]
+    with_tok = [i for i, fp in enumerate(fps) if fp]
+    for i, fp in enumerate(fps):
+        if not fp:
+            notes.append(f"{_expert_label(i, dirs[i])} has no tokenizer files; its tokenizer is assumed to match")
+    tok_fp: str | None = None
+    tok_dir: Path | None = None
+    if with_tok:
+        r = with_tok[0]
+        kind0 = next(iter(fps[r]))
+        tok_fp = f"{kind0}:{fps[r][kind0][:16]}"
+        tok_dir = dirs[r]
+        for i in with_tok[1:]:
+            common = [k for k in fps[r] if k in fps[i]]
+            if not common:
+                raise DumeError(
+                    f"{_expert_label(i, dirs[i])}: its tokenizer files ({', '.join(fps[i])}) cannot be compared "
+                    f"with {_expert_label(r, dirs[r])}'s ({', '.join(fps[r])}); save both tokenizers the same way"
+                )
+            k = common[0]
+            if fps[i][k] != fps[r][k]:
+                raise DumeError(
+                    f"{_expert_label(i, dirs[i])} has a different tokenizer than {_expert_label(r, dirs[r])} "
+                    f"({k} fingerprint {fps[i][k][:16]} != {fps[r][k][:16]})"
+                )
+
+    # Tensor layout from the headers.
+    layouts = []
+    for i, d in enumerate(dirs):
+        try:
+            with CheckpointReader(d) as rd:
+                layouts.append({n: (rd.shape(n), rd.dtype(n)) for n in rd.keys()})
+        except DumeError as e:
+            raise DumeError(f"{_expert_label(i, d)}: {e}") from e
+    lay0 = layouts[0]
+    for i, lay in enumerate(layouts[1:], start=1):
+        missing = sorted(set(lay0) - set(lay))
+        extra = sorted(set(lay) - set(lay0))
+        if missing or extra:
+            raise DumeError(
+                f"{_expert_label(i, dirs[i])} has different tensor names than {_expert_label(0, dirs[0])}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        for n, (shape, dtype) in lay.items():
+            if shape != lay0[n][0]:
+                raise DumeError(
+                    f"{_expert_label(i, dirs[i])} differs from {_expert_label(0, dirs[0])} in the shape of "
+                    f"tensor {n}: {list(shape)} != {list(lay0[n][0])}"
+                )
+        dt = sorted({str(dtype) for n, (s, dtype) in lay.items() if dtype != lay0[n][1]})
+        if dt:
+            notes.append(
+                f"{_expert_label(i, dirs[i])} stores some tensors as {', '.join(dt)}; merged tensors use expert 0's dtypes"
+            )
+    from dume.checkpoint.fingerprint import require_finite
+
+    fingerprints = tuple(require_finite(d, _expert_label(i, d)).digest for i, d in enumerate(dirs))
+    warnings = duplicate_warnings(dirs, fingerprints)
+    return ExpertSet(
+        dirs=dirs,
+        config=ref,
+        tokenizer_fingerprint=tok_fp,
+        tokenizer_dir=tok_dir,
+        tensors=lay0,
+        notes=tuple(notes),
+        fingerprints=fingerprints,
+        arch=arch,
+        warnings=warnings,
+    )
+
+
+def duplicate_warnings(dirs, fingerprints) -> tuple[str, ...]:
+    """One line per group of experts with identical contents: a router cannot tell them
+    apart, so their routing shares (and any "own expert" figure) are arbitrary."""
+    groups: dict[str, list[int]] = {}
+    for i, fp in enumerate(fingerprints):
+        groups.setdefault(fp, []).append(i)
+    return tuple(
+        "experts " + ", ".join(_expert_label(i, dirs[i]) for i in idx) + f" are the same checkpoint (content "
+        f"fingerprint {fp[:12]}): the router cannot tell them apart and their routing between them is arbitrary"
+        for fp, idx in groups.items() if len(idx) > 1)
+
+
+def model_fingerprint(source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
+    """A short stable hash of the *shared* (non-MLP, non-router) parameters.
+
+    Dense oracles, the averaged model and the MoE built from the same experts all share
+    these tensors, so they get the same fingerprint: DUME statistics collected through
+    an oracle can be checked against the MoE they are meant for. Accepts a checkpoint
+    directory, a state dict or a module. Floating tensors are hashed as float32 (exact
+    for bf16/fp16), so an upcast copy of a checkpoint hashes the same. A tied
+    `lm_head.weight` (present in memory, absent on disk) is skipped.
+    """
+    h = hashlib.sha256()
+
+    def feed(name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        t = t.contiguous()
+        h.update(f"{name}|{str(t.dtype)}|{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    if isinstance(source, (str, Path)):
+        with CheckpointReader(source) as rd:
+            _fingerprint_state(rd.keys(), rd.get, feed)
+    else:
+        state = source.state_dict() if isinstance(source, torch.nn.Module) else source
+        _fingerprint_state(list(state), state.__getitem__, feed)
+    return h.hexdigest()[:16]
+
+
+def _fingerprint_state(names, get, feed) -> None:
+    names = sorted(n for n in names if not is_routed(n))
+    if "lm_head.weight" in names and "model.embed_tokens.weight" in names:
+        lm, emb = get("lm_head.weight"), get("model.embed_tokens.weight")
+        if lm.shape == emb.shape and torch.equal(lm, emb):
+            names.remove("lm_head.weight")  # tied: absent on disk, present in memory
+    for n in names:
+        feed(n, get(n))

@@ -1,0 +1,266 @@
+"""Where a run may write, and who may write there: output-path checks, one writer per
+output, free space before large writes.
+
+Three rules protect a user's files (issue 20's hostile-user pass found each broken):
+
+- **An output never overlaps an input.** A build whose `out` is, contains or lies inside
+  an expert checkpoint, a data folder or a run directory it reads would replace (or later
+  be replaced by) what it reads: `check_output_path` refuses it before any work.
+- **One writer per output.** `output_lock(path)` holds an exclusive `fcntl.flock` on a
+  lock file beside `path` (`.NAME.lock`, holding the writer's pid and command) from the
+  start of the work to the final rename. A second run refuses with "another run (pid N)
+  is writing X" (or waits, for short writes). The lock is re-entrant within a process, so
+  a script may take it early (before its heavy work) and the atomic write inside takes it
+  again. The lock file is removed on release; a waiter that locked a file already
+  unlinked retries on the new one, so two holders never coexist. A shared input (the
+  strategies' zero-gate base MoE) is checked or rebuilt under the exclusive lock, then
+  read under a shared one (`share_lock`): readers run side by side, a rebuild waits.
+- **Enough disk before a large write** (`require_free_space`): a full disk is found
+  before minutes of work, with how much is needed and where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from dume.errors import DumeError
+
+_held: dict[str, list] = {}  # resolved path -> [fd, depth]; this process's locks
+_held_guard = threading.Lock()
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def _key(path: Path) -> str:
+    return str(path.parent.resolve() / path.name)
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        text = lock_file.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return "unknown pid"
+    pid, _, cmd = text.partition(" ")
+    return f"pid {pid}{': ' + cmd[:120] if cmd else ''}" if pid else "unknown pid"
+
+
+def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float) -> int:
+    """An fd holding the exclusive lock on `lock_file` (which still is the file at that
+    path: a lock on an unlinked file is retried)."""
+    told = False
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DumeError(f"cannot create the lock file {lock_file} for {path} ({e.strerror}): "
+                            "choose an output in a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _holder(lock_file)
+            os.close(fd)
+            if not wait:
+                raise DumeError(f"another run ({who}) is writing {path}; wait for it to finish or choose "
+                                "another output") from None
+            if not told:
+                print(f"waiting: another run ({who}) is writing {path}", file=sys.stderr)
+                told = True
+            time.sleep(poll_s)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it between our open and our lock
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {' '.join(sys.argv)[:500]}\n".encode("utf-8", "replace"))
+        return fd
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, *, wait: bool = False, poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold the one-writer lock of `path` (a file or directory to be written) for the
+    duration of the block. `wait=False` refuses when another process holds it; `wait=True`
+    waits (for writes that take moments, like a result file)."""
+    path = Path(path)
+    if _launched_non_main():
+        yield path
+        return
+    key = _key(path)
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = lock_path(path)
+    fd = _acquire(lock_file, path, wait, poll_s)
+    with _held_guard:
+        _held[key] = [fd, 1]
+    try:
+        yield path
+    finally:
+        with _held_guard:
+            _held[key][1] -= 1
+            last = _held[key][1] == 0
+            if last:
+                del _held[key]
+        if last:
+            _release(fd, lock_file)
+
+
+def _release(fd: int, lock_file: Path) -> None:
+    """Remove the lock file if no other process shares the lock (readers after a
+    `share_lock`), while still holding it, so a waiter retries on a fresh file; then unlock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # other readers hold it: the last one removes the file
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock_file).st_ino:
+                lock_file.unlink()
+    os.close(fd)
+
+
+def share_lock(path: str | os.PathLike) -> None:
+    """Turn this process's exclusive lock of `path` into a shared one: other readers may
+    then hold it too, while a writer (who needs it exclusive) waits for all of them. For an
+    input that is checked or rebuilt under the exclusive lock and then only read."""
+    if _launched_non_main():
+        return
+    with _held_guard:
+        entry = _held.get(_key(Path(path)))
+    if entry is None:
+        raise RuntimeError(f"share_lock: this process does not hold the lock of {path}")
+    fcntl.flock(entry[0], fcntl.LOCK_SH)
+
+
+def _launched_non_main() -> bool:
+    """A process other than rank 0 of an `accelerate launch` / torchrun: the lock guards
+    one *run* against another, and a launch's N processes are one run (its writes are
+    the main process's), so they do not lock each other out. Rank 0 holds it for all."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+
+
+# ------------------------------------------------------------------------- output paths
+
+
+def _resolved(p: str | os.PathLike) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> Path:
+    """Refuse an `out` that is, contains or lies inside any input (checkpoint, data file or
+    folder, run directory); one line naming both. Returns `out` as given."""
+    r = _resolved(out)
+    for p in inputs:
+        if p is None:
+            continue
+        q = _resolved(p)
+        if r == q:
+            raise DumeError(f"{what} {out} is the input {q}: writing it would destroy what is read; choose a new folder")
+        if q in r.parents:
+            raise DumeError(f"{what} {out} lies inside the input {q}: a later rewrite of that input would delete it; "
+                            "choose a folder outside it")
+        if r in q.parents:
+            raise DumeError(f"{what} {out} contains the input {q}: replacing it would delete that input; "
+                            "choose a new folder")
+    return Path(out)
+
+
+def check_writable_location(out: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse, before any work, an `out` that cannot be created: under a file, on a
+    pseudo or read-only filesystem, or in a folder this user cannot write."""
+    out = Path(out).expanduser()
+    r = out.resolve()
+    if r.parts[:2] in (("/", "proc"), ("/", "sys"), ("/", "dev")):
+        raise DumeError(f"{what} {out} is on a kernel pseudo-filesystem ({'/'.join(r.parts[:2])[1:]}); "
+                        "choose a folder on a disk")
+    if r.exists() and not r.is_dir():
+        raise DumeError(f"{what} {out} is a file, not a folder; choose a folder path")
+    parent = r.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DumeError(f"{what} {out} lies under the file {parent}; choose a folder path")
+    try:
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise DumeError(f"{what} {out}: {parent} is on a read-only filesystem; choose another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DumeError(f"{what} {out}: {parent} is not writable by this user; choose another folder")
+    return out
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def require_free_space(where: str | os.PathLike, needed: int, what: str, margin: float = 1.05) -> None:
+    """Refuse a write of about `needed` bytes into `where` when its filesystem has less
+    free (with a 5 % margin): one line with both figures, before the work."""
+    where = Path(where)
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed * margin > free:
+        raise DumeError(f"not enough disk for {what}: about {format_bytes(needed)} needed, {format_bytes(free)} free "
+                        f"at {probe}; free some space or choose another output")
+
+
+def os_error_line(e: BaseException) -> str | None:
+    """One line for an OS or safetensors I/O error that reached a script's top: the file,
+    the cause and the fix. None when `e` is not one."""
+    name = getattr(e, "filename", None)
+    where = f" ({name})" if name else ""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if type(e).__name__ == "SafetensorError":
+        if "os error 28" in text:
+            code = errno.ENOSPC
+        elif "os error" in text:
+            return f"cannot write or read a safetensors file: {text}; check the folder's space and permissions"
+        else:
+            return f"a safetensors file is corrupted or not safetensors ({text}); rewrite it or redo the step that made it"
+    elif not isinstance(e, OSError):
+        return None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full{where}: the write stopped for lack of space ({text}); nothing was replaced -- free "
+                "space or choose another output, then rerun")
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}: {text}; choose a folder this user can write"
+    if code == errno.EROFS:
+        return f"read-only filesystem{where}: {text}; choose another output folder"
+    if code == errno.ENOENT:
+        return f"no such file or folder{where}: {text}"
+    return f"operating-system error{where}: {text}"

@@ -1,0 +1,266 @@
+"""Reading and checking dense Llama expert checkpoints, lazily.
+
+MoErging is only meaningful when the D experts share one architecture and one tokenizer
+(they were fine-tuned from one seed). The original code loaded all D experts into memory
+and silently truncated mismatched tensors; here every check runs on `config.json`, the
+tokenizer files and the safetensors *headers* only, before any tensor is read, and a
+mismatch is a `DumeError` naming the expert and the field.
+
+Tensors are then read one at a time through `CheckpointReader`, so a merge never holds
+more than the tensor it is computing plus one input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers.utils import (
+    CONFIG_NAME,  # noqa: F401 (transformers' own file names)
+    SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME as WEIGHTS_NAME,
+)
+
+from dume.checkpoint.io import read_json
+from dume.errors import DumeError
+
+# Every file a Hugging Face tokenizer may be saved as; copied verbatim into merged models.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# What identifies a tokenizer's vocabulary, in order of preference: kind -> files.
+# Two experts are compared on the first kind both have.
+TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
+    "tokenizer.json": ("tokenizer.json",),
+    "sentencepiece": ("tokenizer.model",),
+    "bpe": ("vocab.json", "merges.txt"),
+    "wordpiece": ("vocab.txt",),
+}
+# Keys of tokenizer.json that are runtime settings (whatever truncation/padding was last
+# enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
+TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _config_class(model_type: str) -> type:
+    from dume.arch.table import ARCHITECTURES, MOE_TYPES
+
+    for arch in ARCHITECTURES.values():
+        if model_type == arch.dense_type:
+            return arch.config_class(moe=False)
+    if model_type in MOE_TYPES:
+        return MOE_TYPES[model_type].config_class(moe=True)
+    raise DumeError(f"no config class for model_type {model_type!r}")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_config(path: str | Path, model_type: str | tuple[str, ...] = "llama"):
+    """The checkpoint's config (`LlamaConfig`, `MixtralConfig`, `Qwen3Config`, ...), after
+    checking the directory exists and holds the expected model type (one of them, when
+    a tuple is given).
+
+    `from_pretrained` is used (not the raw JSON) so that legacy fields such as
+    `rope_theta`/`rope_scaling` are normalised into transformers 5's `rope_parameters`
+    and derived fields (`head_dim`) are filled in before configs are compared.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DumeError(f"checkpoint directory does not exist: {path}")
+    raw = read_json(path / CONFIG_NAME)
+    found = raw.get("model_type") if isinstance(raw, dict) else None
+    allowed = (model_type,) if isinstance(model_type, str) else tuple(model_type)
+    if found not in allowed:
+        want = repr(allowed[0]) if len(allowed) == 1 else "one of " + ", ".join(map(repr, allowed))
+        raise DumeError(f"{path}: model_type is {found!r}, expected {want}")
+    cls = _config_class(found)
+    try:
+        return cls.from_pretrained(str(path))
+    except Exception as e:  # strict dataclass validation raises several types
+        raise DumeError(f"{path}/{CONFIG_NAME} is not a valid {model_type} config: {e}") from e
+
+
+def canonical(value: Any) -> Any:
+    """Comparable form of a config value (dicts compared key by key, JSON-style)."""
+    if isinstance(value, Mapping):
+        return {k: canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
+# -------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_fingerprints(path: str | Path) -> dict[str, str]:
+    """kind -> sha256 of the vocabulary, for every kind of tokenizer file present.
+
+    `tokenizer.json` is hashed as canonical JSON without its runtime settings
+    (truncation, padding), so re-saving the same tokenizer does not change it.
+    """
+    path = Path(path)
+    out: dict[str, str] = {}
+    for kind, names in TOKENIZER_FINGERPRINT_SOURCES.items():
+        if not all((path / n).is_file() for n in names):
+            continue
+        h = hashlib.sha256()
+        for n in names:
+            data = (path / n).read_bytes()
+            if n == "tokenizer.json":
+                try:
+                    obj = json.loads(data)
+                except json.JSONDecodeError as e:
+                    raise DumeError(f"corrupted tokenizer file {path / n}: {e}") from e
+                for key in TOKENIZER_JSON_RUNTIME_KEYS:
+                    obj.pop(key, None)
+                data = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
+            h.update(n.encode() + b"\0" + data + b"\0")
+        out[kind] = h.hexdigest()
+    return out
+
+
+# ---------------------------------------------------------------------- lazy reading
+
+
+class CheckpointReader:
+    """Lazy, one-tensor-at-a-time access to a safetensors checkpoint directory.
+
+    Handles a single `model.safetensors` and a sharded `model.safetensors.index.json`.
+    Only headers are read on construction; `get` reads one tensor. Corrupted or missing
+    files raise `DumeError` naming the file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise DumeError(f"checkpoint directory does not exist: {self.path}")
+        self._handles: dict[str, Any] = {}
+        self.weight_map: dict[str, str] = {}
+        index = self.path / WEIGHTS_INDEX_NAME
+        single = self.path / WEIGHTS_NAME
+        if single.is_file():
+            self.files = [WEIGHTS_NAME]
+        elif index.is_file():
+            data = read_json(index)
+            wm = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise DumeError(f"corrupted index {index}: no weight_map")
+            self.files = sorted(set(wm.values()))
+            for f in self.files:
+                if not (self.path / f).is_file():
+                    raise DumeError(f"{index} names shard {f}, which is missing")
+        else:
+            raise DumeError(
+                f"{self.path} holds no safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
+            )
+        for f in self.files:
+            for name in self._handle(f).keys():
+                if name in self.weight_map:
+                    raise DumeError(f"{self.path}: tensor {name} appears in two shards")
+                self.weight_map[name] = f
+
+    def _handle(self, fname: str):
+        if fname not in self._handles:
+            p = self.path / fname
+            try:
+                self._handles[fname] = safe_open(str(p), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise DumeError(f"corrupted or unreadable safetensors file {p}: {e}") from e
+        return self._handles[fname]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> str:
+        return self.weight_map[name]
+
+    def _slice(self, name: str):
+        fname = self.weight_map[name]
+        try:
+            return self._handle(fname).get_slice(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DumeError(f"corrupted safetensors file {self.path / fname}: {e}") from e
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise DumeError(f"{self.path}: tensor {name} has unsupported dtype {code}")
+        return _SAFETENSORS_DTYPES[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, as a private copy.
+
+        `safe_open(...).get_tensor` returns a view of a memory map of the whole file. The
+        map is opened for this one read and closed after the copy: the file pages a read
+        touches count in the process's resident memory for as long as the map lives, so
+        a reader kept open over a merge held every expert's file (measured with
+        `bench/build_memory.py`: a 3-expert build's peak fell by the experts' total size).
+        The copy also makes the result the caller's (an in-place `add_` cannot reach the
+        file's pages). Headers are read once, by the handles `keys`/`shape` use.
+        """
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise DumeError(f"{self.path}: no tensor named {name}")
+        try:
+            with safe_open(str(self.path / fname), framework="pt", device="cpu") as f:
+                return f.get_tensor(name).clone()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise DumeError(f"corrupted safetensors file {self.path / fname}: {e}") from e
+
+    def metadata(self, fname: str) -> dict[str, str]:
+        return dict(self._handle(fname).metadata() or {})
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.weight_map:
+            yield name, self.get(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------ expert sets
+
+
+# ----------------------------------------------------------------------- fingerprints
+
+

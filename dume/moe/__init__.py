@@ -1,0 +1,1 @@
+"""Building and editing checkpoints: averaging, MoErging, oracles, routers and experts of a MoE."""

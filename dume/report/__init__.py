@@ -1,0 +1,1 @@
+"""Tables, plots and the paper's numbers, from result files only."""

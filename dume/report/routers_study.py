@@ -1,0 +1,134 @@
+"""The routers study's report (reproduction/clm/ROUTERS.md): every training-free router
+on the same experts, per domain set, mean ± std over seeds, with the share of the gap
+from model averaging to the oracle that each closes, routing accuracy, cost, and a
+verdict computed from the numbers (never written by hand).
+
+Gap closed, per seed: 100 · (avg(row) − avg(model averaging)) / (avg(oracle) −
+avg(model averaging)), on the normalised averages; then mean ± std over the seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dume.checkpoint.io import read_json
+from dume.errors import DumeError
+from dume.report.multiseed import fmt, mean_std, seed_table
+from dume.routers.registry import REGISTRY
+
+BASELINES = ("model_averaging", "oracle")
+
+
+def gap_closed(avg: float, averaging: float, oracle: float) -> float:
+    if oracle <= averaging:
+        raise DumeError(f"the oracle ({oracle:.2f}) does not beat model averaging ({averaging:.2f}): no gap to close")
+    return 100.0 * (avg - averaging) / (oracle - averaging)
+
+
+def stock(name: str) -> bool:
+    """Does this row's model load as a stock transformers MoE checkpoint?"""
+    return REGISTRY[name].stock_checkpoint if name in REGISTRY else True
+
+
+def reads(name: str) -> str:
+    """What a row's router is computed from."""
+    s = REGISTRY.get(name)
+    if s is None or not s.routed:
+        return "—"
+    if s.needs_statistics:
+        return {"dume": "statistics", "loss_aware": "statistics + experts' losses",
+                "sequential": "statistics, layer by layer"}[s.statistics]
+    if s.needs_prompts:
+        return "base model + 8 prompts"
+    return "expert weights" if not s.seeded else "a seed"
+
+
+def set_summary(seed_dirs: dict[int, Path], rows, timings: dict[str, float] | None = None, label: str = "",
+                forward: dict[str, float] | None = None) -> dict:
+    """Per row: per-domain and average scores (mean ± std), gap closed, routing accuracy
+    (mean over layers and seeds), seconds per seed, and the per-seed averages."""
+    tables = {s: seed_table(d) for s, d in seed_dirs.items()}
+    domains = next(iter(tables.values()))["domains"]
+    out = {"domains": domains, "seeds": sorted(tables), "rows": {}}
+    for name in rows:
+        have = {s: t["methods"][name] for s, t in tables.items() if name in t["methods"]}
+        if len(have) != len(tables):
+            continue
+        per_seed_avg = {s: r["average"] for s, r in have.items()}
+        gaps = [gap_closed(per_seed_avg[s], tables[s]["methods"]["model_averaging"]["average"],
+                           tables[s]["methods"]["oracle"]["average"]) for s in have]
+        per_seed_accuracy = [read_json(p).get("routing_accuracy") or {} for p in
+                             (Path(run) / "results" / f"{name}.json" for run in seed_dirs.values()) if p.is_file()]
+        accuracy = {}
+        for d in domains:
+            vals = [sum(acc[d]) / len(acc[d]) for acc in per_seed_accuracy if d in acc]
+            accuracy[d] = sum(vals) / len(vals) if vals else None
+        secs = [timings.get(f"{label} seed{s} {name}") for s in have] if timings else []
+        secs = [t for t in secs if t is not None]
+        out["rows"][name] = {
+            "per_domain": {d: mean_std([r["normalised"][d] for r in have.values()]) for d in domains},
+            "average": mean_std(per_seed_avg.values()),
+            "per_seed_average": per_seed_avg,
+            "gap_closed": mean_std(gaps),
+            "routing_accuracy": accuracy,
+            "seconds": sum(secs) / len(secs) if secs else None,
+            "forward_vs_dume": (forward or {}).get(name),
+        }
+    return out
+
+
+def verdict(summaries: dict[str, dict], default: str = "DUME") -> dict:
+    """The stock-checkpoint routers that beat `default` on every seed of every domain set."""
+    winners = []
+    candidates = [n for n in next(iter(summaries.values()))["rows"] if n not in (*BASELINES, default) and stock(n)]
+    for name in candidates:
+        if all(name in s["rows"] and default in s["rows"] and all(
+                s["rows"][name]["per_seed_average"][seed] > s["rows"][default]["per_seed_average"][seed]
+                for seed in s["rows"][default]["per_seed_average"]) for s in summaries.values()):
+            winners.append(name)
+    best = max(winners, key=lambda n: sum(s["rows"][n]["average"]["mean"] for s in summaries.values()),
+               default=None)
+    return {"default": best or default, "winners": winners}
+
+
+def markdown(summaries: dict[str, dict], descriptions: dict[str, str], decision: dict, wall: dict) -> str:
+    lines = ["# Training-free routers (the routers study)", "",
+             "Every row is built from the same experts without training (forward passes and closed-form solves "
+             "only). Scores are normalised perplexities (own expert = 100), mean ± std over seeds; *gap closed* is "
+             "the share of the distance from model averaging to the oracle that the row covers, per seed, then "
+             "mean ± std; routing accuracy is the share of a domain's test tokens whose top-1 expert is its own "
+             "(mean over layers and seeds); time is the wall time of the row's step (statistics, solve, build, "
+             "evaluation), mean over seeds -- rows that share cached statistics (the balanced variants) show only "
+             "their own work; forward is the time of one forward pass over the same 8 test blocks relative to "
+             "DUME's (first seed, median of 5). Written by `clm_routers_study.py`.", ""]
+    for set_name, s in summaries.items():
+        domains = s["domains"]
+        lines += [f"## Domain set `{set_name}` ({', '.join(domains)}), seeds {', '.join(map(str, s['seeds']))}", "",
+                  "| router | reads | stock | " + " | ".join(domains) + " | average | gap closed % | routing accuracy ("
+                  + "/".join(domains) + ") | time (s) | forward |",
+                  "|---|---|:-:|" + "---:|" * (len(domains) + 5)]
+        for name, r in s["rows"].items():
+            acc = r["routing_accuracy"]
+            acc_cell = "—" if all(v is None for v in acc.values()) else "/".join(
+                "—" if acc[d] is None else f"{acc[d]:.2f}" for d in domains)
+            fwd = r.get("forward_vs_dume")
+            lines.append(f"| {name} | {reads(name)} | {'yes' if stock(name) else 'no'} | "
+                         + " | ".join(fmt(r["per_domain"][d]) for d in domains)
+                         + f" | **{fmt(r['average'])}** | {fmt(r['gap_closed'], 0)} | {acc_cell} | "
+                         + ("—" if r["seconds"] is None else f"{r['seconds']:.0f}") + " | "
+                         + ("—" if fwd is None else f"{fwd:.2f}×") + " |")
+        lines.append("")
+    lines += ["## Rows", ""] + [f"- `{n}`: {d}" for n, d in descriptions.items()] + [""]
+    if decision["winners"]:
+        from dume.upcycle.spec import GATES
+
+        offered = {strategy: name for name, strategy in GATES.items()}.get(decision["default"])
+        lines.append(f"**Verdict:** {', '.join(decision['winners'])} beat DUME on every seed of every domain set; "
+                     f"the best of them over both sets is {decision['default']}, "
+                     + (f"which `dume build` offers as `gate: {offered}`." if offered else
+                        "which `dume build` does not offer yet (add it to `dume.upcycle.spec.GATES`)."))
+    else:
+        lines.append("**Verdict:** no stock-checkpoint router beats DUME on every seed of every domain set; the "
+                     "default stays DUME.")
+    lines += ["", "Wall time of the study: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()), ""]
+    return "\n".join(lines)

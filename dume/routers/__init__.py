@@ -1,0 +1,1 @@
+"""Routers: the strategy registry, closed-form and data-free gates, router training."""

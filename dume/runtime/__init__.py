@@ -1,0 +1,1 @@
+"""Where and how a process runs: devices, memory, the hub, accelerate's processes."""

@@ -1,0 +1,1 @@
+"""DUME's ridge statistics: the sums, what is captured, the collectors."""

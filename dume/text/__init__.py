@@ -1,0 +1,1 @@
+"""Users' text: reading document files, the tokenizer, token batches."""

@@ -1,0 +1,1 @@
+"""Training: the loop, model presets, perplexity, throughput."""

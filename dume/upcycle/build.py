@@ -1,0 +1,156 @@
+"""`dume build CONFIG.yaml`: DUME on your own experts, from a small YAML.
+
+    experts:                 # two or more; any names
+      - name: law
+        model: path/or/hub-id
+        data: path/or/hub-dataset   # .txt/.jsonl/.json/.parquet file or folder, or a hub dataset id
+        # optional: split (train), field (text), max_docs
+    gate: dume               # dume | sequential_balanced | centroid | random
+    k: 1
+    lambda: 0.01
+    temperature: 1.0
+    num_dume_tokens: null    # all tokens of each document
+    dtype: auto              # auto | float32 | bfloat16 (the forward passes of the collection)
+    out: path/to/moe
+    # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto),
+    #           max_shard_size (5GB: the largest safetensors file written)
+
+Everything is checked before heavy work (keys and values, the experts' compatibility,
+each expert's data). Then each domain's documents go through its oracle (averaged shared
+weights + that expert's MLPs) to collect the ridge statistics (`dume.stats.oracle`), the
+routers are solved (`dume.routers.registry`), the experts are MoErged with them in one streamed
+pass (`dume.moe.merge`), and `out` receives -- in one atomic rename -- a standard checkpoint of the experts' MoE class, the
+statistics (`dume_stats/`), the recipe (`dume_router.json`, so `dume_experts.py
+add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain
+routing shares measured on held-out documents.
+
+Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON /
+Parquet records give their `field`. A domain's held-out documents (the last `held_out`
+fraction, at most 64) are not used for the statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dume.errors import DumeError
+from dume.runtime.devices import resolve_device
+from dume.text.files import expert_texts
+from dume.upcycle.card import model_card
+from dume.upcycle.pipeline import build_moe
+from dume.upcycle.spec import GATES, MAX_HELD_OUT, BuildSpec
+
+# --------------------------------------------------------------------------- documents
+
+
+def split_held_out(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(statistics documents, held-out documents): the last `fraction` (at most 64), and
+    none when that would leave no statistics document."""
+    n = min(MAX_HELD_OUT, int(len(texts) * fraction))
+    if n == 0 or n >= len(texts):
+        return texts, []
+    return texts[:-n], texts[-n:]
+
+
+# ------------------------------------------------------------------------------- build
+
+
+def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
+    """Run the whole build; return the summary written into the model card. `out` is
+    locked against a second writer for the whole build (`dume.checkpoint.outputs.output_lock`)."""
+    from dume.checkpoint.outputs import output_lock
+
+    out = Path(spec.out)
+    with output_lock(out):  # one writer of `out` from here to the final rename
+        if out.exists() and not overwrite:
+            raise DumeError(f"{out} exists; pass --overwrite to replace it")
+        return _build(spec, out, overwrite, log)
+
+
+def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
+    import torch
+
+    from dume.checkpoint.experts import check_experts
+    from dume.checkpoint.io import atomic_dir, atomic_write_json, atomic_write_text
+    from dume.checkpoint.outputs import check_output_path
+    from dume.checkpoint.resolve import resolve_expert
+    from dume.runtime.memory import release_memory
+    from dume.text.tokenizer import load_tokenizer
+
+    names = [e.name for e in spec.experts]
+    dirs = [resolve_expert(e.model) for e in spec.experts]
+    check_output_path(out, dirs, "out")  # hub experts resolve to the cache only now
+    es = check_experts(dirs, require_mixtral_compatible=True)
+    for n in es.notes:
+        log(f"note: {n}")
+    for w in es.warnings:
+        log(f"warning: {w}")
+    if es.tokenizer_dir is None:
+        raise DumeError("no expert has tokenizer files: the documents cannot be tokenized")
+    docs, held, sources = {}, {}, {}
+    for e in spec.experts:  # every expert's data is read before any heavy work
+        texts, sources[e.name] = expert_texts(e)
+        docs[e.name], held[e.name] = split_held_out(texts, spec.held_out)
+        log(f"{e.name}: {len(docs[e.name])} documents for the statistics, {len(held[e.name])} held out "
+            f"({sources[e.name]})")
+    tokenizer = load_tokenizer(es.tokenizer_dir)
+    device = resolve_device(spec.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        spec.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    cfg = es.config
+    max_len = min(spec.seq_len, cfg.max_position_embeddings)
+    with atomic_dir(out, overwrite=overwrite) as stage:
+        log(f"MoErging {len(dirs)} {es.arch.dense_class} experts into a {es.arch.moe_class}")
+        stats, counts = build_moe(
+            dirs, names, docs, stage, tokenizer, strategy=GATES[spec.gate], k=spec.k, lam=spec.lam,
+            temperature=spec.temperature, num_dume_tokens=spec.num_dume_tokens, max_len=max_len,
+            batch_size=spec.batch_size, device=device, dtype=dtype, seed=spec.seed,
+            max_shard_size=spec.max_shard_size, data_source="dume build",
+            extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size},
+            expert_set=es, log=log)
+        release_memory()
+        shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device, dtype)
+        summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
+                                "documents": len(docs[e.name]), "held_out": len(held[e.name]),
+                                "tokens": (counts or {}).get(e.name)} for e in spec.experts],
+                   "architecture": f"{es.arch.dense_class} -> {es.arch.moe_class}",
+                   "settings": {"gate": spec.gate, "k": spec.k, "lambda": spec.lam,
+                                "temperature": spec.temperature, "num_dume_tokens": spec.num_dume_tokens,
+                                "seq_len": max_len, "batch_size": spec.batch_size, "dtype": str(dtype),
+                                "seed": spec.seed},
+                   "routing_shares": shares}
+        atomic_write_json(stage / "dume_build.json", summary)
+        atomic_write_text(stage / "README.md", model_card(summary, spec))
+    log(f"wrote {out}")
+    return summary
+
+
+def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_len: int, batch_size: int,
+                     device: str, dtype) -> dict | None:
+    """{domain: {"own": share of its held-out tokens routed to its own expert (mean over
+    layers), "per_layer": [[share per expert] per layer]}}; None without held-out text.
+
+    The only step that holds the whole MoE in memory, filled one tensor at a time
+    (`moe_edit.load_moe_streamed`: transformers' own loading peaks at twice the MoE);
+    `held_out: 0` skips it."""
+    import torch
+
+    from dume.moe.edit import load_moe_streamed
+    from dume.moe.routing import routing_accuracy, routing_shares
+    from dume.text.batches import document_batches
+
+    if not any(held.values()):
+        return None
+    model = load_moe_streamed(moe_dir, dtype).to(device)
+    blocks = {}
+    for d, texts in held.items():
+        batches = list(document_batches(texts, tokenizer, max_len, batch_size))
+        if batches:
+            width = max(b[0].shape[1] for b in batches)
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+            blocks[d] = (torch.cat([pad(b[0]) for b in batches]), torch.cat([pad(b[1]) for b in batches]))
+    shares = routing_shares(model, blocks, batch_size)
+    own = routing_accuracy(shares, {d: i for i, d in enumerate(held)})
+    return {d: {"own": sum(own[d]) / len(own[d]), "per_layer": s} for d, s in shares.items()}
+
+

@@ -1,0 +1,34 @@
+"""The model card `dume build` writes beside the MoE."""
+
+from __future__ import annotations
+
+from dume.upcycle.spec import BuildSpec
+
+
+def model_card(summary: dict, spec: BuildSpec) -> str:
+    s = summary["settings"]
+    lines = ["---", "library_name: transformers", "tags: [moe, dume, merge]", "---", "",
+             f"# DUME MoE of {len(summary['experts'])} experts", "",
+             f"Built with `dume build` ({summary['architecture']}): the experts' MLPs became the experts of "
+             "every layer, their other weights were averaged, and the routers were set "
+             + {"dume": "by DUME's closed-form ridge regression on each expert's text (no training).",
+                "sequential_balanced": "by DUME's closed-form ridge regression on each expert's text, collected "
+                                       "layer by layer through the routed MoE with each domain weighted equally "
+                                       "(no training).",
+                "centroid": "to the normalised mean hidden state of each expert's text (no training).",
+                "random": "at random (a baseline)."}[s["gate"]], "",
+             "| expert | model | data | documents | held out | tokens |", "|---|---|---|---:|---:|---:|"]
+    for e in summary["experts"]:
+        lines.append(f"| {e['name']} | `{e['model']}` | `{e['data']}` | {e['documents']} | {e['held_out']} | "
+                     f"{e['tokens'] if e['tokens'] is not None else '—'} |")
+    lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()), ""]
+    shares = summary.get("routing_shares")
+    if shares:
+        lines += ["Routing on held-out documents: the share of each domain's tokens whose top-1 expert is its own "
+                  "(mean over layers).", "", "| domain | own expert |", "|---|---:|"]
+        lines += [f"| {d} | {v['own']:.1%} |" for d, v in shares.items()]
+    else:
+        lines.append("No held-out documents: routing shares not measured.")
+    lines += ["", "Load it with `transformers.AutoModelForCausalLM.from_pretrained(path)`. `dume_stats/` and "
+              "`dume_router.json` let `dume_experts.py` add, remove or re-weight an expert without retraining.", ""]
+    return "\n".join(lines)
