@@ -33,7 +33,10 @@ from dume.errors import DumeError
 
 def _data_flags(p: argparse.ArgumentParser, scope: str = "") -> None:
     g = p.add_argument_group(f"data{scope}", "default: what the MoE's stored statistics were collected with")
-    g.add_argument("--source", default=None, choices=["offline", "offline_heldout", "hub", "local"])
+    from dume.corpora.documents import SOURCE_HELP
+
+    g.add_argument("--source", default=None, choices=list(SOURCE_HELP),
+                   help="; ".join(f"{name}: {what}" for name, what in SOURCE_HELP.items()))
     g.add_argument("--data-dir", default=None, help="data directory for --source local")
     g.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the MoE's own files)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per document (bos included)")

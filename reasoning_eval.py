@@ -171,7 +171,7 @@ def _build(args, languages, device, dtype):
     from dume.reasoning.strategies import build_strategy, experts_made_from, generate_dume_params, load_tokenizer_of
     from dume.checkpoint.resolve import resolve_experts
     from dume.reasoning.statistics import router_training_documents
-    from dume.stats.ridge import RidgeStats
+    from dume.stats.ridge import STATS_SUBDIR, RidgeStats
 
     run_dir = Path(args.run_dir)
     experts = resolve_experts(parse_experts(args.experts), args.cache_dir)
@@ -182,7 +182,7 @@ def _build(args, languages, device, dtype):
     spec = REGISTRY.get(args.strategy)
     if spec is not None and spec.needs_statistics:
         dume_dir = Path(args.dume_dir) if args.dume_dir else models / "DUME"
-        if not (is_complete_checkpoint(dume_dir) and (dume_dir / "dume_stats").is_dir()
+        if not (is_complete_checkpoint(dume_dir) and (dume_dir / STATS_SUBDIR).is_dir()
                 and built_from(dume_dir, experts_made_from(experts))):
             print(f"no DUME parameters for these experts in {dume_dir}: generating them "
                   "(reasoning_generate_dume_params.py defaults)")
@@ -190,7 +190,7 @@ def _build(args, languages, device, dtype):
                                  statistics_text=args.statistics_text, balance_languages=args.balance_languages,
                                  num_dume_tokens=args.num_dume_tokens, lam=args.lam, temperature=args.temp,
                                  device=device, dtype=getattr(torch, dtype), languages=languages, work_dir=models)
-        stats = RidgeStats.load(dume_dir / "dume_stats")
+        stats = RidgeStats.load(dume_dir / STATS_SUBDIR)
         print(f"DUME statistics: {stats.data_source or 'tasks'} ({dume_dir})")
     if spec is not None and spec.trains_router:
         train_docs, train_record = router_training_documents(data_dir=args.data_dir, languages=languages,

@@ -16,8 +16,10 @@ from dume.errors import DumeError
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run-dir", default="runs/clm", help="where checkpoints and JSON results go")
-    p.add_argument("--source", default="offline", choices=["offline", "offline_heldout", "hub", "local"],
-                   help="offline: embedded Wikipedia+stdlib text; offline_heldout: its second domain set (biology, geography, arts, technology, society held out of pretraining); hub: OpenWebText + M2D2 (paper); local: --data-dir")
+    from dume.corpora.documents import SOURCE_HELP
+
+    p.add_argument("--source", default="offline", choices=list(SOURCE_HELP),
+                   help="; ".join(f"{name}: {what}" for name, what in SOURCE_HELP.items()))
     p.add_argument("--data-dir", default=None, help="data directory for --source local (or a hub cache override)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or path for a new run (kept in RUN_DIR/tokenizer; later scripts use that copy "

@@ -128,7 +128,7 @@ def test_build_offers_the_routers_study_winner_by_name(setup):
 
 @pytest.mark.parametrize("change,needle", [
     ({"gates": "dume"}, "unknown key(s) gates"),
-    ({"gate": "smart"}, "gate must be one of dume, sequential_balanced, centroid, random"),
+    ({"gate": "smart"}, "gate must be one of dume, random, centroid, sequential_balanced"),
     ({"k": 4}, "k = 4 exceeds the number of experts (3)"),
     ({"lambda": -1}, "lambda must be a positive number"),
     ({"held_out": 1.5}, "held_out must be a fraction"),

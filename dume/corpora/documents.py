@@ -71,7 +71,14 @@ from dume.errors import DumeError
 SPLITS = ("train", "validation", "test")
 EXPERT_DOMAINS = ("code", "math", "physics", "history", "philosophy")
 PRETRAIN = "pretrain"
-SOURCES = ("offline", "offline_heldout", "hub", "local")
+# Every corpus source, with the line `--source` help gives for it (the CLIs' choices).
+SOURCE_HELP = {
+    "offline": "embedded Wikipedia + stdlib text",
+    "offline_heldout": "its second domain set (biology, geography, arts, technology, society held out of pretraining)",
+    "hub": "OpenWebText + M2D2 (the paper's)",
+    "local": "your files under --data-dir",
+}
+SOURCES = tuple(SOURCE_HELP)
 
 #: (train, validation) upper bounds of the split hash; the rest is test: 80 / 10 / 10.
 _SPLIT_EDGES = (0.8, 0.9)

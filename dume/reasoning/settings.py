@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 from dume.errors import DumeError
 from dume.reasoning.tasks import DOMAINS
-from dume.routers.registry import REGISTRY as _REGISTRY
+from dume.routers.registry import REGISTRY as _REGISTRY, names
 
 DEFAULT_EXPERTS = {
     "math": "MergeBench/Llama-3.2-3B_math",
@@ -19,7 +19,11 @@ DEFAULT_EXPERTS = {
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 
 
-STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", "random_routing", "DUME", "BTX", "DUMEplus")
+# Table 3's strategies: the experts, model averaging, then the registry's `reasoning` rows
+# (the oracle first, as the paper's table has it).
+STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", *names(routed=True, reasoning=True))
+# Table 3's rows: every strategy, and DUME OOD (DUME on the experts' training sets) after DUME.
+ROWS = tuple(r for s in STRATEGIES for r in ((s, "DUME_OOD") if s == "DUME" else (s,)))
 
 
 # Strategies whose checkpoint depends on the seed (random gates, the router training's

@@ -50,8 +50,8 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
                   max_num_samples: int | None = None, text: str = "prompt") -> tuple[list[str], str]:
     """Text from the expert's training set: local files OOD_DATA_DIR/<domain>/*.jsonl|*.json|*.txt
     (fields tried: TEXT_FIELDS), else the hub dataset of OOD_DATASETS."""
-    from dume.checkpoint.io import read_text
-    from dume.reasoning.tasks import _read_jsonl
+    from dume.checkpoint.io import read_records
+    from dume.text.files import paragraphs
 
     if ood_data_dir is not None:
         root = Path(ood_data_dir) / domain
@@ -61,10 +61,10 @@ def ood_documents(domain: str, ood_data_dir: str | os.PathLike | None = None,
         texts: list[str] = []
         for f in files:
             if f.suffix == ".txt":
-                texts += [t for t in read_text(f).split("\n\n") if t.strip()]
+                texts += paragraphs(f, strip=False)
             else:
                 fields = PROMPT_TEXT_FIELDS if text == "prompt" else TEXT_FIELDS
-                texts += [_record_text(r, fields, text == "prompt") for r in _read_jsonl(f) if isinstance(r, dict)]
+                texts += [_record_text(r, fields, text == "prompt") for r in read_records(f) if isinstance(r, dict)]
             if max_num_samples is not None and len(texts) >= max_num_samples:
                 break
         source = f"local:{root}"

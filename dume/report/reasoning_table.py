@@ -16,11 +16,11 @@ from pathlib import Path
 
 from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 from dume.errors import DumeError
+from dume.reasoning.settings import ROWS as REASONING_ROWS
 from dume.reasoning.tasks import DOMAINS
 from dume.report.multiseed import mean_std
 
-ROWS = tuple(f"{d}_expert" for d in DOMAINS) + ("model_averaging", "oracle", "random_routing", "BTX", "DUME",
-                                                 "DUME_OOD", "DUMEplus")
+ROWS = REASONING_ROWS  # dume.reasoning.settings: from the strategy registry
 HEADS = {"math": "Mathematics", "multilingual": "Multilingual", "coding": "Coding",
          "instruction": "Instr. following"}
 _NAME = re.compile(r"^(?P<name>.+)__(?P<task>[a-z]+)__seed(?P<seed>-?\d+)$")

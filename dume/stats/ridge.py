@@ -33,6 +33,9 @@ META_FILE = "stats.json"
 _CORE_META = ("model_fingerprint", "hidden_size", "num_layers", "domains", "num_dume_tokens", "data_source")
 
 
+STATS_SUBDIR = "dume_stats"  # the statistics beside a routed checkpoint (read by dume.upcycle.dynamic)
+
+
 class RidgeStats:
     """Per-layer, per-domain ridge-regression statistics (see the module docstring).
 

@@ -9,11 +9,18 @@ from dume.errors import DumeError
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
+def paragraphs(path: Path, strip: bool = True) -> list[str]:
+    """A text file's documents: its blank-line-separated paragraphs (empty ones dropped)."""
+    from dume.checkpoint.io import read_text
+
+    return [t.strip() if strip else t for t in read_text(path).split("\n\n") if t.strip()]
+
+
 def _file_texts(path: Path, fieldname: str) -> list[str]:
-    from dume.checkpoint.io import read_records, read_text
+    from dume.checkpoint.io import read_records
 
     if path.suffix == ".txt":
-        return [t.strip() for t in read_text(path).split("\n\n") if t.strip()]
+        return paragraphs(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dume.upcycle.spec import BuildSpec
+from dume.routers.registry import get
+from dume.upcycle.spec import GATES, BuildSpec
 
 
 def model_card(summary: dict, spec: BuildSpec) -> str:
@@ -11,12 +12,7 @@ def model_card(summary: dict, spec: BuildSpec) -> str:
              f"# DUME MoE of {len(summary['experts'])} experts", "",
              f"Built with `dume build` ({summary['architecture']}): the experts' MLPs became the experts of "
              "every layer, their other weights were averaged, and the routers were set "
-             + {"dume": "by DUME's closed-form ridge regression on each expert's text (no training).",
-                "sequential_balanced": "by DUME's closed-form ridge regression on each expert's text, collected "
-                                       "layer by layer through the routed MoE with each domain weighted equally "
-                                       "(no training).",
-                "centroid": "to the normalised mean hidden state of each expert's text (no training).",
-                "random": "at random (a baseline)."}[s["gate"]], "",
+             + get(GATES[s["gate"]]).card, "",
              "| expert | model | data | documents | held out | tokens |", "|---|---|---|---:|---:|---:|"]
     for e in summary["experts"]:
         lines.append(f"| {e['name']} | `{e['model']}` | `{e['data']}` | {e['documents']} | {e['held_out']} | "

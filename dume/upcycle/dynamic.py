@@ -40,9 +40,8 @@ from dume.checkpoint.io import atomic_dir, read_json
 from dume.errors import DumeError
 from dume.moe.recipe import RECIPE_FILE, resolve_recipe_paths, write_recipe
 from dume.routers.registry import names as strategy_names
-from dume.stats.ridge import RidgeStats
+from dume.stats.ridge import STATS_SUBDIR, RidgeStats
 
-STATS_SUBDIR = "dume_stats"
 MODES = ("keep-shared", "reaverage")
 # Routers that are a closed-form function of the statistics (a trained router is not):
 # the registry's closed-form strategies.

@@ -26,8 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from dume.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES
 from dume.errors import DumeError
-
-STATS_SUBDIR = "dume_stats"  # the statistics beside a routed checkpoint
+from dume.stats.ridge import STATS_SUBDIR
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,11 @@ from pathlib import Path
 from dume.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 from dume.checks import positive_int, positive_number
 from dume.errors import DumeError
+from dume.routers.registry import build_gates
 from dume.runtime.devices import check_device
 
-# `gate:` values and the registered strategies they are (dume.routers.registry).
-# `sequential_balanced` is the routers study's verdict (reproduction/clm/ROUTERS.md): the one
-# stock-checkpoint router that beat DUME on every seed of both domain sets. DUME stays the
-# default: the margin on the held-out set was 0.1 points (1 % of the gap to the oracle).
-GATES = {"dume": "DUME", "sequential_balanced": "DUME_sequential_balanced", "centroid": "centroid",
-         "random": "random_routing"}
+# `gate:` values -> registered strategies: the registry's `build_gate` (dume.routers.registry).
+GATES = build_gates()
 
 
 DTYPES = ("auto", "float32", "bfloat16")

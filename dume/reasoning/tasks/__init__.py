@@ -50,8 +50,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
+from dume.checkpoint.io import read_records
 from dume.errors import DumeError
 
 DOMAINS = ("math", "multilingual", "coding", "instruction")
@@ -317,13 +317,6 @@ def write_task_configs(domain: str, out_dir: str | os.PathLike, data_dir: str | 
 # ------------------------------------------------------------- task text for DUME statistics
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    """Records of a .jsonl / .json (optionally .gz) file; bad bytes or JSON are one line."""
-    from dume.checkpoint.io import read_records
-
-    yield from read_records(path)
-
-
 def _arc_text(doc: dict) -> str:
     opts = [doc.get(f"option_{c}") for c in "abcde"]
     return "Question: " + str(doc.get("instruction", "")) + "\n" + "\n".join(o for o in opts if o) + \
@@ -381,7 +374,7 @@ def task_records(domain: str, data_dir=None, languages=None) -> tuple[dict[str, 
         raise DumeError(f"unknown task {domain!r}")
     if domain == "coding":
         path = humaneval_file(data_dir)
-        return {"": list(_read_jsonl(path))}, "test", f"{path} (test: HumanEval has no train split)"
+        return {"": list(read_records(path))}, "test", f"{path} (test: HumanEval has no train split)"
     if data_dir is not None:
         root = Path(data_dir)
         if domain == "math":
@@ -389,7 +382,7 @@ def task_records(domain: str, data_dir=None, languages=None) -> tuple[dict[str, 
             split = "train" if "train" in files else "test"
             if split not in files:
                 raise DumeError(f"no local gsm8k data in {root / 'gsm8k'}")
-            return {"": list(_read_jsonl(files[split]))}, split, f"{files[split]}"
+            return {"": list(read_records(files[split]))}, split, f"{files[split]}"
         if domain == "multilingual":
             found = local_arc_languages(root)
             langs = [x for x in (languages or [x for x in found if x in PAPER_ARC_LANGUAGES]) if x in found]
@@ -399,13 +392,13 @@ def task_records(domain: str, data_dir=None, languages=None) -> tuple[dict[str, 
             for lang in langs:
                 files = _split_files(root / "m_arc" / lang)
                 split = "train" if "train" in files else "test"
-                groups[lang] = list(_read_jsonl(files[split]))
+                groups[lang] = list(read_records(files[split]))
                 used.append(f"{lang}:{split}")
             return groups, "train", f"{root / 'm_arc'} ({', '.join(used)})"
         files = _split_files(root / "ifeval", ("train",))
         if "train" not in files:
             raise DumeError(f"no local ifeval data in {root / 'ifeval'}")
-        return {"": list(_read_jsonl(files["train"]))}, "train", f"{files['train']}"
+        return {"": list(read_records(files["train"]))}, "train", f"{files['train']}"
     return _hub_task_records(domain, languages)
 
 
