@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from dume.cli import base_parser, run_main
-from dume.clm.run import Run, environment, read_result
+from dume.clm.run import Run, read_result
+from dume.runtime.environment import environment
 from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 
 WORK = "dynamic"

@@ -95,14 +95,14 @@ def get_stats(run: Run, args, expert_set, domains, base_dir):
     fingerprint (an MLP-only change of one expert changes it, while the shared-weight
     fingerprint of the base does not), the base's shared weights, the domains, the data,
     the tokenizer and the collection settings. Any difference recollects, saying why."""
-    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.experts import shared_weights_fingerprint
     from dume.corpora import documents as data
     from dume.routers.closed_form import layer_solver
     from dume.stats.collectors import collect_for
     from dume.stats.ridge import RidgeStats
 
     experts = list(expert_set.dirs)
-    fingerprint = model_fingerprint(base_dir)
+    fingerprint = shared_weights_fingerprint(base_dir)
     provenance = {"num_dume_stats_steps": args.num_dume_stats_steps,
                   "stats_batch_size": args.stats_batch_size, "seq_len": run.seq_len, "source": run.source,
                   "data_dir": run.data_dir, "tokenizer": run.tokenizer_fingerprint(),

@@ -36,8 +36,6 @@ Flags not listed here (e.g. --source, --data-dir, --seq-len) are passed to every
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,6 +47,7 @@ import clm_train_experts
 import clm_weights_avg_eval
 from dume.cli import run_main
 from dume.errors import DumeError
+from dume.runtime.environment import hardware, versions
 from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 from dume.routers.registry import TABLE_ORDER
 
@@ -287,26 +286,6 @@ def collect_sweeps(args, seed_dirs, sweep_dirs, domains, tables) -> dict:
     return out
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "accelerate", "tokenizers", "datasets", "safetensors",
-                "numpy", "matplotlib", "dume"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def hardware() -> dict:
-    import torch
-
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "system": f"{platform.system()} {platform.release()}", "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def write_report(root, report_dir, args, seed_dirs, sweep_dirs, domains, timings) -> str:

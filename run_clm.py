@@ -36,7 +36,8 @@ STEPS = [
 
 
 def main(argv=None):
-    from dume.clm.run import Run, environment
+    from dume.clm.run import Run
+    from dume.runtime.environment import environment
     from dume.report.clm_table import write_clm_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

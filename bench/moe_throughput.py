@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -121,22 +120,19 @@ def usable_cores() -> int:
 
 
 def hardware(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    hw = {"cpu": cpu, "cores": usable_cores(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    from dume.runtime.environment import cpu_name
+
+    hw = {"cpu": cpu_name(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         hw["gpu"] = torch.cuda.get_device_name(device)
     return hw
 
 
 def versions() -> dict:
-    import transformers
+    """The shared record (`dume.runtime.environment.versions`) and the commit of dume/."""
+    from dume.runtime.environment import versions as library_versions
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    v = library_versions(("torch", "transformers"))
     with contextlib.suppress(Exception):
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()

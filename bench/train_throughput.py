@@ -101,7 +101,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -196,12 +195,12 @@ def fill_defaults(args, device):
 
 def hardware(device: torch.device) -> dict:
     """moe_throughput's machine description, plus the library versions."""
-    import transformers
 
     from moe_throughput import hardware as machine
 
-    return {**machine(device), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    from dume.runtime.environment import versions
+
+    return {**machine(device), **versions(("torch", "transformers"))}
 
 
 def llama_config(args, vocab: int, attn: str):

@@ -139,7 +139,7 @@ def test_keep_shared_add_equals_scratch_with_the_same_shared_weights(dyn, corpus
 def test_keep_shared_model_and_recipe(dyn, keep_shared, capsys):
     from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.experts import shared_weights_fingerprint
     from dume.checkpoint.io import read_json
 
     model = AutoModelForCausalLM.from_pretrained(keep_shared)
@@ -150,8 +150,8 @@ def test_keep_shared_model_and_recipe(dyn, keep_shared, capsys):
     assert recipe["mode"] == "keep-shared" and recipe["domains"] == list(DOMAINS)
     assert recipe["experts"][-1] == str((dyn / "experts" / "history").resolve())
     assert recipe["shared_average_of"] == recipe["experts"][:2]
-    assert RidgeStats.load(keep_shared / "dume_stats").model_fingerprint == model_fingerprint(keep_shared)
-    assert model_fingerprint(keep_shared) == model_fingerprint(_moe(dyn, "DUME_two"))
+    assert RidgeStats.load(keep_shared / "dume_stats").model_fingerprint == shared_weights_fingerprint(keep_shared)
+    assert shared_weights_fingerprint(keep_shared) == shared_weights_fingerprint(_moe(dyn, "DUME_two"))
 
 
 def test_add_says_which_mode_ran(dyn, tmp_path, capsys):

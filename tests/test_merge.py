@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from dume.checkpoint.reader import CheckpointReader
-from dume.checkpoint.experts import check_experts, model_fingerprint
+from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
 from dume.errors import DumeError
 from dume.moe.merge import (average_experts, build_oracle_model, moe_config, moerge_experts, oracle_state_dict,
     shared_state_dict, write_oracle)
@@ -199,13 +199,13 @@ def test_oracle_state_dict_is_average_plus_one_mlp(experts):
 def test_fingerprint_identifies_shared_parameters(experts, tmp_path):
     moe = moerge_experts(experts, tmp_path / "moe", gates=random_gates(4))
     o1 = write_oracle(experts, 1, tmp_path / "o1")
-    fp = model_fingerprint(moe)
-    assert fp == model_fingerprint(o1) == model_fingerprint(build_oracle_model(experts, 0))
-    assert fp == model_fingerprint(load_moe(moe))  # in memory: fused expert names, tied/untied lm_head
-    assert fp == model_fingerprint(average_experts(experts, tmp_path / "avg"))  # MLPs excluded
-    assert fp != model_fingerprint(experts[0])
+    fp = shared_weights_fingerprint(moe)
+    assert fp == shared_weights_fingerprint(o1) == shared_weights_fingerprint(build_oracle_model(experts, 0))
+    assert fp == shared_weights_fingerprint(load_moe(moe))  # in memory: fused expert names, tied/untied lm_head
+    assert fp == shared_weights_fingerprint(average_experts(experts, tmp_path / "avg"))  # MLPs excluded
+    assert fp != shared_weights_fingerprint(experts[0])
     set_gates(moe, random_gates(5))
-    assert model_fingerprint(moe) == fp  # routers are not shared parameters
+    assert shared_weights_fingerprint(moe) == fp  # routers are not shared parameters
     assert len(fp) == 16
 
 
@@ -417,7 +417,7 @@ def test_missing_incomplete_corrupted_and_single_expert(experts, tmp_path):
     with pytest.raises(DumeError, match=r"corrupted.*corrupted/model\.safetensors"):
         moerge_experts([experts[0], corrupted], tmp_path / "out")
     with pytest.raises(DumeError, match="corrupted"):
-        model_fingerprint(corrupted)
+        shared_weights_fingerprint(corrupted)
     with pytest.raises(DumeError, match="at least 2"):
         moerge_experts([experts[0]], tmp_path / "out")
     notllama = tmp_path / "notllama"

@@ -117,12 +117,15 @@ def test_every_strategy_builds_a_loadable_checkpoint(setting):
     from dume.moe.edit import read_gates
     from dume.reasoning.settings import STRATEGIES
     from dume.reasoning.strategies import build_strategy
-    from dume.reasoning.statistics import collect_statistics, statistics_documents
+    from dume.reasoning.statistics import statistics_documents
     from dume.routers.closed_form import dume_gates
+    from dume.stats.oracle import collect_statistics
 
     work = setting["root"] / "build"
     docs, _, _, _ = statistics_documents(ood=False, data_dir=setting["data"], max_num_samples=4)
-    stats, counts = collect_statistics(setting["experts"], docs, setting["tokenizer"], num_dume_tokens=64)
+    stats, counts = collect_statistics([setting["experts"][d] for d in DOMAINS], list(DOMAINS), docs,
+                                       setting["tokenizer"], num_dume_tokens=64, max_len=64, batch_size=8,
+                                       log=lambda *_: None)
     assert set(counts) == set(DOMAINS)
     assert len(STRATEGIES) == 10
     for s in STRATEGIES:

@@ -72,17 +72,17 @@ def _result(run_dir: Path, name: str) -> dict:
 
 
 def test_fingerprint_sees_an_mlp_only_change_and_is_cached(tmp_path, trained_run):
-    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.experts import shared_weights_fingerprint
 
     expert = copy_run(trained_run / "experts" / "math", tmp_path / "math")
     before = content_fingerprint(expert)
     assert (expert / FINGERPRINT_FILE).is_file()  # stored beside the weights when saved
-    shared_before = model_fingerprint(expert)
+    shared_before = shared_weights_fingerprint(expert)
     _edit_expert(expert, DOWN, lambda t: t * 1.01)
     after = content_fingerprint(expert)
     assert after.digest != before.digest
     assert [n for n in after.tensors if after.tensors[n] != before.tensors[n]] == [DOWN]
-    assert model_fingerprint(expert) == shared_before  # why the old cache key missed it
+    assert shared_weights_fingerprint(expert) == shared_before  # why the old cache key missed it
     # The stored record is reused while the files' stamps stay; a forged record with
     # stale stamps is not trusted.
     rec = json.loads((expert / FINGERPRINT_FILE).read_text())

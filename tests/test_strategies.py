@@ -134,7 +134,7 @@ def test_k_per_method(strategy_run):
 
 
 def test_dume_stats_resolve_to_the_saved_gates(strategy_run):
-    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.experts import shared_weights_fingerprint
     from dume.routers.closed_form import centroid_gates, dume_gates
 
     res = _result(strategy_run, "DUME")
@@ -142,7 +142,7 @@ def test_dume_stats_resolve_to_the_saved_gates(strategy_run):
     assert (lam, temp) == (0.01, 1.0)
     stats = RidgeStats.load(strategy_run / "models" / "DUME" / "dume_stats")
     assert stats.domains == list(DOMAINS)
-    assert stats.meta["model_fingerprint"] == model_fingerprint(strategy_run / "models" / "DUME")
+    assert stats.meta["model_fingerprint"] == shared_weights_fingerprint(strategy_run / "models" / "DUME")
     assert stats.num_dume_tokens is None
     counts = stats.token_counts()
     assert res["token_counts"] == counts

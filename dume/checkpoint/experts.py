@@ -53,13 +53,13 @@ def _expert_label(i: int, path: Path) -> str:
     return f"expert {i} ({path})"
 
 
-def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible: bool = False) -> ExpertSet:
+def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: bool = False) -> ExpertSet:
     """Refuse experts that cannot be merged, reading configs and headers only.
 
     Raises `DumeError` naming the expert and the differing field when: fewer than two
     experts are given; a directory is missing or incomplete; a config is not Llama; an
     architecture field differs; the tensor names, shapes differ; the tokenizers differ.
-    With `require_mixtral_compatible`, Llama features Mixtral cannot hold (biases) are
+    With `require_moe_compatible`, Llama features Mixtral cannot hold (biases) are
     refused too.
     """
     dirs = tuple(Path(d) for d in expert_dirs)
@@ -90,7 +90,7 @@ def check_experts(expert_dirs: Iterable[str | Path], require_mixtral_compatible:
         except DumeError as e:
             raise DumeError(f"{_expert_label(i, d)}: {e}") from e
     ref = configs[0]
-    if require_mixtral_compatible:
+    if require_moe_compatible:
         for flag in arch.incompatible_flags:
             if getattr(ref, flag, False):
                 raise DumeError(
@@ -194,7 +194,7 @@ def duplicate_warnings(dirs, fingerprints) -> tuple[str, ...]:
         for fp, idx in groups.items() if len(idx) > 1)
 
 
-def model_fingerprint(source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
+def shared_weights_fingerprint(source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
     """A short stable hash of the *shared* (non-MLP, non-router) parameters.
 
     Dense oracles, the averaged model and the MoE built from the same experts all share

@@ -15,7 +15,6 @@ Scripts are thin: they parse flags, call these helpers, and write JSON here.
 from __future__ import annotations
 
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -25,6 +24,7 @@ import torch
 from dume.checkpoint.io import atomic_write_json, is_complete_checkpoint, read_json
 from dume.corpora import documents as data
 from dume.errors import DumeError
+from dume.runtime.environment import environment
 
 # Validation during training only ranks checkpoints: MAX_VALIDATION_BLOCKS evenly spaced
 # windows out of the split's first VALIDATION_POOL (the whole split on the embedded default).
@@ -342,17 +342,6 @@ class Run:
                 "window_recipe": self.window_recipe.description, "eval_windows": self.eval_windows}
 
 
-def environment() -> dict:
-    """Versions and hardware recorded with every result."""
-    import accelerate
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads()}
 
 
 def _stamp_difference(then, now) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from dume.errors import DumeError
 from dume.reasoning.settings import PAPER
@@ -139,22 +139,3 @@ def router_training_documents(*, data_dir=None, languages=None, per_task: int | 
         record[d] = {"source": source, "available": len(texts), "used": len(filled), "text": text}
     return docs, {"per_task": per_task, "seed": seed, "tasks": record}
 
-
-def collect_statistics(experts: Mapping[str, Path], docs: Mapping[str, list[str]], tokenizer, *,
-                       num_dume_tokens: int | None = PAPER["num_dume_tokens"], batch_size: int = 8,
-                       max_len: int | None = None, base_dir: Path | None = None, device: str = "cpu",
-                       dtype=None, data_source: str = "", extra_meta: dict | None = None):
-    """Ridge statistics of the four domains (`dume.stats.oracle.collect_statistics`): domain
-    d's texts through the oracle d, the first `num_dume_tokens` tokens of each."""
-    from dume.arch.table import ARCHITECTURES
-    from dume.checkpoint.experts import model_fingerprint
-    from dume.checkpoint.reader import load_config
-    from dume.stats.oracle import collect_statistics as collect
-
-    cfg = load_config(Path(experts[DOMAINS[0]]), tuple(ARCHITECTURES))
-    max_len = max_len or min(num_dume_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    return collect([experts[d] for d in DOMAINS], list(DOMAINS), docs, tokenizer, num_dume_tokens=num_dume_tokens,
-                   max_len=max_len, batch_size=batch_size, device=device, dtype=dtype,
-                   model_fingerprint=model_fingerprint(base_dir) if base_dir else None, data_source=data_source,
-                   extra_meta={**(extra_meta or {}), "experts_by_domain": {d: str(p) for d, p in experts.items()}},
-                   log=lambda *_: None)

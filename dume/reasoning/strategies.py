@@ -42,7 +42,7 @@ def base_made_from(experts: Mapping[str, Path]) -> dict:
     replaced in place rebuilds it, a moved one does not) and the domains."""
     from dume.checkpoint.experts import check_experts
 
-    es = check_experts([experts[d] for d in DOMAINS], require_mixtral_compatible=True)
+    es = check_experts([experts[d] for d in DOMAINS], require_moe_compatible=True)
     return {"dume_domains": list(DOMAINS), "dume_expert_fingerprints": list(es.fingerprints)}
 
 
@@ -159,7 +159,7 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
     """DUME's router for the four experts: statistics (tasks' data, or with `ood` the
     experts' training sets), the solved gates, the MoE checkpoint, the statistics and a
     metadata JSON (`dume_params.json`) in `out_dir`. Returns the metadata."""
-    from dume.checkpoint.experts import check_experts, model_fingerprint
+    from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.checkpoint.io import atomic_dir
     from dume.checkpoint.reader import load_config
     from dume.upcycle.pipeline import Collection, RouterSettings, build_routed, shared_zero_gate_base
@@ -168,7 +168,7 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
                           max_num_samples=max_num_samples)
     out_dir = Path(out_dir)
     experts = {d: Path(experts[d]) for d in DOMAINS}
-    es = check_experts([experts[d] for d in DOMAINS], require_mixtral_compatible=True)
+    es = check_experts([experts[d] for d in DOMAINS], require_moe_compatible=True)
     for n in es.notes:
         log(f"note: {n}")
     docs, sources, what, selection = statistics_documents(
@@ -193,7 +193,7 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
     with shared_zero_gate_base(dirs, base, base_made_from(experts)):
         collection = Collection(
             docs, tokenizer, max_len=max_len, batch_size=batch_size, device=device, dtype=dtype,
-            data_source=statistics_from, model_fingerprint=model_fingerprint(base), log=lambda *_: None,
+            data_source=statistics_from, model_fingerprint=shared_weights_fingerprint(base), log=lambda *_: None,
             extra_meta={"sources": sources, "max_num_samples": max_num_samples, "statistics_text": statistics_text,
                         "texts_sha256": {d: selection[d]["sha256"] for d in DOMAINS},
                         "experts_by_domain": {d: str(p) for d, p in experts.items()}})

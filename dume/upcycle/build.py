@@ -80,7 +80,7 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
     names = [e.name for e in spec.experts]
     dirs = [resolve_expert(e.model) for e in spec.experts]
     check_output_path(out, dirs, "out")  # hub experts resolve to the cache only now
-    es = check_experts(dirs, require_mixtral_compatible=True)
+    es = check_experts(dirs, require_moe_compatible=True)
     for n in es.notes:
         log(f"note: {n}")
     for w in es.warnings:

@@ -243,7 +243,7 @@ def read_recipe(moe_dir: Path) -> dict:
 
 def open_dume(moe_dir: str | Path) -> DumeModel:
     """Check that `moe_dir` is a DUME MoE whose stored statistics belong to it."""
-    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.experts import shared_weights_fingerprint
     from dume.moe.edit import num_experts, open_moe
 
     moe_dir, config, _ = open_moe(moe_dir)  # any MoE architecture of dume.arch.table
@@ -261,7 +261,7 @@ def open_dume(moe_dir: str | Path) -> DumeModel:
             f"{moe_dir}: statistics are for {stats.num_layers} layers × hidden {stats.hidden_size}, the model has "
             f"{config.num_hidden_layers} × {config.hidden_size}"
         )
-    fingerprint = model_fingerprint(moe_dir)
+    fingerprint = shared_weights_fingerprint(moe_dir)
     check_fingerprint(stats, fingerprint, f"{moe_dir / STATS_SUBDIR}", str(moe_dir))
     return DumeModel(moe_dir, config, recipe, stats, fingerprint)
 
@@ -421,7 +421,7 @@ def plan_collect(moe_dir: str | Path, domain: str, expert_dir: str | Path | None
     """Check a collection of one domain's statistics: the MoE, the expert (its own slot,
     or a new checkpoint that must fit the MoE), the tokenizer and the data. The settings
     default to those of the MoE's stored statistics, so the sums are comparable."""
-    from dume.checkpoint.experts import model_fingerprint
+    from dume.checkpoint.experts import shared_weights_fingerprint
     from dume.moe.edit import check_expert_fits_moe, open_moe
     from dume.train.models import check_tokenizer_matches
 
@@ -453,7 +453,7 @@ def plan_collect(moe_dir: str | Path, domain: str, expert_dir: str | Path | None
                         f"were collected with ({vocab_fingerprint(tokenizer)} != {provenance['tokenizer']})")
     docs = training_documents(domain, settings)
     return CollectPlan(moe_dir, domain, expert, settings, num_dume_tokens, tokenizer, docs,
-                       model_fingerprint(moe_dir), notes)
+                       shared_weights_fingerprint(moe_dir), notes)
 
 
 def collect_stats(plan: CollectPlan, shard: Shard | None = None) -> RidgeStats:
@@ -566,7 +566,7 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
     """MoErge all D+1 experts from scratch (shared weights re-averaged) and re-collect every
     domain: what building DUME from all of them at once gives. Needs every expert's
     checkpoint and every domain's data, with the settings their statistics were made with."""
-    from dume.checkpoint.experts import check_experts, model_fingerprint
+    from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.moe.merge import build_oracle_model, moerge_experts, shared_state_dict
     from dume.train.models import check_tokenizer_matches
 
@@ -575,7 +575,7 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
         if not e.is_dir():
             raise DumeError(f"the recipe of {old.path} names expert {i} ({old.domains[i]!r}) at {e}, which does not "
                             "exist: re-averaging needs every expert's checkpoint (use keep-shared mode, or restore it)")
-    es = check_experts(experts, require_mixtral_compatible=True)
+    es = check_experts(experts, require_moe_compatible=True)
     for i, e in enumerate(experts[:-1]):
         if mlp_fingerprint(e) != mlp_fingerprint(old.path, i):
             raise DumeError(f"the recipe names {e} as expert {i} ({old.domains[i]!r}), but its MLPs differ from "
@@ -599,7 +599,7 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
                   for d, e in zip(domains, experts)}
     top = {k: old.stats.extra_meta.get(k) for k in PROVENANCE_KEYS if k in old.stats.extra_meta}
     stats = RidgeStats(es.config.num_hidden_layers, es.config.hidden_size, domains,
-                       model_fingerprint=model_fingerprint(shared), num_dume_tokens=old.stats.num_dume_tokens,
+                       model_fingerprint=shared_weights_fingerprint(shared), num_dume_tokens=old.stats.num_dume_tokens,
                        data_source=old.stats.data_source, extra_meta={**top, "per_domain": per_domain}, device=device)
     for i, d in enumerate(domains):
         model = build_oracle_model(experts, i, shared=shared).to(device)

@@ -144,7 +144,7 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
     `training`: the data and settings of router training (required when the strategy
     trains its router). `gate_inputs`: extra `GateContext` fields (a prompt gate's base
     model, tokenizer and prompts). `recipe`: entries added to (or replacing) the recipe."""
-    from dume.checkpoint.experts import check_experts, model_fingerprint
+    from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.moe.edit import set_gates
     from dume.moe.merge import moerge_experts
     from dume.moe.recipe import write_recipe
@@ -192,7 +192,7 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
     history = train_gates(out, training, k) if entry.trains_router else None
     if stats is not None and entry.needs_statistics:
         if base_dir is None and collect_here:
-            stats.model_fingerprint = model_fingerprint(out)  # the sums belong to this MoE's shared weights
+            stats.model_fingerprint = shared_weights_fingerprint(out)  # the sums belong to this MoE's shared weights
         stats.save(out / STATS_SUBDIR)
     full_recipe = {"method": strategy, "domains": domains, "experts": [str(d) for d in dirs],
                    "lambda": settings.lam, "relative_lambda": settings.relative_lambda,
@@ -242,7 +242,7 @@ def build_moe(expert_dirs, domains, docs, out, tokenizer, *, strategy: str = "DU
     if entry.trains_router or not entry.stock_checkpoint or entry.needs_prompts:
         raise DumeError(f"{strategy}: build_moe makes training-free stock-checkpoint MoEs from experts and text "
                         "(no router training, no prompts, no custom model class)")
-    es = expert_set or check_experts(expert_dirs, require_mixtral_compatible=True)
+    es = expert_set or check_experts(expert_dirs, require_moe_compatible=True)
     built = build_routed(
         strategy, expert_dirs, domains, out, expert_set=es, max_shard_size=max_shard_size,
         settings=RouterSettings(k=k, lam=lam, temperature=temperature, relative_lambda=relative_lambda, seed=seed,
