@@ -73,7 +73,7 @@ def write_corpus(root: Path, n: int = PARAGRAPHS_PER_FILE) -> Path:
 def non_train_paragraphs(count: int, words=("zebra", "yak", "quokka", "ibis", "okapi")) -> list[str]:
     """Paragraphs that the hash split sends to validation or test only (a domain with no
     training text)."""
-    from dume.corpora.documents import hash_split
+    from dume.corpora.source import hash_split
 
     rng = random.Random(1)
     out, i = [], 0

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dume.corpora import documents as data
+from dume.corpora import documents as data, offline, source as corpus_source
 from dume.text import batches as text_batches
 from dume.errors import DumeError
 
@@ -24,7 +24,7 @@ WIKI_DOMAINS = ("math", "physics", "history", "philosophy")
 
 
 def keys(domain, split):
-    return [k for k, _ in data._offline_records(domain, split)]
+    return [k for k, _ in offline._offline_records(domain, split)]
 
 
 def code_files(domain, split):
@@ -60,22 +60,22 @@ def tokenizer():
 
 
 def test_offline_splits_are_deterministic():
-    first = {(d, s): data.load_documents(d, s) for d in (*data.EXPERT_DOMAINS, "pretrain") for s in data.SPLITS}
-    data._clear_caches()
+    first = {(d, s): data.load_documents(d, s) for d in (*corpus_source.EXPERT_DOMAINS, "pretrain") for s in data.SPLITS}
+    offline._clear_caches()
     for (d, s), docs in first.items():
         assert data.load_documents(d, s) == docs, (d, s)
 
 
 def test_offline_every_domain_and_split_is_nonempty():
-    assert data.available_domains("offline") == data.EXPERT_DOMAINS
-    for d in (*data.EXPERT_DOMAINS, "pretrain"):
+    assert data.available_domains("offline") == corpus_source.EXPERT_DOMAINS
+    for d in (*corpus_source.EXPERT_DOMAINS, "pretrain"):
         for s in data.SPLITS:
             docs = data.load_documents(d, s)
             assert docs and all(isinstance(x, str) and x.strip() for x in docs), (d, s)
 
 
 def test_offline_splits_are_disjoint_and_whole_files_stay_in_one_split():
-    for d in (*data.EXPERT_DOMAINS, "pretrain"):
+    for d in (*corpus_source.EXPERT_DOMAINS, "pretrain"):
         per_split = {s: set(keys(d, s)) for s in data.SPLITS}
         docs = {s: set(data.load_documents(d, s)) for s in data.SPLITS}
         for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
@@ -84,7 +84,7 @@ def test_offline_splits_are_disjoint_and_whole_files_stay_in_one_split():
 
 
 def test_offline_wiki_topics_map_to_domains():
-    by_title = {t: dom for t, dom, _ in data._wiki_articles()}
+    by_title = {t: dom for t, dom, _ in offline._wiki_articles()}
     for d in WIKI_DOMAINS:
         assert all(by_title[k] == d for s in data.SPLITS for k in keys(d, s))
     pretrain_titles = [k for s in data.SPLITS for k in keys("pretrain", s) if not k.startswith("stdlib:")]
@@ -92,7 +92,7 @@ def test_offline_wiki_topics_map_to_domains():
     # every article with an extract is used exactly once
     used = [k for d in (*WIKI_DOMAINS, "pretrain") for s in data.SPLITS for k in keys(d, s)
             if not k.startswith("stdlib:")]
-    assert len(used) == len(set(used)) == len(data._wiki_articles())
+    assert len(used) == len(set(used)) == len(offline._wiki_articles())
 
 
 def test_split_fractions_are_about_80_10_10():
@@ -115,27 +115,27 @@ def test_pretraining_code_slice_is_disjoint_from_the_code_domain():
     code = set().union(*(code_files("code", s) for s in data.SPLITS))
     pre = set().union(*(code_files("pretrain", s) for s in data.SPLITS))
     assert code and pre and not code & pre
-    pre_code_chars = sum(len(t) for s in data.SPLITS for k, t in data._offline_records("pretrain", s)
+    pre_code_chars = sum(len(t) for s in data.SPLITS for k, t in offline._offline_records("pretrain", s)
                          if k.startswith("stdlib:"))
     assert 0.05 < pre_code_chars / chars("pretrain") < 0.15
 
 
 def test_chunk_code_cuts_at_blank_lines_and_hard_cuts_giant_blocks():
     src = "import os\n\n\ndef f():\n    return 1\n\n" + "x = 1\n" * 600
-    chunks = data.chunk_code(src, max_chars=1500, target_chars=500)
+    chunks = offline.chunk_code(src, max_chars=1500, target_chars=500)
     assert all(len(c) <= 1500 for c in chunks)
     assert chunks[0].startswith("import os\n\ndef f():\n    return 1")
     assert "".join(c.replace("\n", "") for c in chunks) == src.replace("\n", "")
-    assert data.chunk_code("a" * 4000, max_chars=1500) == ["a" * 1500, "a" * 1500, "a" * 1000]
+    assert offline.chunk_code("a" * 4000, max_chars=1500) == ["a" * 1500, "a" * 1500, "a" * 1000]
 
 
 def test_hash_split_is_stable():
     # sha256-based, so these hold on every machine and Python process
-    assert [data.hash_split(k) for k in ("Albert Einstein", "os.py", "x")] == [
-        data.hash_split("Albert Einstein"), data.hash_split("os.py"), data.hash_split("x")]
+    assert [corpus_source.hash_split(k) for k in ("Albert Einstein", "os.py", "x")] == [
+        corpus_source.hash_split("Albert Einstein"), corpus_source.hash_split("os.py"), corpus_source.hash_split("x")]
     counts = {s: 0 for s in data.SPLITS}
     for i in range(5000):
-        counts[data.hash_split(f"doc {i}")] += 1
+        counts[corpus_source.hash_split(f"doc {i}")] += 1
     assert 3850 < counts["train"] < 4150 and 400 < counts["validation"] < 600
 
 
@@ -156,7 +156,7 @@ def test_max_docs_and_bad_arguments():
 
 def test_corpus_summary_counts_match():
     summary = data.corpus_summary("offline")
-    assert list(summary) == ["pretrain", *data.EXPERT_DOMAINS]
+    assert list(summary) == ["pretrain", *corpus_source.EXPERT_DOMAINS]
     assert summary["math"]["test"]["docs"] == len(data.load_documents("math", "test"))
     assert "| physics |" in data.format_summary(summary)
 
@@ -362,10 +362,10 @@ def test_heldout_source_keeps_its_domains_out_of_pretraining():
     default source and held out of pretraining here; the default's expert topics swap in."""
     from dume.corpora import documents as data
 
-    assert data.available_domains("offline_heldout") == data.HELDOUT_DOMAINS
+    assert data.available_domains("offline_heldout") == offline.HELDOUT_DOMAINS
     pretrain = set(data.load_documents("pretrain", "train", "offline_heldout"))
     default_pretrain = set(data.load_documents("pretrain", "train", "offline"))
-    for d in data.HELDOUT_DOMAINS:
+    for d in offline.HELDOUT_DOMAINS:
         docs = set(data.load_documents(d, "train", "offline_heldout"))
         assert docs and not docs & pretrain
         assert docs <= default_pretrain

@@ -54,7 +54,6 @@ TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
 # enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
 TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
 
-
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,

@@ -76,12 +76,18 @@ class Run:
 
     # ---- recipes ------------------------------------------------------------------
     @property
+    def paper_source(self) -> bool:
+        """The paper's corpora (`dume.corpora.source.Source.paper_defaults`): its recipe,
+        tokenizer and test windows are the defaults."""
+        return data.source_of(self.source).paper_defaults
+
+    @property
     def recipe_name(self) -> str:
         """'original' (the original code's data and optimizer recipe) for the hub source,
         'embedded' (this project's embedded default) otherwise, unless --recipe says."""
         if self.recipe != "auto":
             return self.recipe
-        return "original" if self.source == "hub" else "embedded"
+        return "original" if self.paper_source else "embedded"
 
     @property
     def window_recipe(self):
@@ -94,7 +100,7 @@ class Run:
         """Test windows per domain: --max-eval-blocks, else the original's 64 000 on the hub, else all."""
         if self.max_eval_blocks:
             return self.max_eval_blocks
-        return HUB_TEST_WINDOWS if self.source == "hub" else None
+        return HUB_TEST_WINDOWS if self.paper_source else None
 
     # ---- places -------------------------------------------------------------------
     @property
@@ -227,7 +233,7 @@ class Run:
                                 f"{vocab_fingerprint(given)} != {vocab_fingerprint(tok)}): its models were trained "
                                 "with the run's; leave out --tokenizer or use another --run-dir")
                 else:
-                    name = self.tokenizer_name or (HUB_TOKENIZER if self.source == "hub" else "bpe")
+                    name = self.tokenizer_name or (HUB_TOKENIZER if self.paper_source else "bpe")
                     if name == "bpe":
                         tok = train_bpe_tokenizer(self._tokenizer_training_texts(), self.vocab_size)
                     else:

@@ -15,9 +15,7 @@ DEFAULT_EXPERTS = {
     "instruction": "MergeBench/Llama-3.2-3B_instruction",
 }
 
-
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
-
 
 # Table 3's strategies: the experts, model averaging, then the registry's `reasoning` rows
 # (the oracle first, as the paper's table has it).
@@ -25,15 +23,12 @@ STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", *names(routed=Tru
 # Table 3's rows: every strategy, and DUME OOD (DUME on the experts' training sets) after DUME.
 ROWS = tuple(r for s in STRATEGIES for r in ((s, "DUME_OOD") if s == "DUME" else (s,)))
 
-
 # Strategies whose checkpoint depends on the seed (random gates, the router training's
 # data order): built once per seed; the others once for all seeds (dume.routers.registry).
 SEEDED_STRATEGIES = tuple(s for s in STRATEGIES if s in _REGISTRY and _REGISTRY[s].seeded)
 
-
 # The paper's reasoning settings (§3.1), and the original code's statistics cap.
 PAPER = {"lam": 0.01, "k": 1, "temperature": 0.1, "num_dume_tokens": 1024, "max_num_samples": 2048}
-
 
 ROUTER_TRAINING = {s.name: {"k": s.k, "lr": s.lr, "steps": s.steps} for s in _REGISTRY.values()
                    if s.trains_router and s.name in STRATEGIES}

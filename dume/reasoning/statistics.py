@@ -20,10 +20,8 @@ OOD_DATASETS = {
     "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("messages",)),
 }
 
-
 # Prompt-side fields tried, in order, when reading local OOD files.
 PROMPT_TEXT_FIELDS = ("text", "problem", "query", "inputs", "prompt", "question", "instruction", "messages")
-
 
 # Fields tried, in order, when reading local OOD files.
 TEXT_FIELDS = ("text", "problem", "solution", "query", "response", "inputs", "targets", "prompt", "messages",

@@ -32,7 +32,6 @@ TENSORS_FILE = "stats.safetensors"
 META_FILE = "stats.json"
 _CORE_META = ("model_fingerprint", "hidden_size", "num_layers", "domains", "num_dume_tokens", "data_source")
 
-
 STATS_SUBDIR = "dume_stats"  # the statistics beside a routed checkpoint (read by dume.upcycle.dynamic)
 
 

@@ -15,16 +15,12 @@ from dume.runtime.devices import check_device
 # `gate:` values -> registered strategies: the registry's `build_gate` (dume.routers.registry).
 GATES = build_gates()
 
-
 DTYPES = ("auto", "float32", "bfloat16")
-
 
 TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
             "batch_size", "held_out", "seed", "device", "max_shard_size"}
 
-
 EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs"}
-
 
 MAX_HELD_OUT = 64
 
