@@ -106,7 +106,7 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     languages = args.languages.split(",") if args.languages else None
     if args.task == "instruction":  # fail before any heavy work
-        from dume.reasoning.tasks import check_ifeval_runnable
+        from dume.reasoning.tasks.ifeval import check_ifeval_runnable
 
         check_ifeval_runnable()
     # Under `accelerate launch` (data-parallel lm-eval), rank 0 builds the checkpoint

@@ -142,7 +142,7 @@ def test_prompts_are_tokenised_with_bos_like_the_original(tmp_path):
 
 def test_statistics_texts_are_prompt_only_capped_and_balanced(tmp_path):
     from dume.reasoning.statistics import router_training_documents, statistics_documents
-    from dume.reasoning.tasks import PAPER_ARC_LANGUAGES
+    from dume.reasoning.tasks.m_arc import PAPER_ARC_LANGUAGES
 
     data = tmp_path / "data"
     gsm = [{"question": f"Question {i}?", "answer": f"Answer {i}\n#### {i}"} for i in range(50)]

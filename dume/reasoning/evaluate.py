@@ -13,9 +13,9 @@ def _preflight_hub(spec) -> None:
         return
     import datasets
 
-    from dume.reasoning.tasks import HUB_DATASETS
+    from dume.reasoning.tasks import TASKS
 
-    path, name = HUB_DATASETS[spec.domain]
+    path, name = TASKS[spec.domain].hub
     if spec.domain == "multilingual":
         name = spec.tasks[0].split("_", 1)[1]
     try:

@@ -17,12 +17,11 @@ from pathlib import Path
 from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 from dume.errors import DumeError
 from dume.reasoning.settings import ROWS as REASONING_ROWS
-from dume.reasoning.tasks import DOMAINS
+from dume.reasoning.tasks import DOMAINS, TASKS
 from dume.report.multiseed import mean_std
 
 ROWS = REASONING_ROWS  # dume.reasoning.settings: from the strategy registry
-HEADS = {"math": "Mathematics", "multilingual": "Multilingual", "coding": "Coding",
-         "instruction": "Instr. following"}
+HEADS = {d: t.heading for d, t in TASKS.items()}  # the columns, from the task records
 _NAME = re.compile(r"^(?P<name>.+)__(?P<task>[a-z]+)__seed(?P<seed>-?\d+)$")
 
 
