@@ -579,3 +579,31 @@ def test_the_ranks_of_one_launch_do_not_lock_each_other_out(tmp_path, monkeypatc
         (tmp_path / "go").touch()
         holder.wait(10)
     assert (target / "x").read_text() == "rank 1"
+
+
+def test_readers_share_a_built_input_and_a_writer_waits_for_them(tmp_path):
+    """Strategies built in parallel read the shared zero-gate MoE together
+    (`reading_lock`): a second reader is not held up by the first, while a writer -- a
+    rebuild -- is kept out until every reader is done."""
+    from dume.checkpoint.outputs import output_lock, reading_lock
+    from dume.errors import DumeError
+
+    base = tmp_path / "base"
+    base.mkdir()
+    code = ("import time\nfrom dume.checkpoint.outputs import reading_lock\n"
+            f"with reading_lock({str(base)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.time()
+        with reading_lock(base):
+            pass
+        assert time.time() - start < 5
+        with pytest.raises(DumeError, match="another run"):
+            with output_lock(base):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(base):  # free once the reader is gone
+        pass

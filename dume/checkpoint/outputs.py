@@ -131,6 +131,72 @@ def output_lock(path: str | os.PathLike, *, wait: bool = False, poll_s: float = 
             _release(fd, lock_file)
 
 
+def _acquire_shared(lock_file: Path, path: Path, poll_s: float) -> int:
+    """An fd holding `lock_file` shared (with other readers), waiting while a writer holds it."""
+    told = False
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DumeError(f"cannot create the lock file {lock_file} for {path} ({e.strerror}): "
+                            "choose an output in a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _holder(lock_file)
+            os.close(fd)
+            if not told:
+                print(f"waiting: another run ({who}) is writing {path}", file=sys.stderr)
+                told = True
+            time.sleep(poll_s)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its last holder removed it between our open and our lock
+
+
+@contextlib.contextmanager
+def reading_lock(path: str | os.PathLike, *, poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold `path` for reading: together with other readers, never while a writer
+    (`output_lock`) holds it -- a writer waits for every reader. Re-entrant, and inside
+    this process's own `output_lock` of `path` it is that lock."""
+    path = Path(path)
+    if _launched_non_main():
+        yield path
+        return
+    key = _key(path)
+    with _held_guard:
+        reentered = key in _held
+        if reentered:
+            _held[key][1] += 1
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = lock_path(path)
+    fd = _acquire_shared(lock_file, path, poll_s)
+    with _held_guard:
+        _held[key] = [fd, 1]
+    try:
+        yield path
+    finally:
+        with _held_guard:
+            _held[key][1] -= 1
+            last = _held[key][1] == 0
+            if last:
+                del _held[key]
+        if last:
+            _release(fd, lock_file)
+
+
 def _release(fd: int, lock_file: Path) -> None:
     """Remove the lock file if no other process shares the lock (readers after a
     `share_lock`), while still holding it, so a waiter retries on a fresh file; then unlock."""

@@ -113,14 +113,20 @@ def shared_zero_gate_base(expert_dirs, base_dir, made_from: dict, *, redo: bool 
                           extra_config: dict | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES):
     """The MoErged experts with zero gates at `base_dir`, built once per expert set and
     reused by every strategy (rebuilt when `made_from` -- the experts' content
-    fingerprints, the domains -- differs from what it was built from). Held (others wait)
-    while it is checked and rebuilt, then shared: strategies read it together, and a
-    rebuild waits for every reader."""
+    fingerprints, the domains -- differs from what it was built from). Read under a shared
+    lock, so strategies built in parallel use it together; checked again and rebuilt
+    under the exclusive lock only when it is missing or stale, and a rebuild waits for
+    every reader."""
     from dume.checkpoint.fingerprint import built_from
-    from dume.checkpoint.outputs import output_lock, share_lock
+    from dume.checkpoint.outputs import output_lock, reading_lock, share_lock
     from dume.moe.merge import moerge_experts
 
     base_dir = Path(base_dir)
+    if not redo:
+        with reading_lock(base_dir):
+            if built_from(base_dir, made_from):
+                yield base_dir
+                return
     with output_lock(base_dir, wait=True):
         if redo or not built_from(base_dir, made_from):
             moerge_experts(list(expert_dirs), base_dir, gates=None, num_experts_per_tok=1,
@@ -196,7 +202,10 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
         stats.save(out / STATS_SUBDIR)
     full_recipe = {"method": strategy, "domains": domains, "experts": [str(d) for d in dirs],
                    "lambda": settings.lam, "relative_lambda": settings.relative_lambda,
-                   "temperature": settings.temperature, "k": k, "num_dume_tokens": settings.num_dume_tokens,
+                   "temperature": settings.temperature, "k": k,
+                   # tokens per document of the statistics: the settings', else those the given sums counted
+                   "num_dume_tokens": settings.num_dume_tokens if settings.num_dume_tokens is not None or stats is None
+                   else stats.num_dume_tokens,
                    "trained_steps": training.config.steps if entry.trains_router else 0, **dict(recipe or {})}
     write_recipe(out, full_recipe)
     release_memory()
@@ -204,9 +213,12 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
 
 
 def train_gates(moe_dir, training: RouterTraining, k: int) -> dict:
-    """Train the routers of the MoE at `moe_dir` (float32 master weights) and write the
-    trained gates back in place. The model is dropped before returning, so the memory
-    it held is free for whatever is evaluated next."""
+    """Train the routers of the MoE at `moe_dir` and write the trained gates back in place
+    (in the checkpoint's dtype). The model is loaded in float32 whatever the checkpoint
+    stores: float32 master weights, so that small updates are not rounded away
+    (`TrainConfig.param_dtype` = bfloat16, `--pure-bf16`, casts it for the original's
+    pure-bf16 training). The model is dropped before returning, so the memory it held is
+    free for whatever is evaluated next."""
     import gc
 
     import torch
