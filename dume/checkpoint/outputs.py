@@ -56,9 +56,10 @@ def _holder(lock_file: Path) -> str:
     return f"pid {pid}{': ' + cmd[:120] if cmd else ''}" if pid else "unknown pid"
 
 
-def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float) -> int:
-    """An fd holding the exclusive lock on `lock_file` (which still is the file at that
-    path: a lock on an unlinked file is retried)."""
+def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float, shared: bool = False) -> int:
+    """An fd holding the lock on `lock_file` -- exclusive (a writer, who records itself in
+    the file), or `shared` with other readers -- while it still is the file at that path
+    (a lock on an unlinked file is retried)."""
     told = False
     while True:
         try:
@@ -67,7 +68,7 @@ def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float) -> int:
             raise DumeError(f"cannot create the lock file {lock_file} for {path} ({e.strerror}): "
                             "choose an output in a writable folder") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             who = _holder(lock_file)
             os.close(fd)
@@ -86,85 +87,18 @@ def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float) -> int:
         if not same:  # its holder removed it between our open and our lock
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {' '.join(sys.argv)[:500]}\n".encode("utf-8", "replace"))
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {' '.join(sys.argv)[:500]}\n".encode("utf-8", "replace"))
         return fd
 
 
 @contextlib.contextmanager
-def output_lock(path: str | os.PathLike, *, wait: bool = False, poll_s: float = 0.2) -> Iterator[Path]:
-    """Hold the one-writer lock of `path` (a file or directory to be written) for the
-    duration of the block. `wait=False` refuses when another process holds it; `wait=True`
-    waits (for writes that take moments, like a result file)."""
-    path = Path(path)
-    if _launched_non_main():
-        yield path
-        return
-    key = _key(path)
-    with _held_guard:
-        if key in _held:
-            _held[key][1] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield path
-        finally:
-            with _held_guard:
-                _held[key][1] -= 1
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = lock_path(path)
-    fd = _acquire(lock_file, path, wait, poll_s)
-    with _held_guard:
-        _held[key] = [fd, 1]
-    try:
-        yield path
-    finally:
-        with _held_guard:
-            _held[key][1] -= 1
-            last = _held[key][1] == 0
-            if last:
-                del _held[key]
-        if last:
-            _release(fd, lock_file)
-
-
-def _acquire_shared(lock_file: Path, path: Path, poll_s: float) -> int:
-    """An fd holding `lock_file` shared (with other readers), waiting while a writer holds it."""
-    told = False
-    while True:
-        try:
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DumeError(f"cannot create the lock file {lock_file} for {path} ({e.strerror}): "
-                            "choose an output in a writable folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            who = _holder(lock_file)
-            os.close(fd)
-            if not told:
-                print(f"waiting: another run ({who}) is writing {path}", file=sys.stderr)
-                told = True
-            time.sleep(poll_s)
-            continue
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)  # its last holder removed it between our open and our lock
-
-
-@contextlib.contextmanager
-def reading_lock(path: str | os.PathLike, *, poll_s: float = 0.2) -> Iterator[Path]:
-    """Hold `path` for reading: together with other readers, never while a writer
-    (`output_lock`) holds it -- a writer waits for every reader. Re-entrant, and inside
-    this process's own `output_lock` of `path` it is that lock."""
-    path = Path(path)
+def _held_lock(path: Path, wait: bool, poll_s: float, shared: bool) -> Iterator[Path]:
+    """This process's lock of `path` for the block: re-entrant (an inner lock of a path
+    already held is that lock), released -- and its file removed by the last holder --
+    when the outermost block ends. Non-main ranks of a launch hold nothing (rank 0 locks
+    for the run)."""
     if _launched_non_main():
         yield path
         return
@@ -173,28 +107,38 @@ def reading_lock(path: str | os.PathLike, *, poll_s: float = 0.2) -> Iterator[Pa
         reentered = key in _held
         if reentered:
             _held[key][1] += 1
-    if reentered:
-        try:
-            yield path
-        finally:
-            with _held_guard:
-                _held[key][1] -= 1
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = lock_path(path)
-    fd = _acquire_shared(lock_file, path, poll_s)
-    with _held_guard:
-        _held[key] = [fd, 1]
+    if not reentered:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock_path(path), path, wait, poll_s, shared)
+        with _held_guard:
+            _held[key] = [fd, 1]
     try:
         yield path
     finally:
         with _held_guard:
             _held[key][1] -= 1
             last = _held[key][1] == 0
-            if last:
-                del _held[key]
-        if last:
-            _release(fd, lock_file)
+            entry = _held.pop(key) if last else None
+        if entry is not None:
+            _release(entry[0], lock_path(path))
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, *, wait: bool = False, poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold the one-writer lock of `path` (a file or directory to be written) for the
+    duration of the block. `wait=False` refuses when another process holds it; `wait=True`
+    waits (for writes that take moments, like a result file)."""
+    with _held_lock(Path(path), wait, poll_s, shared=False) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def reading_lock(path: str | os.PathLike, *, poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold `path` for reading: together with other readers, never while a writer
+    (`output_lock`) holds it -- a writer waits for every reader. Re-entrant, and inside
+    this process's own `output_lock` of `path` it is that lock."""
+    with _held_lock(Path(path), True, poll_s, shared=True) as held:
+        yield held
 
 
 def _release(fd: int, lock_file: Path) -> None:
