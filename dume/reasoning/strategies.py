@@ -37,12 +37,10 @@ from dume.routers.registry import REGISTRY as _REGISTRY
 # ---------------------------------------------------------------------------- building
 
 
-def base_made_from(experts: Mapping[str, Path]) -> dict:
-    """What the shared zero-gate MoE is keyed by: the experts' contents (an expert
-    replaced in place rebuilds it, a moved one does not) and the domains."""
-    from dume.checkpoint.experts import check_experts
-
-    es = check_experts([experts[d] for d in DOMAINS], require_moe_compatible=True)
+def base_made_from(es) -> dict:
+    """What the shared zero-gate MoE is keyed by (`es`: the experts' `check_experts`): the
+    experts' contents (an expert replaced in place rebuilds it, a moved one does not) and
+    the domains."""
     return {"dume_domains": list(DOMAINS), "dume_expert_fingerprints": list(es.fingerprints)}
 
 
@@ -126,9 +124,13 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
         training = router_training(train_docs, tokenizer, steps=steps, lr=lr, seq_len=seq_len,
                                    batch_size=batch_size, seed=seed, mixed_precision=mixed_precision, desc=strategy)
         recipe["lr"] = lr
+    from dume.checkpoint.experts import check_experts
+
+    es = check_experts(dirs, require_moe_compatible=True)  # once for the base and the build
     base = work_dir / "_moe_base"
-    with shared_zero_gate_base(dirs, base, base_made_from(experts), redo=redo), atomic_dir(out) as stage:
+    with shared_zero_gate_base(dirs, base, base_made_from(es), redo=redo), atomic_dir(out) as stage:
         built = build_routed(strategy, dirs, DOMAINS, stage, base_dir=base, stats=stats, training=training,
+                             expert_set=es,
                              settings=RouterSettings(k=k, lam=lam, temperature=temperature, seed=seed),
                              recipe=recipe)
         if built.history is not None:  # the recipe also says how training ended
@@ -190,7 +192,7 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
             "texts": selection, "model": str(out_dir)}
     base = work_dir / "_moe_base"
     dirs = [experts[d] for d in DOMAINS]
-    with shared_zero_gate_base(dirs, base, base_made_from(experts)):
+    with shared_zero_gate_base(dirs, base, base_made_from(es)):
         collection = Collection(
             docs, tokenizer, max_len=max_len, batch_size=batch_size, device=device, dtype=dtype,
             data_source=statistics_from, model_fingerprint=shared_weights_fingerprint(base), log=lambda *_: None,
