@@ -175,6 +175,7 @@ def test_editing_a_moe_works_for_every_architecture(kind, tmp_path):
     and "shared weights + expert e" read back from the MoE equals the oracle of e."""
     from transformers import AutoModelForCausalLM
 
+    from dume.arch.table import architecture
     from dume.moe.merge import build_oracle_model, moerge_experts
     from dume.moe.edit import (build_dense_from_moe, drop_experts, expert_mlp_state_dict, extend_moe,
         moe_shared_state_dict)
@@ -198,7 +199,8 @@ def test_editing_a_moe_works_for_every_architecture(kind, tmp_path):
     for e in range(3):
         dense = build_dense_from_moe(full, e)
         oracle = build_oracle_model(dirs, e, dtype=torch.float32)
-        assert type(dense).__name__ == type(oracle).__name__
+        if not architecture(oracle.config.model_type).split:  # fused experts read back unfused (as Llama)
+            assert type(dense).__name__ == type(oracle).__name__
         assert (_logits(dense, ids) - _logits(oracle, ids)).abs().max().item() < 1e-5
 
 

@@ -495,3 +495,29 @@ def test_reader_returns_private_copies(experts):
         t.add_(1.0)
         assert torch.equal(rd.get("model.norm.weight"), before)
         assert rd.shape("model.norm.weight") == (32,) and rd.dtype("model.norm.weight") == torch.float32
+
+
+def test_reader_row_views_show_the_parts_of_a_fused_tensor(tmp_path):
+    """The hook for fused projections (Phi-3's qkv_proj): the reader shows the parts in
+    the stored tensor's place and reads just their rows; a view of a missing tensor, or
+    parts that do not cover the stored rows, are refused."""
+    from safetensors.torch import save_file
+
+    from dume.checkpoint.experts import ExpertSet
+
+    tmp_path.mkdir(exist_ok=True)
+    fused = torch.arange(24.0).reshape(6, 4)
+    save_file({"a": torch.ones(2), "qkv": fused, "z": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    views = {"q": ("qkv", 0, 2), "k": ("qkv", 2, 4), "v": ("qkv", 4, 6)}
+    with CheckpointReader(tmp_path, views) as rd:
+        assert rd.keys() == ["a", "q", "k", "v", "z"] and "qkv" not in rd
+        for name, (_, a, b) in views.items():
+            assert rd.shape(name) == (2, 4) and rd.dtype(name) == torch.float32
+            assert torch.equal(rd.get(name), fused[a:b])
+    with pytest.raises(DumeError, match="no tensor named nope to split"):
+        CheckpointReader(tmp_path, {"x": ("nope", 0, 1)})
+    es = ExpertSet(dirs=(tmp_path,), config=None, tokenizer_fingerprint=None, tokenizer_dir=None,
+                   tensors={"qkv": ((6, 4), torch.float32)}, arch=type("Arch", (), {
+                       "row_views": staticmethod(lambda names, cfg: {"q": ("qkv", 0, 2), "k": ("qkv", 2, 5)})})())
+    with pytest.raises(DumeError, match="tensor qkv has 6 rows"):
+        es.split_fused()

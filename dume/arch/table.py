@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from dume.errors import DumeError
 
@@ -77,12 +77,39 @@ class Architecture:
     expert_size_field: str = "intermediate_size"   # the MoE config field holding one expert's width
     mlp_pattern: str = _DENSE_MLP
     dropped: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+    # Fused projections a dense checkpoint stores as one tensor (Phi-3's qkv_proj and
+    # gate_up_proj): config -> {name after "model.layers.N.": ((part, rows), ...)}. The
+    # MoE is built from the parts (`row_views`); averages and oracles keep the fused tensor.
+    split: Callable[[Any], dict[str, tuple[tuple[str, int], ...]]] | None = None
+    # Why experts with this config cannot become the MoE, beyond biases (or None).
+    refuse: Callable[[Any], str | None] | None = None
 
     @property
     def incompatible_flags(self) -> tuple[str, ...]:
         """Dense config flags the MoE class cannot hold (Mixtral has no bias anywhere;
         Qwen3-MoE keeps attention biases)."""
         return ("attention_bias", "mlp_bias") if self.moe_type == "mixtral" else ("mlp_bias",)
+
+    def moe_refusal(self, dense_config) -> str | None:
+        """Why experts with `dense_config` cannot be MoErged into this MoE class (or None)."""
+        for flag in self.incompatible_flags:
+            if getattr(dense_config, flag, False):
+                return f"{flag}=True: a {self.moe_class} has no such biases"
+        return self.refuse(dense_config) if self.refuse else None
+
+    def row_views(self, names, dense_config) -> dict[str, tuple[str, int, int]]:
+        """Each part of a fused tensor among `names` -> (stored name, first row, end row),
+        for `CheckpointReader(row_views=...)`; {} for an architecture without fused tensors."""
+        parts_of = self.split(dense_config) if self.split else {}
+        views = {}
+        for name in names:
+            m = re.match(r"^(model\.layers\.\d+\.)(.+)\.weight$", name)
+            if m and m[2] in parts_of:
+                start = 0
+                for part, rows in parts_of[m[2]]:
+                    views[f"{m[1]}{part}.weight"] = (name, start, start + rows)
+                    start += rows
+        return views
 
     def mlp_match(self, name: str):
         return re.match(self.mlp_pattern, name)
@@ -129,11 +156,9 @@ class Architecture:
         return _finish(cls(**kwargs), moe_config, self.dense_class)
 
     def config_class(self, moe: bool):
-        import transformers
+        from transformers import CONFIG_MAPPING
 
-        name = {"mixtral": "MixtralConfig", "qwen3_moe": "Qwen3MoeConfig", "llama": "LlamaConfig",
-                "mistral": "MistralConfig", "qwen3": "Qwen3Config"}[self.moe_type if moe else self.dense_type]
-        return getattr(transformers, name)
+        return CONFIG_MAPPING[self.moe_type if moe else self.dense_type]
 
     def model_class(self, moe: bool):
         import transformers
@@ -144,10 +169,9 @@ class Architecture:
         """The MoE config whose model computes what the MoErged experts compute: every
         architectural field copied (rope parameters of any type, rope theta, head_dim,
         GQA, tied embeddings, sliding-window settings), plus the MoE fields."""
-        for flag in self.incompatible_flags:
-            if getattr(dense_config, flag, False):
-                raise DumeError(f"{flag}=True: a {self.moe_class} has no such biases, so these experts cannot be "
-                                f"MoErged (model averaging still works)")
+        why = self.moe_refusal(dense_config)
+        if why:
+            raise DumeError(f"{why}, so these experts cannot be MoErged (model averaging still works)")
         cls = self.config_class(moe=True)
         kwargs = {f: v for f, v in _shared_fields(dense_config, cls).items() if f not in self.incompatible_flags}
         kwargs[self.expert_size_field] = dense_config.intermediate_size

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -14,7 +14,7 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME as WEIGHTS_NAME,
 )
 
-from dume.arch.table import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, is_routed
+from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, architecture, is_routed
 from dume.checkpoint.io import read_json
 from dume.checkpoint.reader import CheckpointReader, canonical, load_config, tokenizer_fingerprints
 from dume.errors import DumeError
@@ -45,8 +45,36 @@ class ExpertSet:
     def num_experts(self) -> int:
         return len(self.dirs)
 
+    # Fused tensors read as their parts (see `split_fused`).
+    row_views: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
+
     def readers(self) -> list[CheckpointReader]:
-        return [CheckpointReader(d) for d in self.dirs]
+        return [CheckpointReader(d, self.row_views) for d in self.dirs]
+
+    def split_fused(self) -> "ExpertSet":
+        """These experts with fused projections (Phi-3's qkv_proj, gate_up_proj) shown as
+        their parts, in `tensors` and through `readers()`: the names a MoE is built from.
+        The same set for an architecture that fuses nothing."""
+        views = self.arch.row_views(self.tensors, self.config)
+        if not views:
+            return self
+        tensors = {}
+        for name, (shape, dtype) in self.tensors.items():
+            parts = {v: (b - a, *shape[1:]) for v, (stored, a, b) in views.items() if stored == name}
+            if parts and max(b for stored, _, b in views.values() if stored == name) != shape[0]:
+                raise DumeError(f"{self.dirs[0]}: tensor {name} has {shape[0]} rows, its parts "
+                                f"{sorted(parts)} need {sum(s[0] for s in parts.values())}")
+            tensors.update({v: (s, dtype) for v, s in parts.items()} if parts else {name: (shape, dtype)})
+        return replace(self, tensors=tensors, row_views=views)
+
+
+def open_dense(path: str | Path) -> CheckpointReader:
+    """One dense expert's reader with fused projections shown as their parts: the names
+    its MLPs take as an expert of a MoE (`ExpertSet.split_fused` for a single checkpoint)."""
+    cfg = load_config(path, tuple(ARCHITECTURES))
+    with CheckpointReader(path) as rd:
+        views = architecture(cfg.model_type).row_views(rd.keys(), cfg)
+    return CheckpointReader(path, views)
 
 
 def _expert_label(i: int, path: Path) -> str:
@@ -90,13 +118,10 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
         except DumeError as e:
             raise DumeError(f"{_expert_label(i, d)}: {e}") from e
     ref = configs[0]
-    if require_moe_compatible:
-        for flag in arch.incompatible_flags:
-            if getattr(ref, flag, False):
-                raise DumeError(
-                    f"{_expert_label(0, dirs[0])}: {flag}=True; a {arch.moe_class} has no such biases, so "
-                    f"these experts cannot be MoErged (model averaging still works)"
-                )
+    why = arch.moe_refusal(ref) if require_moe_compatible else None
+    if why:
+        raise DumeError(f"{_expert_label(0, dirs[0])}: {why}, so these experts cannot be MoErged "
+                        "(model averaging still works)")
     for i, cfg in enumerate(configs[1:], start=1):
         for f in MUST_MATCH_FIELDS:
             a, b = canonical(getattr(ref, f, None)), canonical(getattr(cfg, f, None))

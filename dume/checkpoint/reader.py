@@ -155,10 +155,16 @@ class CheckpointReader:
     Handles a single `model.safetensors` and a sharded `model.safetensors.index.json`.
     Only headers are read on construction; `get` reads one tensor. Corrupted or missing
     files raise `DumeError` naming the file.
+
+    `row_views` maps a name the file does not hold to (stored name, first row, end row):
+    the reader then shows the view in place of the stored tensor and reads only its rows.
+    This is how an architecture with fused projections (`dume.arch.table`'s `split`)
+    is read under the separate names every other module uses.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, row_views: Mapping[str, tuple[str, int, int]] | None = None):
         self.path = Path(path)
+        self.row_views = dict(row_views or {})
         if not self.path.is_dir():
             raise DumeError(f"checkpoint directory does not exist: {self.path}")
         self._handles: dict[str, Any] = {}
@@ -185,6 +191,18 @@ class CheckpointReader:
                 if name in self.weight_map:
                     raise DumeError(f"{self.path}: tensor {name} appears in two shards")
                 self.weight_map[name] = f
+        if self.row_views:
+            hidden = {stored for stored, _, _ in self.row_views.values()}
+            missing = sorted(hidden - set(self.weight_map))
+            if missing:
+                raise DumeError(f"{self.path}: no tensor named {missing[0]} to split")
+            shown: dict[str, str] = {}
+            for name, f in self.weight_map.items():
+                if name in hidden:
+                    shown.update({v: f for v, (stored, _, _) in self.row_views.items() if stored == name})
+                else:
+                    shown[name] = f
+            self.weight_map = shown
 
     def _handle(self, fname: str):
         if fname not in self._handles:
@@ -206,13 +224,18 @@ class CheckpointReader:
 
     def _slice(self, name: str):
         fname = self.weight_map[name]
+        name = self.row_views.get(name, (name,))[0]
         try:
             return self._handle(fname).get_slice(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise DumeError(f"corrupted safetensors file {self.path / fname}: {e}") from e
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        shape = tuple(self._slice(name).get_shape())
+        if name in self.row_views:
+            _, a, b = self.row_views[name]
+            return (b - a, *shape[1:])
+        return shape
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._slice(name).get_dtype()
@@ -236,6 +259,9 @@ class CheckpointReader:
             raise DumeError(f"{self.path}: no tensor named {name}")
         try:
             with safe_open(str(self.path / fname), framework="pt", device="cpu") as f:
+                if name in self.row_views:
+                    stored, a, b = self.row_views[name]
+                    return f.get_slice(stored)[a:b].clone()
                 return f.get_tensor(name).clone()
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise DumeError(f"corrupted safetensors file {self.path / fname}: {e}") from e

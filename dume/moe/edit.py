@@ -37,6 +37,7 @@ from dume.arch.table import (
     is_routed,
     moe_architecture,
 )
+from dume.checkpoint.experts import open_dense
 from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
 from dume.checkpoint.outputs import require_free_space
 from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
@@ -257,7 +258,7 @@ def expert_mlp_state_dict(source: str | Path, expert: int | None = None) -> dict
     index). The same names either way, so an expert can be compared, hashed or put into a
     dense model whatever checkpoint it lives in."""
     source = Path(source)
-    with CheckpointReader(source) as rd:
+    with (open_dense(source) if expert is None else CheckpointReader(source)) as rd:
         if expert is None:
             cfg = load_config(source, tuple(ARCHITECTURES))
             arch = architecture(cfg.model_type)
@@ -321,14 +322,14 @@ def check_expert_fits_moe(moe_dir: str | Path, expert_dir: str | Path) -> list[s
         lcfg = load_config(expert_dir, compatible)
     except DumeError as e:
         raise DumeError(f"new expert: {e}") from e
-    for flag in arch.incompatible_flags:
-        if getattr(lcfg, flag, False):
-            raise DumeError(f"new expert {expert_dir}: {flag}=True, which a {arch.moe_class} expert cannot hold")
+    why = architecture(lcfg.model_type).moe_refusal(lcfg)
+    if why:
+        raise DumeError(f"new expert {expert_dir}: {why}, so it cannot be an expert of this MoE")
     dense = arch.dense_config(mcfg)
     for f in MUST_MATCH_FIELDS:
-        if f in arch.incompatible_flags:
+        if f in arch.incompatible_flags or not hasattr(lcfg, f):  # Phi-3 configs derive head_dim
             continue
-        a, b = canonical(getattr(dense, f, None)), canonical(getattr(lcfg, f, None))
+        a, b = canonical(getattr(dense, f, None)), canonical(getattr(lcfg, f))
         if a != b:
             raise DumeError(f"new expert {expert_dir} differs from the MoE {moe_dir} in {f}: {b!r} != {a!r}")
     notes = []
@@ -346,7 +347,7 @@ def check_expert_fits_moe(moe_dir: str | Path, expert_dir: str | Path) -> list[s
             f"new expert {expert_dir} has a different tokenizer than the MoE {moe_dir} "
             f"({common[0]} fingerprint {fb[common[0]][:16]} != {fa[common[0]][:16]})"
         )
-    with CheckpointReader(moe_dir) as moe, CheckpointReader(expert_dir) as rd:
+    with CheckpointReader(moe_dir) as moe, open_dense(expert_dir) as rd:
         for layer in range(mcfg.num_hidden_layers):
             for proj in arch.expert_proj:
                 n = arch.dense_mlp_name(layer, proj)
@@ -435,7 +436,7 @@ def write_moe_experts(
             gates = [torch.zeros(D, H, dtype=gate_dtype) for _ in range(L)]
         else:
             gates = [g.to(gate_dtype) for g in validate_gates(gates, L, D, H, "write_moe_experts")]
-        new_readers = {s: stack.enter_context(CheckpointReader(s)) for s in slots if isinstance(s, Path)}
+        new_readers = {s: stack.enter_context(open_dense(s)) for s in slots if isinstance(s, Path)}
         write_safetensors(_plan_moe_edit(moe, arch, L, slots, new_readers, gates), dst, max_shard_size)
     raw = read_json(moe_dir / CONFIG_NAME)
     raw.update(extra)

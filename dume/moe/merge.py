@@ -272,7 +272,7 @@ def moerge_experts(
     [D, H] (zeros when None: the caller sets them later with `set_gates`). `weights`
     re-weights the averaging of the shared tensors (plain mean by default).
     """
-    es = check_experts(expert_dirs, require_moe_compatible=True)
+    es = check_experts(expert_dirs, require_moe_compatible=True).split_fused()
     _check_moe_layout(es)
     w = _normalised_weights(weights, es.num_experts)
     cfg = es.config

@@ -24,7 +24,7 @@ def weight_gates(expert_dirs, temperature: float = 1.0) -> list[torch.Tensor]:
     from dume.routers.closed_form import _temperature
 
     T = _temperature(temperature)
-    es = check_experts(expert_dirs)
+    es = check_experts(expert_dirs).split_fused()
     arch, L = es.arch, es.config.num_hidden_layers
     readers = es.readers()
     try:
