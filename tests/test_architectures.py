@@ -42,8 +42,14 @@ def _qwen3():
     return Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True, rope_theta=1e6))
 
 
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
 BUILDERS = {"llama": (_llama, "MixtralForCausalLM"), "mistral": (_mistral, "MixtralForCausalLM"),
-            "qwen3": (_qwen3, "Qwen3MoeForCausalLM")}
+            "qwen3": (_qwen3, "Qwen3MoeForCausalLM"), "phi3": (_phi3, "MixtralForCausalLM")}
 
 
 def _experts(kind, tmp_path, n=3, same=False):

@@ -1,5 +1,5 @@
 """`dume_experts.py` edits every MoE architecture `dume build` writes (Mixtral from Llama
-experts, Qwen3-MoE from Qwen3 experts): removing, re-weighting and adding an expert give
+and from Phi-3 experts, Qwen3-MoE from Qwen3 experts): removing, re-weighting and adding an expert give
 the gates of a fresh `dume build` on the same experts and documents.
 
 The experts differ in their MLPs only, and their shared weights have bfloat16's short
@@ -30,12 +30,16 @@ def _model(kind: str):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         return LlamaForCausalLM(LlamaConfig(**common))
+    if kind == "phi3":
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        return Phi3ForCausalLM(Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     return Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3"])
 def setting(request, tmp_path_factory):
     torch.set_num_threads(1)
     kind = request.param
@@ -98,7 +102,7 @@ def test_remove_reweight_add_equal_a_fresh_build(setting, tmp_path):
     kind, root = setting
     three = _build(root, NAMES, root / "moe3")
     two = _build(root, NAMES[:2], root / "moe2")
-    expected_class = {"llama": "MixtralForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}[kind]
+    expected_class = {"llama": "MixtralForCausalLM", "qwen3": "Qwen3MoeForCausalLM", "phi3": "MixtralForCausalLM"}[kind]
     assert type(AutoModelForCausalLM.from_pretrained(str(three))).__name__ == expected_class
 
     # remove: the two-expert MoE's gates
@@ -121,4 +125,7 @@ def test_remove_reweight_add_equal_a_fresh_build(setting, tmp_path):
         _close(read_gates(out), read_gates(three))
         got, ref = RidgeStats.load(out / "dume_stats"), RidgeStats.load(three / "dume_stats")
         assert got.domains == ref.domains
-        torch.testing.assert_close(got.A, ref.A, rtol=1e-9, atol=1e-9)
+        # A fresh Phi-3 build collects through the fused oracle, keep-shared through the
+        # MoE's split tensors: the same sums up to the float32 rounding of a fused matmul.
+        tol = 1e-5 if kind == "phi3" and mode == "keep-shared" else 1e-9
+        torch.testing.assert_close(got.A, ref.A, rtol=tol, atol=tol)

@@ -12,6 +12,7 @@ tests/test_architectures.py). See docs/design.md.
 | llama                | MixtralForCausalLM      | block_sparse_moe.experts.E.w1/w3/w2 (gate/up/down) | block_sparse_moe.gate |
 | mistral              | MixtralForCausalLM      | same                                             | same              |
 | qwen3                | Qwen3MoeForCausalLM     | mlp.experts.E.gate_proj/up_proj/down_proj        | mlp.gate          |
+| phi3 (fused qkv, gate_up) | MixtralForCausalLM | as llama, from the split parts                 | as llama          |
 
 Routing: Mixtral takes the top-k router logits and softmaxes over them; Qwen3-MoE
 softmaxes over all experts, takes the top-k and (with `norm_topk_prob`, set here)
@@ -228,6 +229,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         moe_defaults={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
                       "output_router_logits": False, "router_aux_loss_coef": 0.0},
         num_experts_field="num_experts", expert_size_field="moe_intermediate_size"),
+    # Phi-3 stores q/k/v and gate/up fused; the Mixtral takes the parts (Phi3MLP chunks
+    # gate_up_proj as gate, then up). Its LayerNorms are RMSNorms, so it is Llama once split.
+    "phi3": Architecture(dense_type="phi3", dense_class="Phi3ForCausalLM",
+                         shared=_COMMON_SHARED + (r"^model\.layers\.\d+\.self_attn\.qkv_proj\.weight$",),
+                         mlp_pattern=_DENSE_MLP.replace("(?P<proj>", "(?P<proj>gate_up_proj|"),
+                         split=lambda c: {"self_attn.qkv_proj": tuple(
+                                              (f"self_attn.{p}_proj", n * (c.hidden_size // c.num_attention_heads))
+                                              for p, n in (("q", c.num_attention_heads), ("k", c.num_key_value_heads),
+                                                           ("v", c.num_key_value_heads))),
+                                          "mlp.gate_up_proj": (("mlp.gate_proj", c.intermediate_size),
+                                                               ("mlp.up_proj", c.intermediate_size))},
+                         refuse=lambda c: None if (c.rope_parameters or {}).get("partial_rotary_factor", 1.0) == 1.0
+                         else "partial_rotary_factor < 1: a Mixtral rotates every dimension of a head",
+                         **_MIXTRAL),
 }
 # Which dense record a MoE checkpoint is read back as (its experts' dense class): the
 # first record per MoE type; a Mixtral with a sliding window reads back as Mistral.
