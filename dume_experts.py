@@ -99,7 +99,8 @@ def _threads_per_process(world: int) -> None:
 
 
 def collect(args) -> None:
-    from dume.upcycle.dynamic import check_output, collect_stats, current_shard, plan_collect
+    from dume.runtime.distributed import current_shard
+    from dume.upcycle.dynamic import check_output, collect_stats, plan_collect
 
     shard = current_shard()
     _threads_per_process(shard.world)

@@ -74,21 +74,25 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling, random gates, router-training order")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--redo", action="store_true")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or reuse) the strategy's checkpoint and stop; what rank 0 runs alone under "
+                        "accelerate launch")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    import contextlib
-    import os
+    import subprocess
     from pathlib import Path
 
     import torch
 
     from dume.checkpoint.io import atomic_write_json
+    from dume.errors import DumeError
     from dume.reasoning.evaluate import evaluate_checkpoint
 
     from dume.reasoning.flags import check_router_settings
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     check_router_settings(lam=args.lam, k=args.k, temperature=args.temp, num_dume_tokens=args.num_dume_tokens,
                           max_num_samples=args.max_num_samples, train_steps=args.train_steps,
@@ -96,7 +100,7 @@ def main(argv=None):
     name = args.name or args.strategy
     run_dir = Path(args.run_dir)
     out = run_dir / "results" / args.protocol / f"{name}__{args.task}__seed{args.seed}.json"
-    if out.is_file() and not args.redo:
+    if out.is_file() and not args.redo and not args.build_only:
         why = _stale_because(out)
         if why is None:
             print(f"{out} exists; skipping (--redo to recompute)")
@@ -109,21 +113,32 @@ def main(argv=None):
         from dume.reasoning.tasks.ifeval import check_ifeval_runnable
 
         check_ifeval_runnable()
-    # Under `accelerate launch` (data-parallel lm-eval), rank 0 builds the checkpoint
-    # while the other ranks wait, then every rank loads it.
-    guard = contextlib.nullcontext()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from dume.runtime.distributed import partial_state
+    if args.build_only:
+        model_dir = _build(args, languages, device, dtype)[0]
+        print(f"{args.strategy}: {model_dir}")
+        return
+    # Under `accelerate launch` (data-parallel lm-eval), rank 0 builds the checkpoint in a
+    # plain single-process child while the others wait, then every rank loads it. Built in
+    # rank 0 itself, BTX/DUME+'s router training would start DDP collectives that the
+    # waiting ranks never join (a hang), and statistics would be summed over ranks that
+    # collect nothing.
+    from dume.runtime.distributed import is_main_process, main_process_first, single_process_env, world_size
 
-        guard = partial_state().main_process_first()
-    with guard:
+    with main_process_first():
+        if world_size() > 1:
+            if is_main_process():
+                child = subprocess.run([sys.executable, __file__, *argv, "--build-only"], env=single_process_env())
+                if child.returncode != 0:
+                    raise DumeError(f"building {args.strategy} in one process failed (exit {child.returncode}; "
+                                    "its message is above)")
+            args.redo = False  # the child rebuilt it; every rank now reads that build
         model_dir, experts, stats, train_record = _build(args, languages, device, dtype)
     tasks_dir = run_dir / "lm_eval_tasks" / args.protocol / f"{name}__{args.task}__seed{args.seed}"
     result = evaluate_checkpoint(model_dir, args.task, tasks_dir, data_dir=args.data_dir, languages=languages,
                                  limit=args.limit, batch_size=args.batch_size, device=device, dtype=dtype,
                                  num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
                                  parallelize=args.parallelize, seed=args.seed, protocol=args.protocol)
-    if result is None or int(os.environ.get("RANK", "0")) != 0:
+    if result is None or not is_main_process():
         return  # rank 0 writes
     from dume.checkpoint.fingerprint import fingerprint
 

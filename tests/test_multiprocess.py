@@ -105,3 +105,48 @@ def test_tokenizer_differing_from_the_runs_exits_2_before_any_work(tmp_path, tra
                                                       "--tokenizer", tmp_path / "other_tok"))
     one_error_line(capsys, rc, "different vocabulary than this run's tokenizer", "other_tok")
     assert snapshot(run_dir) == before
+
+
+WAIT_SCRIPT = '''
+import sys, time, torch, torch.distributed as dist
+from dume.runtime.distributed import all_reduce_sum, current_shard, main_process_first, wait_for_everyone
+shard = current_shard()
+log = open(f"{sys.argv[1]}/rank{shard.rank}.txt", "w", buffering=1)  # one file per rank: no interleaving
+start = time.time()
+with main_process_first():
+    if shard.is_main:
+        time.sleep(10)  # rank 0 prepares for twice the collectives' timeout
+waited = time.time() - start
+t = torch.tensor([float(shard.rank + 1)])
+all_reduce_sum([t], shard)  # the group still works after the long wait
+wait_for_everyone()
+log.write(f"waited {waited:.1f} sum {t.item():.0f}\\n")
+# control: a plain collective barrier against a busy rank 0 does time out
+if shard.is_main:
+    time.sleep(12)
+else:
+    t0 = time.time()
+    try:
+        dist.barrier()
+        log.write("control: barrier returned\\n")
+    except Exception:
+        log.write(f"control: barrier timed out after {time.time() - t0:.0f}s\\n")
+'''
+
+
+def test_rank0_preparation_longer_than_the_process_group_timeout_completes(tmp_path):
+    """Waiting for rank 0 polls the store (no timeout), while collectives keep the short
+    timeout set by DUME_PROCESS_GROUP_TIMEOUT (the control barrier times out)."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    env = {**os.environ, "DUME_PROCESS_GROUP_TIMEOUT": "5", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1))
+    for lines in (rank0, rank1):
+        waited, total = float(lines[0].split()[1]), lines[0].split()[3]
+        assert waited >= 9.5 and total == "3", lines
+    assert rank1[1].startswith("control: barrier timed out after"), rank1

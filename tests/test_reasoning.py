@@ -292,3 +292,41 @@ def test_task_specs_match_the_paper(tmp_path):
         write_task_configs("physics", tmp_path)
     with pytest.raises(DumeError):
         write_task_configs("math", tmp_path, data_dir=tmp_path / "missing")
+
+
+def test_btx_under_accelerate_launch_builds_once_and_scores_as_one_process(setting, tmp_path):
+    """`accelerate launch --num_processes 2 reasoning_eval.py --strategy BTX` with no
+    checkpoint yet: rank 0 trains the routers in a single-process child while rank 1
+    waits (trained in rank 0 itself, DDP's collectives hung), one result is written, and
+    the routers and the score equal a single-process run's."""
+    pytest.importorskip("lm_eval")
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from dume.moe.edit import read_gates
+
+    repo = Path(__file__).resolve().parents[1]
+    flags = ["reasoning_eval.py", "--strategy", "BTX", "--task", "math", "--experts", _experts_arg(setting["experts"]),
+             "--data-dir", str(setting["data"]), "--limit", "1", "--max-gen-toks", "4", "--train-steps", "2",
+             "--router-prompts", "2", "--seq-len", "32", "--train-batch-size", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DUME_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port)]
+    two, one = tmp_path / "two", tmp_path / "one"
+    p = subprocess.run([*launch, *flags, "--run-dir", str(two)], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    p = subprocess.run([sys.executable, *flags, "--run-dir", str(one)], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    [result] = list((two / "results" / "paper").glob("*.json"))
+    r2, r1 = json.loads(result.read_text()), json.loads((one / "results" / "paper" / result.name).read_text())
+    assert r2["score"] == r1["score"]
+    for a, b in zip(read_gates(two / "models" / "BTX" / "seed0"), read_gates(one / "models" / "BTX" / "seed0")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

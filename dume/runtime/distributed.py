@@ -1,27 +1,64 @@
-"""Who this process is under `accelerate launch`, and waiting for the others."""
+"""Who this process is under `accelerate launch`, waiting for the others, and sharing work.
+
+Two kinds of waiting, on purpose. Collectives inside a step (DDP's gradient all-reduce,
+summing statistics) take the process group's timeout (`process_group_timeout`, recorded
+with results): a rank that died is noticed in minutes. Waiting for one process to prepare
+something (rank 0 tokenising the pretraining budget, downloading experts, building a
+model) can take hours, so `wait_for_everyone` / `main_process_first` never block in a
+collective: each process counts itself in a key of the process group's store and polls
+it, so no timeout applies. If a process dies while the others wait, the launcher
+(torchrun, `accelerate launch`) stops them all.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence
 
 import torch
+
+from dume.errors import DumeError
+
+TIMEOUT_ENV = "DUME_PROCESS_GROUP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800  # torch's NCCL default is 600 s; a long eval batch on one rank stays within this
+_POLL_S = 0.2
+_waits = itertools.count()  # every process waits the same number of times, in the same order
 
 
 def world_size() -> int:
     """Processes of this launch (1 without `accelerate launch`), known before any setup."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_group_timeout() -> timedelta:
+    """The collectives' timeout: $DUME_PROCESS_GROUP_TIMEOUT seconds, else 30 minutes."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise DumeError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def partial_state():
-    """accelerate's process state. On a machine without CUDA it must be asked for the CPU
-    explicitly: otherwise `accelerate launch --multi_gpu` on CPUs leaves every process
-    believing it is alone (DistributedType.NO), and each would write every file."""
+    """accelerate's process state, created with `process_group_timeout()` (the first call
+    creates the process group; `Accelerator`s made later share it). On a machine without
+    CUDA it must be asked for the CPU explicitly: otherwise `accelerate launch --multi_gpu`
+    on CPUs leaves every process believing it is alone, and each would write every file."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    if world_size() <= 1:
+        return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=process_group_timeout())
 
 
 def is_main_process() -> bool:
@@ -29,19 +66,97 @@ def is_main_process() -> bool:
     return world_size() <= 1 or partial_state().is_main_process
 
 
+def _store_barrier() -> None:
+    """Every process arrives, with no timeout: counted in the process group's store and
+    polled (a blocking barrier would time out while rank 0 prepares)."""
+    state = partial_state()
+    import torch.distributed as dist
+
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get_store is None:  # a torch without it: a plain barrier (the group's timeout applies)
+        state.wait_for_everyone()
+        return
+    store, key = get_store(), f"dume/wait/{next(_waits)}"
+    store.add(key, 1)
+    while store.add(key, 0) < state.num_processes:
+        time.sleep(_POLL_S)
+
+
 def wait_for_everyone() -> None:
     if world_size() > 1:
-        partial_state().wait_for_everyone()
+        _store_barrier()
 
 
 @contextlib.contextmanager
 def main_process_first():
-    """The main process runs the body first (preparing files); the others follow and
-    find them ready. A no-op without `accelerate launch`."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """The main process runs the body first (preparing files, however long it takes); the
+    others wait without a timeout, then run it and find them ready. A no-op alone."""
+    if world_size() <= 1:
         yield
         return
-    from dume.runtime.distributed import partial_state
-
-    with partial_state().main_process_first():
+    if partial_state().is_main_process:
         yield
+        _store_barrier()
+    else:
+        _store_barrier()
+        yield
+
+
+# ------------------------------------------------------------------ data-parallel sums
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the work: rank `rank` of `world` processes."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current_shard() -> Shard:
+    """A single process, or one of `accelerate launch`'s (gloo on CPU, NCCL on GPU).
+    Accelerate's state is only touched when launched, so a plain call leaves a later
+    `Accelerator` in the same process free to choose its own settings."""
+    if world_size() <= 1:
+        return Shard(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    state = partial_state()
+    return Shard(state.process_index, state.num_processes, state.device)
+
+
+def my_share(items: Sequence, shard: Shard) -> list:
+    """This process's contiguous share (accelerate's `split_between_processes`; every
+    item once over all processes)."""
+    if shard.world <= 1:
+        return list(items)
+    with partial_state().split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor], shard: Shard) -> None:
+    """Sum each tensor over the processes in place (accelerate's `reduce`). It returns a
+    summed copy, so statistics are reduced one layer at a time: the transient copy is one
+    [H, H] block, not the whole [L, H, H] (2 GB in float64 for a 3B model)."""
+    if shard.world <= 1:
+        return
+    from accelerate.utils import reduce
+
+    for t in tensors:
+        for part in (t if t.dim() >= 2 else [t]):
+            part.copy_(reduce(part, reduction="sum"))
+
+
+def single_process_env() -> dict[str, str]:
+    """This environment without the launcher's variables: a child started with it is a
+    plain single process (its `Accelerator` sees no peers), on this rank's device."""
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_")}
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = local
+    return env

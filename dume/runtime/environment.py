@@ -42,5 +42,10 @@ def hardware() -> dict:
 
 
 def environment() -> dict:
-    """The record kept with every result: the core libraries' versions and the machine."""
-    return {**versions(("torch", "transformers", "accelerate")), **hardware()}
+    """The record kept with every result: the core libraries' versions and the machine
+    (under `accelerate launch`, also the processes and the collectives' timeout)."""
+    from dume.runtime.distributed import process_group_timeout, world_size
+
+    launch = ({"processes": world_size(), "process_group_timeout_s": process_group_timeout().total_seconds()}
+              if world_size() > 1 else {})
+    return {**versions(("torch", "transformers", "accelerate")), **hardware(), **launch}

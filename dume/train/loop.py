@@ -1,7 +1,7 @@
 """One training loop for everything that trains: the seed model, the experts, and the
 routers of BTX and DUME+.
 
-It runs on `accelerate`, so the same code is single-process on this CPU and DDP/FSDP
+It runs on `accelerate`, so the same code is single-process on this CPU and DDP
 with bf16 autocast under `accelerate launch` on GPUs. The schedule is the paper's:
 linear warmup from 0.1x to the peak learning rate, then cosine down to 0.1x. Small
 domains stop on validation loss (patience) and keep their best weights, because an
@@ -26,6 +26,7 @@ behaviour).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -140,14 +141,26 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     train_data: a Dataset of (input_ids, attention_mask) pairs (e.g. `dume.clm.tokens.TokenWindows`)
     or a pair of LongTensors [N, T]; val_data: a pair of LongTensors (or None).
     params: the parameters to optimise (default: all). BTX/DUME+ pass only the gates.
-    Under FSDP the returned model holds the full weights on the main process.
+
+    FSDP is refused: validation, clipping and the best-weights copy here act on the
+    module's own parameters, which FSDP shards and replaces (v1 validates on the
+    still-sharded module, v2's parameters are not the ones `prepare` returns), and it was
+    never run. The paper's models fit one GPU, so DDP (`accelerate launch --multi_gpu`)
+    is what runs them.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
+    from dume.runtime.distributed import partial_state
     from dume.train import speed
 
     cfg.validate()
+    fsdp_refusal = (f"{desc}: FSDP is not supported by this training loop (it would validate and clip sharded "
+                    "weights); launch with DDP instead: accelerate launch --multi_gpu ...")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise DumeError(fsdp_refusal)
+    if world_size() > 1:
+        partial_state()  # the process group, with dume's timeout, before the Accelerator shares it
     dataset = TensorDataset(*train_data) if isinstance(train_data, (tuple, list)) else train_data
     if len(dataset) == 0:
         raise DumeError(f"{desc}: no training sequences")
@@ -160,6 +173,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     accumulation = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
     accelerator = Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=cfg.mixed_precision,
                               log_with=log_with, cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise DumeError(fsdp_refusal)
     if log_with:
         accelerator.init_trackers(cfg.wandb_project, config=asdict(cfg))
     fast = speed.enable_fast_matmul(accelerator.device)
@@ -219,8 +234,6 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     batches = _batches_forever(loader)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     have_val = val_data is not None and len(val_data[0]) > 0
-    if have_val and cfg.patience and accelerator.distributed_type == DistributedType.FSDP:
-        raise DumeError("early stopping with best-weights restore (--patience) is not supported under FSDP")
     val = validate(0) if have_val and cfg.patience else None
     loss_scale = cfg.grad_accum if cfg.sum_accumulated_loss else 1  # accelerate divides by grad_accum
     step = 0
@@ -267,24 +280,9 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         accelerator.end_training()
     if not all(math.isfinite(x) for x in history["train_loss"]):
         raise DumeError(f"{desc}: the training loss became non-finite (lr {cfg.lr} too high?); nothing was saved")
-    out = _full_model(accelerator, model)
+    out = accelerator.unwrap_model(model)
+    out = getattr(out, "_orig_mod", out)  # torch.compile's wrapper
     for p in out.parameters():
         p.requires_grad_(True)
     return out, history
 
-
-def _full_model(accelerator, model):
-    """The trained model with full weights: under FSDP the sharded parameters are
-    gathered (`accelerator.get_state_dict`, a collective on every rank) into a plain
-    copy, so `save_pretrained` writes a loadable checkpoint; otherwise the unwrapped model."""
-    from accelerate.utils import DistributedType
-
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile's wrapper
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return unwrapped
-    state = accelerator.get_state_dict(model)
-    full = type(unwrapped)(unwrapped.config)
-    if accelerator.is_main_process:
-        full.load_state_dict(state)
-    return full

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,6 +39,7 @@ from dume.checkpoint.io import atomic_dir, read_json
 from dume.errors import DumeError
 from dume.moe.recipe import RECIPE_FILE, resolve_recipe_paths, write_recipe
 from dume.routers.registry import names as strategy_names
+from dume.runtime.distributed import Shard, all_reduce_sum, current_shard, my_share
 from dume.stats.ridge import STATS_SUBDIR, RidgeStats
 
 MODES = ("keep-shared", "reaverage")
@@ -296,59 +296,6 @@ def check_output(out_dir: str | Path, inputs: Sequence[str | Path], overwrite: b
     return out
 
 
-# ----------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's share of the documents: rank `rank` of `world` processes."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def current_shard() -> Shard:
-    """A single process, or one of `accelerate launch`'s (gloo on CPU, NCCL on GPU).
-
-    Accelerate's state is only touched when launched (WORLD_SIZE > 1), so a plain call
-    leaves any later `Accelerator` in the same process free to choose its own settings."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Shard(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    return Shard(state.process_index, state.num_processes, state.device)
-
-
-def _my_documents(docs: Sequence[str], shard: Shard) -> list[str]:
-    """This process's contiguous share of the documents (accelerate's
-    `split_between_processes`; every document once over all processes)."""
-    if shard.world <= 1:
-        return list(docs)
-    from accelerate import PartialState
-
-    with PartialState().split_between_processes(list(docs)) as mine:
-        return list(mine)
-
-
-def _all_reduce_sum(tensors: Sequence[torch.Tensor], shard: Shard) -> None:
-    """Sum each tensor over the processes in place (accelerate's `reduce`). It returns a
-    summed copy, so the statistics are reduced one layer at a time: the transient copy is
-    one [H, H] block, not the whole [L, H, H] (2 GB in float64 for a 3B model)."""
-    if shard.world <= 1:
-        return
-    from accelerate.utils import reduce
-
-    for t in tensors:
-        for part in (t if t.dim() >= 2 else [t]):
-            part.copy_(reduce(part, reduction="sum"))
-
-
 # ------------------------------------------------------------------------- collection
 
 
@@ -363,7 +310,7 @@ def collect_into(model, stats: RidgeStats, domain: str, docs: Sequence[str], tok
     from dume.stats.oracle import collect_domain
     from dume.text.batches import document_batches
 
-    mine = _my_documents(docs, shard)
+    mine = my_share(docs, shard)
     error = None
     if mine:
         try:
@@ -372,11 +319,11 @@ def collect_into(model, stats: RidgeStats, domain: str, docs: Sequence[str], tok
         except DumeError as e:
             error = str(e)
     failed = torch.tensor([1.0 if error else 0.0], device=stats.device)
-    _all_reduce_sum([failed], shard)
+    all_reduce_sum([failed], shard)
     if failed.item() > 0:
         raise DumeError(error or f"another process failed while collecting {domain!r} (see its message)")
     j = stats.domains.index(domain)
-    _all_reduce_sum([stats.A, stats.s, stats.n], shard)
+    all_reduce_sum([stats.A, stats.s, stats.n], shard)
     counted = int(stats.n[0, j])
     if counted == 0:
         raise DumeError(f"domain {domain!r} gave no tokens for the DUME statistics")
