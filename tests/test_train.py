@@ -129,3 +129,12 @@ def test_mixed_precision_defaults_to_what_accelerate_launch_was_given():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, env={**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "bf16", out.stderr[-2000:]
+
+
+def test_fsdp_is_refused_with_one_line_naming_ddp(monkeypatch):
+    """The loop validates and clips the module's own parameters, which FSDP shards:
+    `accelerate launch --use_fsdp` is refused before any work, naming DDP."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = tiny_llama()
+    with pytest.raises(DumeError, match=r"FSDP is not supported .*accelerate launch --multi_gpu"):
+        train(model, _data(32), None, TrainConfig(steps=1, warmup=0, batch_size=8))
