@@ -18,7 +18,10 @@ def parse(argv):
 
 
 def main(argv=None):
+    from dume.runtime.distributed import run_on_main_only
     args = parse(argv)
+    if run_on_main_only(__file__, sys.argv[1:] if argv is None else argv):
+        return
     run = Run.from_args(args)
     domains = run.select_domains(args.domains)
     models = {"seed": (run.seed_dir, "clm_pretrain.py")}

@@ -150,8 +150,15 @@ def prompt_gate_inputs(run: Run, domains) -> dict:
 
 def main(argv=None):
     from dume.checkpoint.outputs import output_lock
+    from dume.runtime.distributed import run_on_main_only, world_size
 
     args = parse(argv)
+    # Under accelerate launch the main process runs it alone; router training keeps the
+    # launch's batch (per-device batch x processes per micro-batch: what DDP averages over,
+    # for the embedded recipe's mean and the original's summed micro-batches alike).
+    if run_on_main_only(__file__, sys.argv[1:] if argv is None else argv,
+                        ["--batch-size", str(args.batch_size * world_size())]):
+        return
     strategy = strategies.get(args.method)
     run = Run.from_args(args)
     domains = run.select_domains(args.domains)

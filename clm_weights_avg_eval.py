@@ -18,10 +18,13 @@ def parse(argv):
 
 
 def main(argv=None):
+    from dume.runtime.distributed import run_on_main_only
     from dume.checkpoint.experts import check_experts
     from dume.moe.merge import average_experts
 
     args = parse(argv)
+    if run_on_main_only(__file__, sys.argv[1:] if argv is None else argv):
+        return
     run = Run.from_args(args)
     domains = run.select_domains(args.domains)
     model_dir = run.model_dir("model_averaging")

@@ -62,37 +62,66 @@ def _replica(root: Path) -> list[str]:
     for c in CONFIGS:
         d = root / "machelreid" / "m2d2" / c
         d.mkdir(parents=True)
-        for split, n in (("train", 120), ("valid", 20), ("test", 20)):
+        # physics' training text is shorter than the experts' step budget: that run wraps its data
+        for split, n in (("train", 8 if c == "physics_l1" else 120), ("valid", 20), ("test", 20)):
             (d / f"{split}.txt").write_text("\n".join(f"{split} {i} " + " ".join(words[c] * 4) for i in range(n)) + "\n")
     return texts
 
 
-def test_readme_paper_commands_run_on_the_local_hub_layout(tmp_path):
-    data = tmp_path / "data" / "hub"
-    texts = _replica(data)
-    tok = tmp_path / "llama3_tok"
-    _llama3_like_tokenizer(tok, texts)
-    commands = readme_commands()
-    assert "--tokenizer meta-llama/Meta-Llama-3-8B" in commands and "--source hub" in commands
-    cases = "\n".join(f'    *{script}*) extra="{flags}";;' for script, flags in OVERRIDES.items() if script != "*")
+TWO_PROCESS_OVERRIDES = {  # per-device batches halved: the same effective batch on 2 processes
+    **OVERRIDES,
+    "clm_pretrain.py": OVERRIDES["clm_pretrain.py"].replace("--batch-size 4", "--batch-size 2"),
+    "clm_train_experts.py": OVERRIDES["clm_train_experts.py"].replace("--batch-size 4", "--batch-size 2"),
+    "clm_moerging_strategies_eval.py": OVERRIDES["clm_moerging_strategies_eval.py"].replace("--batch-size 4",
+                                                                                         "--batch-size 2"),
+}
+
+
+def _run_readme_commands(root: Path, data: Path, tok: Path, overrides: dict, launch: str = "") -> Path:
+    """The README's commands through a `python` shell function that appends the size flags
+    (and, with `launch`, starts each script under `accelerate launch`)."""
+    cases = "\n".join(f'    *{script}*) extra="{flags}";;' for script, flags in overrides.items() if script != "*")
     wrapper = f"""set -euo pipefail
 python() {{
   local extra=""
   case "$1" in
 {cases}
   esac
-  "{sys.executable}" "$@" --run-dir "{tmp_path / 'run'}" --data-dir "{data}" --tokenizer "{tok}" {OVERRIDES['*']} $extra
+  {launch or '"' + sys.executable + '"'} "$@" --run-dir "{root / 'run'}" --data-dir "{data}" --tokenizer "{tok}" \\
+      {overrides['*']} $extra
 }}
 """
-    script = tmp_path / "paper.sh"
-    script.write_text(wrapper + commands)
+    script = root / "paper.sh"
+    script.write_text(wrapper + readme_commands())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "DUME_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"), "DUME_TOKEN_CACHE": str(tmp_path / "tokens")}
-    p = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+           "HF_DATASETS_CACHE": str(root / "hf_datasets"), "DUME_TOKEN_CACHE": str(root / "tokens")}
+    p = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    return root / "run"
 
-    run = tmp_path / "run"
+
+@pytest.fixture(scope="module")
+def hub_layout(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper")
+    data = root / "data" / "hub"
+    texts = _replica(data)
+    tok = root / "llama3_tok"
+    _llama3_like_tokenizer(tok, texts)
+    return root, data, tok
+
+
+@pytest.fixture(scope="module")
+def single_process_run(hub_layout, tmp_path_factory):
+    _, data, tok = hub_layout
+    return _run_readme_commands(tmp_path_factory.mktemp("one"), data, tok, OVERRIDES)
+
+
+def test_readme_paper_commands_run_on_the_local_hub_layout(hub_layout, single_process_run):
+    _, _, tok = hub_layout
+    commands = readme_commands()
+    assert "--tokenizer meta-llama/Meta-Llama-3-8B" in commands and "--source hub" in commands
+    run = single_process_run
     results = {f.stem for f in (run / "results").glob("*.json")}
     assert {"pretrain", "experts_eval", "model_averaging", "oracle", "random_routing", "DUME", "BTX",
             "DUMEplus"} <= results
@@ -103,3 +132,46 @@ python() {{
     dume = json.loads((run / "results" / "DUME.json").read_text())
     assert set(dume["results"]) == {"code", "math", "physics", "history", "philosophy"}
     assert all(r["tokens"] == 4 * 32 for r in dume["results"].values())  # 4 test windows, 32 predicted tokens each
+
+
+def _perplexities(tree, path=()) -> dict:
+    """{path: perplexity} of every perplexity anywhere in a result."""
+    if isinstance(tree, dict):
+        out = {path: tree["perplexity"]} if isinstance(tree.get("perplexity"), float) else {}
+        for k, v in tree.items():
+            out.update(_perplexities(v, (*path, k)))
+        return out
+    return {}
+
+
+def test_readme_paper_commands_under_two_processes_equal_one(hub_layout, single_process_run, tmp_path):
+    """Every README paper command under `accelerate launch --multi_gpu --num_processes 2`
+    (gloo), per-device batches halved: it completes, writes one set of results, the LR of
+    every step equals the single process's (the expert budget wraps its data) and every
+    perplexity matches to 1e-4 relative."""
+    _, data, tok = hub_layout
+    port = 29500 + os.getpid() % 2000
+    launch = (f'"{sys.executable}" -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 '
+              f'--mixed_precision no --dynamo_backend no --main_process_port {port}')
+    two = _run_readme_commands(tmp_path, data, tok, TWO_PROCESS_OVERRIDES, launch)
+    one = single_process_run
+    names = sorted(f.name for f in (one / "results").glob("*.json"))
+    assert sorted(f.name for f in (two / "results").glob("*.json")) == names
+    assert not list((two / "results").glob("*.tmp*")) and not list((two / "models").glob(".*"))
+    wrapped = json.loads((two / "results" / "expert_physics.json").read_text())
+    h = wrapped["history"]
+    assert wrapped["train_windows"] < h["steps_done"] * h["effective_batch"]  # the budget wraps the data
+    compared = 0
+    for name in names:
+        a, b = (json.loads((r / "results" / name).read_text()) for r in (one, two))
+        if "history" in a:
+            # training scripts run data-parallel; a strategy's router training runs in the main process alone
+            assert b["history"]["processes"] == (1 if name in ("BTX.json", "DUMEplus.json") else 2), name
+            assert b["history"]["effective_batch"] == a["history"]["effective_batch"], name
+            assert b["history"]["lr"] == a["history"]["lr"], name
+        pa, pb = _perplexities(a), _perplexities(b)
+        assert pa.keys() == pb.keys(), name
+        for key in pa:
+            assert pb[key] == pytest.approx(pa[key], rel=1e-4), (name, key)
+        compared += len(pa)
+    assert compared > 50

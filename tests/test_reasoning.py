@@ -178,6 +178,12 @@ def test_lm_eval_runs_offline_on_local_gsm8k_and_arc(setting):
     r = evaluate_checkpoint(model, "math", tasks / "math", data_dir=setting["data"], limit=2, max_gen_toks=8)
     assert r["lm_eval_tasks"] == ["dume_paper_gsm8k"] and r["metric"] == "exact_match,flexible-extract"
     assert r["protocol"] == "paper" and r["num_fewshot"] == 0
+    assert r["max_length"] == 256  # the tiny model's positions (a 3B Llama: 2048 + 8 new tokens, not 131 072)
+    from dume.reasoning.evaluate import max_length_for
+    from transformers import LlamaConfig
+
+    assert max_length_for(LlamaConfig(max_position_embeddings=131072)) == 3072
+    assert max_length_for(LlamaConfig(max_position_embeddings=131072), max_gen_toks=256) == 2304
     r = evaluate_checkpoint(model, "multilingual", tasks / "arc", data_dir=setting["data"], limit=3)
     assert r["lm_eval_tasks"] == ["dume_paper_arc_de", "dume_paper_arc_fr"]
     assert 0.0 <= r["score"] <= 1.0 and r["metric"] == "acc_norm,none"

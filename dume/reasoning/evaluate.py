@@ -26,6 +26,20 @@ def _preflight_hub(spec) -> None:
                         f"once to cache it, or pass --data-dir with local files (docs/reasoning.md)") from None
 
 
+# HFLM's max_length: the longest prompt either protocol sends (gsm8k 8-shot under lm-eval,
+# about 1,000 Llama-3 tokens) with room to spare, plus the most any task generates
+# (HumanEval's 1024 under lm-eval), capped by the model's positions. Without it HFLM takes
+# the model's own (131 072 for Llama-3.2): `--batch-size auto` then probes batches that
+# long, runs out of memory at every size and falls back to 1.
+PROMPT_TOKENS, MAX_NEW_TOKENS = 2048, 1024
+
+
+def max_length_for(model_config, max_gen_toks: int | None = None) -> int:
+    """Prompt budget + new tokens, at most the model's `max_position_embeddings`."""
+    positions = getattr(model_config, "max_position_embeddings", None) or PROMPT_TOKENS + MAX_NEW_TOKENS
+    return min(int(positions), PROMPT_TOKENS + (max_gen_toks or MAX_NEW_TOKENS))
+
+
 def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str | os.PathLike, *,
                         data_dir=None, languages=None, limit: int | None = None, batch_size: int | str = 1,
                         device: str = "cpu", dtype: str = "float32", num_fewshot: int | None = None,
@@ -52,10 +66,14 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
     # (Llama 3: <|begin_of_text|>); HFLM adds none unless asked.
     bos = {"add_bos_token": True} if protocol == "paper" else {}
     if model is None:
+        from transformers import AutoConfig
+
+        max_length = max_length_for(AutoConfig.from_pretrained(str(model_path)), max_gen_toks)
         lm = HFLM(pretrained=str(model_path), device=device, dtype=dtype, batch_size=batch_size,
-                  parallelize=parallelize, trust_remote_code=False, **bos)
+                  parallelize=parallelize, trust_remote_code=False, max_length=max_length, **bos)
     else:
-        lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size, **bos)
+        max_length = max_length_for(model.config, max_gen_toks)
+        lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size, max_length=max_length, **bos)
     nshot = spec.num_fewshot if num_fewshot is None else num_fewshot
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
     # Our own tasks (dume_*) include lm-eval's stock YAMLs by absolute path: indexing
@@ -77,7 +95,7 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
     score = sum(per_task.values()) / len(per_task)
     raw = {t: {k: v for k, v in out["results"][t].items() if isinstance(v, (int, float, str))} for t in spec.tasks}
     return {"score": score, "metric": spec.metric, "per_task": per_task, "lm_eval_tasks": list(spec.tasks),
-            "protocol": spec.protocol, "seed": seed, "num_fewshot": nshot,
+            "protocol": spec.protocol, "seed": seed, "num_fewshot": nshot, "max_length": max_length,
             "limit": limit, "data": spec.source, "notes": list(spec.notes),
             "lm_eval_version": getattr(lm_eval, "__version__", None), "raw_results": raw,
             "n_samples": {t: out.get("n-samples", {}).get(t) for t in spec.tasks}}

@@ -160,3 +160,29 @@ def single_process_env() -> dict[str, str]:
     if local is not None and torch.cuda.is_available() and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = local
     return env
+
+
+def run_on_main_only(script: str, argv: Sequence[str], extra_argv: Sequence[str] = ()) -> bool:
+    """Under `accelerate launch`, run `script argv extra_argv` once, in a single-process
+    child of the main process, while the other processes wait (no timeout); True there,
+    so the caller stops. False without `accelerate launch`: the caller does the work.
+
+    For the scripts whose work is one build and its evaluation (the CLM evaluation and
+    strategies scripts): one process builds and writes, so nothing is built, written or
+    collected N times, and router training is a plain single-process run (BTX's DDP
+    collectives need every rank inside the build)."""
+    import subprocess
+    import sys
+
+    if world_size() <= 1:
+        return False
+    failed = None
+    if partial_state().is_main_process:
+        print(f"{os.path.basename(script)}: {world_size()} processes; the main process runs it alone "
+              "(the others wait)", flush=True)
+        code = subprocess.run([sys.executable, script, *argv, *extra_argv], env=single_process_env()).returncode
+        failed = code or None
+    _store_barrier()
+    if failed:
+        raise DumeError(f"{os.path.basename(script)} failed in the main process (exit {failed}; its message is above)")
+    return True

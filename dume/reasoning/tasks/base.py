@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dume.checkpoint.io import atomic_write_text
 from dume.errors import DumeError
 
 PROTOCOLS = ("paper", "lm-eval")
@@ -89,7 +90,8 @@ class TaskContext:
                         self.protocol)
 
     def write(self, name: str, text: str) -> str:
-        (self.out / f"{name}.yaml").write_text(text, encoding="utf-8")
+        # atomic: under accelerate launch every rank writes the same file while others read it
+        atomic_write_text(self.out / f"{name}.yaml", text)
         return name
 
 
