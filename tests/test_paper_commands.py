@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.hub_replica import large_vocab_tokenizer, write_hub_replica
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("cs_l1", "math_l1", "physics_l1", "History_and_events", "Philosophy_and_thinking")
 OVERRIDES = {
     "*": "--seq-len 32 --max-eval-blocks 4 --eval-batch-size 8",
     "clm_pretrain.py": "--preset test-micro --steps 4 --warmup 1 --batch-size 4 --grad-accum 2 --eval-every 2",
@@ -30,42 +31,6 @@ def readme_commands() -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index("### The paper's setting"):]
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-
-
-def _llama3_like_tokenizer(path: Path, texts):
-    """A small byte-level BPE saved with Llama-3's special-token names (no hub here)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1]).save_pretrained(path)
-
-
-def _replica(root: Path) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    words = {c: f"{c.lower()} alpha beta gamma delta".split() for c in CONFIGS}
-    owt = root / "vietgpt" / "openwebtext_en" / "data"
-    owt.mkdir(parents=True)
-    texts = []
-    for shard in range(2):
-        docs = [f"web page {shard} {i} " + " ".join(words[CONFIGS[i % 5]] * 3) for i in range(400)]
-        pq.write_table(pa.table({"text": docs}), owt / f"train-{shard:05d}-of-00002.parquet")
-        texts += docs
-    for c in CONFIGS:
-        d = root / "machelreid" / "m2d2" / c
-        d.mkdir(parents=True)
-        # physics' training text is shorter than the experts' step budget: that run wraps its data
-        for split, n in (("train", 8 if c == "physics_l1" else 120), ("valid", 20), ("test", 20)):
-            (d / f"{split}.txt").write_text("\n".join(f"{split} {i} " + " ".join(words[c] * 4) for i in range(n)) + "\n")
-    return texts
 
 
 TWO_PROCESS_OVERRIDES = {  # per-device batches halved: the same effective batch on 2 processes
@@ -105,9 +70,9 @@ python() {{
 def hub_layout(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
     data = root / "data" / "hub"
-    texts = _replica(data)
-    tok = root / "llama3_tok"
-    _llama3_like_tokenizer(tok, texts)
+    # physics' training text is shorter than the experts' step budget: that run wraps its data
+    texts = write_hub_replica(data, short_train=("physics_l1",))
+    tok = large_vocab_tokenizer(root / "llama3_tok", texts)
     return root, data, tok
 
 
