@@ -44,18 +44,9 @@ class RidgeStats:
     this one untouched; only ``update`` / ``update_all_layers`` accumulate in place.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        hidden_size: int,
-        domains: Sequence[str],
-        *,
-        model_fingerprint: str | None = None,
-        num_dume_tokens: int | None = None,
-        data_source: str = "",
-        extra_meta: dict[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-    ):
+    def __init__(self, num_layers: int, hidden_size: int, domains: Sequence[str], *,
+                 model_fingerprint: str | None = None, num_dume_tokens: int | None = None, data_source: str = "",
+                 extra_meta: dict[str, Any] | None = None, device: str | torch.device = "cpu"):
         if int(num_layers) < 1 or int(hidden_size) < 1:
             raise DumeError(f"num_layers and hidden_size must be >= 1, got {num_layers} and {hidden_size}")
         domains = _check_domain_list(domains)
@@ -87,15 +78,7 @@ class RidgeStats:
     @property
     def meta(self) -> dict[str, Any]:
         """Everything that describes the statistics (JSON-serialisable if extra_meta is)."""
-        return {
-            "model_fingerprint": self.model_fingerprint,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "domains": list(self.domains),
-            "num_dume_tokens": self.num_dume_tokens,
-            "data_source": self.data_source,
-            **self.extra_meta,
-        }
+        return {**{k: getattr(self, k) for k in _CORE_META}, "domains": list(self.domains), **self.extra_meta}
 
     def token_counts(self) -> dict[str, list[int]]:
         """Domain -> tokens counted at each layer (equal across layers in normal use)."""
@@ -104,11 +87,8 @@ class RidgeStats:
 
     def __repr__(self) -> str:
         counts = {d: c[0] for d, c in self.token_counts().items()}
-        return (
-            f"RidgeStats(num_layers={self.num_layers}, hidden_size={self.hidden_size}, "
-            f"tokens={counts}, num_dume_tokens={self.num_dume_tokens}, "
-            f"model_fingerprint={self.model_fingerprint!r})"
-        )
+        return (f"RidgeStats(num_layers={self.num_layers}, hidden_size={self.hidden_size}, tokens={counts}, "
+                f"num_dume_tokens={self.num_dume_tokens}, model_fingerprint={self.model_fingerprint!r})")
 
     def _index(self, domain: str) -> int:
         try:
@@ -126,16 +106,9 @@ class RidgeStats:
 
     def _like(self, domains: list[str]) -> RidgeStats:
         """An empty RidgeStats with this one's metadata and the given domains."""
-        return RidgeStats(
-            self.num_layers,
-            self.hidden_size,
-            domains,
-            model_fingerprint=self.model_fingerprint,
-            num_dume_tokens=self.num_dume_tokens,
-            data_source=self.data_source,
-            extra_meta=dict(self.extra_meta),
-            device=self.device,
-        )
+        return RidgeStats(self.num_layers, self.hidden_size, domains, model_fingerprint=self.model_fingerprint,
+                          num_dume_tokens=self.num_dume_tokens, data_source=self.data_source,
+                          extra_meta=dict(self.extra_meta), device=self.device)
 
     # ------------------------------------------------------------------ accumulation
 
@@ -162,15 +135,13 @@ class RidgeStats:
         if not torch.is_floating_point(features):
             raise DumeError(f"features must be floating point (router inputs), got dtype {features.dtype}")
         if features.dim() not in (2, 3) or features.shape[-1] != self.hidden_size:
-            raise DumeError(
-                f"features must be [B, T, H] or [N, H] with H = {self.hidden_size}, got shape {tuple(features.shape)}"
-            )
+            raise DumeError(f"features must be [B, T, H] or [N, H] with H = {self.hidden_size}, "
+                            f"got shape {tuple(features.shape)}")
         x = features.reshape(-1, self.hidden_size).to(torch.float32)
         if mask is not None:
             if tuple(mask.shape) != tuple(features.shape[:-1]):
-                raise DumeError(
-                    f"mask shape {tuple(mask.shape)} does not match features' leading shape {tuple(features.shape[:-1])}"
-                )
+                raise DumeError(f"mask shape {tuple(mask.shape)} does not match features' leading shape "
+                                f"{tuple(features.shape[:-1])}")
             # Selecting with `where` instead of boolean indexing avoids a device sync, and
             # unlike multiplying by the mask it cannot turn an inf at a padding position into NaN.
             m = mask.reshape(-1).to(device=x.device).bool()
@@ -208,9 +179,8 @@ class RidgeStats:
             self.s[layer] += ytx
         self.n[layer, j] += count.to(device=self.device, dtype=torch.int64)
 
-    def update_all_layers(
-        self, domain: str, features_per_layer: Sequence[torch.Tensor], mask: torch.Tensor | None = None
-    ) -> None:
+    def update_all_layers(self, domain: str, features_per_layer: Sequence[torch.Tensor],
+                          mask: torch.Tensor | None = None) -> None:
         """`update` every layer from one forward pass: features_per_layer[l] is layer l's input."""
         if len(features_per_layer) != self.num_layers:
             raise DumeError(f"got features for {len(features_per_layer)} layers, the statistics have {self.num_layers}")
@@ -231,24 +201,13 @@ class RidgeStats:
             raise DumeError(f"can only merge RidgeStats with RidgeStats, got {type(other).__name__}")
         if self.targets is not None or other.targets is not None:
             raise DumeError("statistics with per-token targets (loss-aware) cannot be merged")
-        if (
-            self.model_fingerprint is not None
-            and other.model_fingerprint is not None
-            and self.model_fingerprint != other.model_fingerprint
-        ):
-            raise DumeError(
-                f"cannot merge statistics from different models: model_fingerprint "
-                f"{self.model_fingerprint!r} != {other.model_fingerprint!r}"
-            )
-        if self.hidden_size != other.hidden_size:
-            raise DumeError(f"cannot merge statistics: hidden_size {self.hidden_size} != {other.hidden_size}")
-        if self.num_layers != other.num_layers:
-            raise DumeError(f"cannot merge statistics: num_layers {self.num_layers} != {other.num_layers}")
-        if self.num_dume_tokens != other.num_dume_tokens:
-            raise DumeError(
-                f"cannot merge statistics: num_dume_tokens {self.num_dume_tokens} != {other.num_dume_tokens} "
-                "(None means all tokens)"
-            )
+        fps = (self.model_fingerprint, other.model_fingerprint)
+        if None not in fps and fps[0] != fps[1]:
+            raise DumeError(f"cannot merge statistics from different models: model_fingerprint "
+                            f"{fps[0]!r} != {fps[1]!r}")
+        for f, note in (("hidden_size", ""), ("num_layers", ""), ("num_dume_tokens", " (None means all tokens)")):
+            if getattr(self, f) != getattr(other, f):
+                raise DumeError(f"cannot merge statistics: {f} {getattr(self, f)} != {getattr(other, f)}{note}")
         domains = list(self.domains) + [d for d in other.domains if d not in self.domains]
         out = self._like(domains)
         out.model_fingerprint = self.model_fingerprint if self.model_fingerprint is not None else other.model_fingerprint
@@ -317,10 +276,8 @@ class RidgeStats:
         for j in idx:
             empty = (self.n[:, j] == 0).nonzero().flatten().tolist()
             if empty:
-                raise DumeError(
-                    f"domain {self.domains[j]!r} has no tokens at layer(s) {empty}: collect its statistics "
-                    "or leave it out (domains=...)"
-                )
+                raise DumeError(f"domain {self.domains[j]!r} has no tokens at layer(s) {empty}: collect its "
+                                "statistics or leave it out (domains=...)")
 
     @torch.no_grad()
     def solve(self, lam: float = 0.01, domains: Sequence[str] | None = None, relative: bool = False) -> torch.Tensor:
@@ -403,25 +360,16 @@ class RidgeStats:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or not isinstance(doc.get("meta"), dict):
             raise DumeError(f"{path / META_FILE} is not a DUME ridge-statistics file")
         if doc.get("format_version") != FORMAT_VERSION:
-            raise DumeError(
-                f"{path / META_FILE} has format_version {doc.get('format_version')!r}; this code reads {FORMAT_VERSION}"
-            )
+            raise DumeError(f"{path / META_FILE} has format_version {doc.get('format_version')!r}; "
+                            f"this code reads {FORMAT_VERSION}")
         meta = dict(doc["meta"])
         missing = [k for k in _CORE_META if k not in meta]
         if missing:
             raise DumeError(f"{path / META_FILE} lacks metadata keys {missing}")
         core = {k: meta.pop(k) for k in _CORE_META}
-        try:
-            stats = cls(
-                core["num_layers"],
-                core["hidden_size"],
-                core["domains"],
-                model_fingerprint=core["model_fingerprint"],
-                num_dume_tokens=core["num_dume_tokens"],
-                data_source=core["data_source"],
-                extra_meta=meta,
-                device="meta",  # allocate nothing: the tensors come from the file
-            )
+        try:  # device "meta" allocates nothing: the tensors come from the file
+            stats = cls(core.pop("num_layers"), core.pop("hidden_size"), core.pop("domains"), **core,
+                        extra_meta=meta, device="meta")
         except (TypeError, ValueError) as e:
             raise DumeError(f"{path / META_FILE} has invalid metadata: {e}") from e
         stats.device = torch.device(device)
@@ -434,20 +382,14 @@ class RidgeStats:
         except Exception as e:  # safetensors raises its own error type for bad headers
             raise DumeError(f"corrupted statistics file {tensor_file}: {e}") from e
         L, D, H = stats.num_layers, len(stats.domains), stats.hidden_size
-        expected = {
-            "A": ((L, D, H, H), torch.float64),
-            "s": ((L, D, H), torch.float64),
-            "n": ((L, D), torch.int64),
-        }
+        expected = {"A": ((L, D, H, H), torch.float64), "s": ((L, D, H), torch.float64), "n": ((L, D), torch.int64)}
         for key, (shape, dtype) in expected.items():
             t = tensors.get(key)
             if t is None:
                 raise DumeError(f"{tensor_file} has no tensor {key!r}")
             if tuple(t.shape) != shape or t.dtype != dtype:
-                raise DumeError(
-                    f"{tensor_file}: tensor {key!r} is {tuple(t.shape)} {t.dtype}, but the metadata "
-                    f"({L} layers, {D} domains, hidden {H}) needs {shape} {dtype}"
-                )
+                raise DumeError(f"{tensor_file}: tensor {key!r} is {tuple(t.shape)} {t.dtype}, but the metadata "
+                                f"({L} layers, {D} domains, hidden {H}) needs {shape} {dtype}")
         if not (torch.isfinite(tensors["A"]).all() and torch.isfinite(tensors["s"]).all()):
             raise DumeError(f"{tensor_file} holds non-finite values")
         if (tensors["n"] < 0).any():
@@ -481,11 +423,9 @@ def _solve_rank_deficient(A: torch.Tensor, lam: float, b: torch.Tensor, layer: i
     e, V = torch.linalg.eigh(A)
     scale = float(e.abs().max()) if e.numel() else 0.0
     if float(e.min()) < -PSD_ROUNDING * max(scale, 1e-300):
-        raise DumeError(
-            f"A + lambda*I is not positive definite at layer(s) [{layer}] (lambda'={lam:.3g}; A has eigenvalue "
-            f"{float(e.min()):.3g} against a largest {scale:.3g}); the statistics may be corrupted, or try a "
-            "larger lambda (or relative=True)"
-        )
+        raise DumeError(f"A + lambda*I is not positive definite at layer(s) [{layer}] (lambda'={lam:.3g}; A has "
+                        f"eigenvalue {float(e.min()):.3g} against a largest {scale:.3g}); the statistics may be "
+                        "corrupted, or try a larger lambda (or relative=True)")
     return V @ ((V.T @ b) / (e.clamp(min=0.0) + lam)[:, None])
 
 
@@ -520,8 +460,6 @@ def _normalise_columns(W: torch.Tensor, names: list[str], what: str) -> torch.Te
     bad = ~torch.isfinite(norms) | (norms == 0)
     if bool(bad.any()):
         layer, j = (int(v) for v in bad.nonzero()[0])
-        raise DumeError(
-            f"{what}: the column of domain {names[j]!r} at layer {layer} is zero or not finite "
-            "(all-zero or non-finite features for that domain?)"
-        )
+        raise DumeError(f"{what}: the column of domain {names[j]!r} at layer {layer} is zero or not finite "
+                        "(all-zero or non-finite features for that domain?)")
     return W / norms[:, None, :]
