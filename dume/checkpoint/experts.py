@@ -103,8 +103,6 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
                 f"{_expert_label(i, d)}: not a complete checkpoint (no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
             )
 
-    from dume.arch.table import architecture
-
     notes: list[str] = []
     configs = []
     raw0 = read_json(dirs[0] / CONFIG_NAME)
@@ -148,18 +146,8 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
         tok_fp = f"{kind0}:{fps[r][kind0][:16]}"
         tok_dir = dirs[r]
         for i in with_tok[1:]:
-            common = [k for k in fps[r] if k in fps[i]]
-            if not common:
-                raise DumeError(
-                    f"{_expert_label(i, dirs[i])}: its tokenizer files ({', '.join(fps[i])}) cannot be compared "
-                    f"with {_expert_label(r, dirs[r])}'s ({', '.join(fps[r])}); save both tokenizers the same way"
-                )
-            k = common[0]
-            if fps[i][k] != fps[r][k]:
-                raise DumeError(
-                    f"{_expert_label(i, dirs[i])} has a different tokenizer than {_expert_label(r, dirs[r])} "
-                    f"({k} fingerprint {fps[i][k][:16]} != {fps[r][k][:16]})"
-                )
+            check_same_tokenizer(fps[i], fps[r], _expert_label(i, dirs[i]), _expert_label(r, dirs[r]),
+                                 f"{_expert_label(r, dirs[r])}'s")
 
     # Tensor layout from the headers.
     layouts = []
@@ -205,6 +193,19 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
         arch=arch,
         warnings=warnings,
     )
+
+
+def check_same_tokenizer(fp: Mapping[str, str], ref_fp: Mapping[str, str], who: str, ref: str, refs: str) -> None:
+    """Refuse tokenizer fingerprints (`tokenizer_fingerprints`) that differ from `ref`'s on
+    the first kind of file both have, or that share no kind; `refs` is `ref` possessive."""
+    common = [k for k in ref_fp if k in fp]
+    if not common:
+        raise DumeError(f"{who}: its tokenizer files ({', '.join(fp)}) cannot be compared with {refs} "
+                        f"({', '.join(ref_fp)}); save both tokenizers the same way")
+    k = common[0]
+    if fp[k] != ref_fp[k]:
+        raise DumeError(f"{who} has a different tokenizer than {ref} "
+                        f"({k} fingerprint {fp[k][:16]} != {ref_fp[k][:16]})")
 
 
 def duplicate_warnings(dirs, fingerprints) -> tuple[str, ...]:

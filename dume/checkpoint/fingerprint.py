@@ -14,8 +14,8 @@ every weight tensor of a checkpoint is hashed, once:
   each weight file's size and modification time, and reused while those stay the same.
   A checkpoint whose files are rewritten (retrained, edited, copied without their
   times) gets new stamps and is hashed again. A record is only stored for a checkpoint
-  whose weights are all finite: a broken one is an error, and nothing is written beside it. Where the directory is read-only the record is kept in memory
-  for the life of the process only.
+  whose weights are all finite: a broken one is an error, and nothing is written beside it.
+  Where the directory is read-only the record is kept in memory for the life of the process only.
 
 Cost: one read of the weights per change (about the speed of the disk; sha256 runs at
 ~1 GB/s), then a `stat` per weight file.
@@ -32,6 +32,8 @@ from typing import Iterable
 
 import torch
 
+from dume.checkpoint.io import atomic_write_json, is_complete_checkpoint, read_json
+from dume.checkpoint.reader import CheckpointReader
 from dume.errors import DumeError
 
 FINGERPRINT_FILE = "dume_fingerprint.json"
@@ -51,8 +53,6 @@ class ContentFingerprint:
 
 def _weight_files(path: Path) -> list[str]:
     """The checkpoint's safetensors files (single file or the shards an index names)."""
-    from dume.checkpoint.reader import CheckpointReader
-
     with CheckpointReader(path) as rd:  # validates the layout; headers only
         return list(rd.files)
 
@@ -72,8 +72,6 @@ def _tensor_hash(name: str, t: torch.Tensor) -> str:
 
 
 def _compute(path: Path, files: list[str]) -> ContentFingerprint:
-    from dume.checkpoint.reader import CheckpointReader
-
     tensors: dict[str, str] = {}
     nonfinite: list[str] = []
     with CheckpointReader(path) as rd:
@@ -119,8 +117,6 @@ def content_fingerprint(path: str | os.PathLike, *, store: bool = True) -> Conte
 
 
 def _store(record_path: Path, record: dict) -> None:
-    from dume.checkpoint.io import atomic_write_json
-
     try:
         atomic_write_json(record_path, record)
     except OSError:
@@ -151,8 +147,6 @@ def stale_because(recorded: dict[str, tuple[str | os.PathLike, str | None]]) -> 
     `recorded` maps a label ("model", "code expert", ...) to (checkpoint path, the
     fingerprint the result recorded for it). The one check behind every "skip what is
     done" (the CLM scripts' `Run.done`, reasoning_eval.py)."""
-    from dume.checkpoint.io import is_complete_checkpoint
-
     for label, (path, then) in recorded.items():
         if not is_complete_checkpoint(Path(path)):
             return f"its {label} {path} is missing"
@@ -166,7 +160,5 @@ def built_from(model_dir: str | os.PathLike, made_from: dict) -> bool:
     """A reusable built checkpoint: complete, and its config.json records the same
     `made_from` attributes (e.g. the experts' content fingerprints) it would be built
     from now -- so a moved run reuses it and an edited expert rebuilds it."""
-    from dume.checkpoint.io import is_complete_checkpoint, read_json
-
     return is_complete_checkpoint(Path(model_dir)) and all(
         read_json(Path(model_dir) / "config.json").get(k) == v for k, v in made_from.items())

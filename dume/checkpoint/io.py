@@ -260,7 +260,7 @@ def _owner_alive(stale: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, under another user
     return True
 
 

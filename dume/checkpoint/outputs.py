@@ -232,7 +232,6 @@ def format_bytes(n: float) -> str:
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"
 
 
 def require_free_space(where: str | os.PathLike, needed: int, what: str, margin: float = 1.05) -> None:

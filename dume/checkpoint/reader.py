@@ -26,21 +26,13 @@ from transformers.utils import (
 )
 
 from dume.checkpoint.io import read_json
+from dume.checkpoint.shards import SAFETENSORS_DTYPE
 from dume.errors import DumeError
 
 # Every file a Hugging Face tokenizer may be saved as; copied verbatim into merged models.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
 
 # What identifies a tokenizer's vocabulary, in order of preference: kind -> files.
 # Two experts are compared on the first kind both have.
@@ -54,18 +46,7 @@ TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
 # enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
 TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dt for dt, code in SAFETENSORS_DTYPE.items()}
 
 
 def _config_class(model_type: str) -> type:
@@ -183,9 +164,7 @@ class CheckpointReader:
                 if not (self.path / f).is_file():
                     raise DumeError(f"{index} names shard {f}, which is missing")
         else:
-            raise DumeError(
-                f"{self.path} holds no safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
-            )
+            raise DumeError(f"{self.path} holds no safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
         for f in self.files:
             for name in self._handle(f).keys():
                 if name in self.weight_map:
@@ -281,11 +260,3 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ------------------------------------------------------------------------ expert sets
-
-
-# ----------------------------------------------------------------------- fingerprints
-
-

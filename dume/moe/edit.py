@@ -37,7 +37,7 @@ from dume.arch.table import (
     is_routed,
     moe_architecture,
 )
-from dume.checkpoint.experts import open_dense
+from dume.checkpoint.experts import check_same_tokenizer, open_dense
 from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
 from dume.checkpoint.outputs import require_free_space
 from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
@@ -334,19 +334,10 @@ def check_expert_fits_moe(moe_dir: str | Path, expert_dir: str | Path) -> list[s
             raise DumeError(f"new expert {expert_dir} differs from the MoE {moe_dir} in {f}: {b!r} != {a!r}")
     notes = []
     fa, fb = tokenizer_fingerprints(moe_dir), tokenizer_fingerprints(expert_dir)
-    common = [k for k in fa if k in fb]
     if not fa or not fb:
         notes.append(f"{moe_dir if not fa else expert_dir} has no tokenizer files; the tokenizers are assumed to match")
-    elif not common:
-        raise DumeError(
-            f"new expert {expert_dir}: its tokenizer files ({', '.join(fb)}) cannot be compared with the MoE's "
-            f"({', '.join(fa)}); save both tokenizers the same way"
-        )
-    elif fa[common[0]] != fb[common[0]]:
-        raise DumeError(
-            f"new expert {expert_dir} has a different tokenizer than the MoE {moe_dir} "
-            f"({common[0]} fingerprint {fb[common[0]][:16]} != {fa[common[0]][:16]})"
-        )
+    else:
+        check_same_tokenizer(fb, fa, f"new expert {expert_dir}", f"the MoE {moe_dir}", "the MoE's")
     with CheckpointReader(moe_dir) as moe, open_dense(expert_dir) as rd:
         for layer in range(mcfg.num_hidden_layers):
             for proj in arch.expert_proj:
