@@ -23,7 +23,7 @@ from dume.errors import DumeError
 CHECKPOINT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def _tmp_sibling(path: Path) -> Path:
+def tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
@@ -33,7 +33,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(path, wait=True):
-        tmp = _tmp_sibling(path)
+        tmp = tmp_sibling(path)
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -161,7 +161,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
             raise DumeError(f"{path} exists; refusing to overwrite it")
         _refuse_nested_checkpoints(path)
         cleanup_stale_tmp(path)
-        tmp = _tmp_sibling(path)
+        tmp = tmp_sibling(path)
         tmp.mkdir()
         try:
             yield tmp
@@ -217,7 +217,7 @@ def _replace_dir(new: Path, path: Path) -> None:
     if _renameat2(new, path, _RENAME_EXCHANGE):
         shutil.rmtree(new, ignore_errors=True)  # `new` now names the old directory
         return
-    old = _tmp_sibling(path)
+    old = tmp_sibling(path)
     os.replace(path, old)
     os.replace(new, path)
     shutil.rmtree(old, ignore_errors=True)

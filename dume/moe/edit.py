@@ -19,7 +19,6 @@ import contextlib
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +37,7 @@ from dume.arch.table import (
     moe_architecture,
 )
 from dume.checkpoint.experts import check_same_tokenizer, open_dense
-from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json
+from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json, tmp_sibling
 from dume.checkpoint.outputs import require_free_space
 from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
 from dume.checkpoint.shards import (
@@ -50,7 +49,7 @@ from dume.checkpoint.shards import (
     write_safetensors,
 )
 from dume.errors import DumeError
-from dume.moe.merge import check_extra_config, check_out_dir, validate_gates, validate_k
+from dume.moe.merge import check_extra_config, check_out_dir, majority_dtype, validate_gates, validate_k
 
 
 def open_moe(moe_dir: str | Path):
@@ -116,8 +115,7 @@ def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
     D = num_experts(cfg)
     with CheckpointReader(moe_dir) as rd:
         if dtype is None:
-            dts = [rd.dtype(n) for n in rd.keys() if rd.dtype(n).is_floating_point]
-            dtype = max(set(dts), key=dts.count)
+            dtype = majority_dtype(rd.dtype(n) for n in rd.keys())
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         # meta -> empty storage unties shared parameters: re-tie before filling
@@ -204,7 +202,7 @@ def set_gates(
         try:
             for fname, rep in replace_by_file.items():
                 final = moe_dir / fname
-                tmp = final.with_name(f".{fname}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                tmp = tmp_sibling(final)
                 _rewrite_file(rd, fname, rep, tmp)
                 tmps.append((tmp, final))
             rd.close()
@@ -297,8 +295,7 @@ def build_dense_from_moe(moe_dir: str | Path, expert: int | str | Path, shared: 
     if shared is None:
         shared = moe_shared_state_dict(moe_dir)
     mlp = expert_mlp_state_dict(moe_dir, expert) if isinstance(expert, int) else expert_mlp_state_dict(expert, None)
-    dtypes = [t.dtype for t in shared.values() if t.is_floating_point()]
-    dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    dtype = majority_dtype(t.dtype for t in shared.values())
     sd = {**shared, **{n: t.to(dtype) for n, t in mlp.items()}}
     model_class = arch.model_class(moe=False)
     return model_class.from_pretrained(None, config=arch.dense_config(mcfg), state_dict=sd, dtype=dtype).eval()

@@ -24,10 +24,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from dume.arch.table import MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, RUNTIME_FIELDS, architecture
+from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, RUNTIME_FIELDS, architecture
 from dume.checkpoint.experts import ExpertSet, check_experts
 from dume.checkpoint.io import atomic_dir
-from dume.checkpoint.outputs import require_free_space
+from dume.checkpoint.outputs import check_output_path, require_free_space
 from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
 from dume.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES, OutTensor, const, take, write_safetensors
 from dume.errors import DumeError
@@ -123,8 +123,6 @@ def _plan_moe(es: ExpertSet, readers, gates: list[torch.Tensor], weights) -> lis
 
 def check_out_dir(out_dir: str | Path, protected: Iterable[Path]) -> Path:
     """Refuse an output directory that is, contains or lies inside an input checkpoint."""
-    from dume.checkpoint.outputs import check_output_path
-
     return check_output_path(out_dir, protected, "output directory")
 
 
@@ -186,10 +184,32 @@ def _open_all(es: ExpertSet) -> Iterator[list[CheckpointReader]]:
             rd.close()
 
 
-def _experts_dtype(es: ExpertSet) -> torch.dtype:
-    """The experts' storage dtype (of their floating tensors; float32 if none)."""
-    dts = [dt for _, dt in es.tensors.values() if dt.is_floating_point]
+def majority_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """A checkpoint's storage dtype: the most common of its floating tensors' (float32 if none)."""
+    dts = [dt for dt in dtypes if dt.is_floating_point]
     return max(set(dts), key=dts.count) if dts else torch.float32
+
+
+def _dense_config(es: ExpertSet, extra_config: dict | None):
+    """Expert 0's config, for a dense checkpoint made from the experts (average, oracle)."""
+    config = load_config(es.dirs[0], es.arch.dense_type)
+    config.architectures = [es.arch.dense_class]
+    _apply_extra(config, extra_config)
+    return config
+
+
+def _write(es: ExpertSet, out_dir: Path, plan, config, max_shard_size, overwrite: bool) -> Path:
+    """Stream `plan(readers)` into `out_dir` atomically, with `config` and the side files."""
+    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_safetensors(plan(readers), tmp, max_shard_size)
+        config.save_pretrained(str(tmp))
+        _copy_side_files(es, tmp)
+    return out_dir
+
+
+def _check_domain_index(es: ExpertSet, domain_index: int) -> None:
+    if not isinstance(domain_index, int) or not 0 <= domain_index < es.num_experts:
+        raise DumeError(f"domain_index must be in [0, {es.num_experts}), got {domain_index!r}")
 
 
 def validate_gates(gates: Sequence[torch.Tensor], num_layers: int, num_experts: int, hidden: int, where: str) -> list[torch.Tensor]:
@@ -245,14 +265,8 @@ def average_experts(
     es = check_experts(expert_dirs)
     w = _normalised_weights(weights, es.num_experts)
     out_dir = check_out_dir(out_dir, es.dirs)
-    config = load_config(es.dirs[0], es.arch.dense_type)
-    config.architectures = [es.arch.dense_class]
-    _apply_extra(config, extra_config)
-    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_safetensors(_plan_average(es, readers, w), tmp, max_shard_size)
-        config.save_pretrained(str(tmp))
-        _copy_side_files(es, tmp)
-    return out_dir
+    return _write(es, out_dir, lambda readers: _plan_average(es, readers, w), _dense_config(es, extra_config),
+                  max_shard_size, overwrite)
 
 
 def moerge_experts(
@@ -278,7 +292,7 @@ def moerge_experts(
     cfg = es.config
     D, H, L = es.num_experts, cfg.hidden_size, cfg.num_hidden_layers
     validate_k(num_experts_per_tok, D)
-    dtype = _experts_dtype(es)
+    dtype = majority_dtype(dt for _, dt in es.tensors.values())
     if gates is None:
         gates = [torch.zeros(D, H, dtype=dtype) for _ in range(L)]
     else:
@@ -286,11 +300,7 @@ def moerge_experts(
     mcfg = moe_config(load_config(es.dirs[0], es.arch.dense_type), D, num_experts_per_tok, extra_config)
     out_dir = check_out_dir(out_dir, es.dirs)
     require_free_space(out_dir.parent, moe_size_bytes(es), f"the MoE {out_dir}")
-    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_safetensors(_plan_moe(es, readers, gates, w), tmp, max_shard_size)
-        mcfg.save_pretrained(str(tmp))
-        _copy_side_files(es, tmp)
-    return out_dir
+    return _write(es, out_dir, lambda readers: _plan_moe(es, readers, gates, w), mcfg, max_shard_size, overwrite)
 
 
 def shared_state_dict(expert_dirs: Sequence[str | Path], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
@@ -318,8 +328,7 @@ def oracle_state_dict(
     `shared` (from `shared_state_dict`) to avoid re-averaging for every domain.
     """
     es = check_experts(expert_dirs)
-    if not isinstance(domain_index, int) or not 0 <= domain_index < es.num_experts:
-        raise DumeError(f"domain_index must be in [0, {es.num_experts}), got {domain_index!r}")
+    _check_domain_index(es, domain_index)
     if shared is None:
         shared = shared_state_dict(expert_dirs, weights)
     out: dict[str, torch.Tensor] = {}
@@ -342,14 +351,11 @@ def build_oracle_model(
     dtype: torch.dtype | None = None,
 ):
     """The oracle for one domain as an in-memory dense model of the experts' class (eval mode)."""
-    from dume.arch.table import ARCHITECTURES
-
     sd = oracle_state_dict(expert_dirs, domain_index, weights, shared)
     config = load_config(Path(expert_dirs[0]), tuple(ARCHITECTURES))
     model_class = architecture(config.model_type).model_class(moe=False)
     if dtype is None:
-        dts = [t.dtype for t in sd.values() if t.is_floating_point()]
-        dtype = max(set(dts), key=dts.count) if dts else torch.float32
+        dtype = majority_dtype(t.dtype for t in sd.values())
     model = model_class.from_pretrained(None, config=config, state_dict=sd, dtype=dtype)
     return model.eval()
 
@@ -366,17 +372,10 @@ def write_oracle(
 ) -> Path:
     """The oracle for one domain written as a Llama checkpoint (streamed)."""
     es = check_experts(expert_dirs)
-    if not isinstance(domain_index, int) or not 0 <= domain_index < es.num_experts:
-        raise DumeError(f"domain_index must be in [0, {es.num_experts}), got {domain_index!r}")
+    _check_domain_index(es, domain_index)
     w = _normalised_weights(weights, es.num_experts)
     out_dir = check_out_dir(out_dir, es.dirs)
-    config = load_config(es.dirs[0], es.arch.dense_type)
-    config.architectures = [es.arch.dense_class]
-    _apply_extra(config, extra_config)
-    with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        write_safetensors(_plan_oracle(es, readers, domain_index, w), tmp, max_shard_size)
-        config.save_pretrained(str(tmp))
-        _copy_side_files(es, tmp)
-    return out_dir
+    return _write(es, out_dir, lambda readers: _plan_oracle(es, readers, domain_index, w),
+                  _dense_config(es, extra_config), max_shard_size, overwrite)
 
 
