@@ -336,8 +336,6 @@ class Run:
 
     def on_device(self, model):
         """`model` on the run's device (a no-op when it is there already)."""
-        import torch
-
         if next(model.parameters()).device != torch.device(self.device):
             model = model.to(self.device)
         return model
@@ -346,8 +344,6 @@ class Run:
         return {"source": self.source, "data_dir": self.data_dir, "seq_len": self.seq_len,
                 "tokenizer": str(self.run_dir / "tokenizer"), "recipe": self.recipe_name,
                 "window_recipe": self.window_recipe.description, "eval_windows": self.eval_windows}
-
-
 
 
 def _stamp_difference(then, now) -> str:

@@ -54,8 +54,6 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 def save_run_tokenizer(tok, path: Path, made_from: str) -> None:
     """Keep the run's tokenizer in `path` (atomically), with where it came from."""
-    import json
-
     with atomic_dir(path) as tmp:
         tok.save_pretrained(tmp)
         (Path(tmp) / "dume_tokenizer.json").write_text(json.dumps({"made_from": made_from}) + "\n")

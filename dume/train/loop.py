@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from dume.errors import DumeError
 from dume.runtime.distributed import world_size
+from dume.train.perplexity import summed_nll
 
 OPTIM_RECIPES = {
     "embedded": dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, decay_all=False, param_dtype="float32",
@@ -116,18 +117,9 @@ def _batches_forever(loader):
 @torch.no_grad()
 def mean_loss(model, input_ids, attention_mask, batch_size: int, accelerator=None) -> float:
     """Token-weighted mean next-token loss over blocks (padding excluded)."""
-    from dume.train.perplexity import token_nll
-
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(input_ids), batch_size):
-        ids = input_ids[i:i + batch_size].to(device)
-        mask = attention_mask[i:i + batch_size].to(device)
-        nll, n = token_nll(model, ids, mask)
-        total += nll
-        count += n
+    total, count = summed_nll(model, input_ids, attention_mask, batch_size)
     if was_training:
         model.train()
     if count == 0:

@@ -23,15 +23,21 @@ def token_nll(model, input_ids, attention_mask) -> tuple[float, int]:
     return float(nll.double().sum()), int(valid.sum())
 
 
-@torch.no_grad()
-def perplexity(model, input_ids, attention_mask, batch_size: int = 16, desc: str | None = None) -> dict:
-    model.eval()
+def summed_nll(model, input_ids, attention_mask, batch_size: int, desc: str | None = None) -> tuple[float, int]:
+    """`token_nll` over all blocks, `batch_size` at a time on the model's device (a bar with `desc`)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in tqdm(range(0, len(input_ids), batch_size), desc=desc, disable=desc is None, leave=False):
         nll, n = token_nll(model, input_ids[i:i + batch_size].to(device), attention_mask[i:i + batch_size].to(device))
         total += nll
         count += n
+    return total, count
+
+
+@torch.no_grad()
+def perplexity(model, input_ids, attention_mask, batch_size: int = 16, desc: str | None = None) -> dict:
+    model.eval()
+    total, count = summed_nll(model, input_ids, attention_mask, batch_size, desc)
     if count == 0:
         raise DumeError("no tokens to evaluate")
     loss = total / count

@@ -87,12 +87,7 @@ def make_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, de
     results already recorded bit for bit, so the CPU keeps torch's default (foreach or
     for-loop, whichever torch picks). Weigh that before changing it.
     """
-    groups = []
-    for g in param_groups:
-        if isinstance(g, dict):
-            groups.append({**g, "params": list(g["params"])})
-        else:
-            groups.append(g)
+    groups = [{**g, "params": list(g["params"])} if isinstance(g, dict) else g for g in param_groups]
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     params = [p for g in groups for p in g["params"]]
@@ -137,9 +132,7 @@ def maybe_compile(model, enabled: bool):
     The compiled wrapper shares the parameters; save the original module
     (`accelerator.unwrap_model` or `compiled._orig_mod`), not the wrapper.
     """
-    if not enabled:
-        return model
-    return torch.compile(model)
+    return torch.compile(model) if enabled else model
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
