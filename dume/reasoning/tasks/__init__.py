@@ -94,9 +94,7 @@ def write_task_configs(domain: str, out_dir: str | os.PathLike, data_dir: str | 
 def task_records(domain: str, data_dir=None, languages=None) -> tuple[dict[str, list[dict]], str, str]:
     """{group: records} of the task's statistics split (train where the task has one,
     else test; m_arc grouped by language, the others one group), the split, the source."""
-    if domain not in TASKS:
-        raise DumeError(f"unknown task {domain!r}")
-    return TASKS[domain].records(data_dir, languages)
+    return get_task(domain).records(data_dir, languages)
 
 
 def balanced_counts(available: dict[str, int], total: int, order: list[str]) -> dict[str, int]:

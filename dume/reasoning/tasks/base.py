@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dume.checkpoint.io import atomic_write_text
+from dume.checkpoint.io import atomic_write_text, read_records
 from dume.errors import DumeError
 
 PROTOCOLS = ("paper", "lm-eval")
@@ -23,6 +23,7 @@ PROTOCOLS = ("paper", "lm-eval")
 # applied), and no stop string: only EOS ends a sample. YAML flow mapping.
 PAPER_GENERATION = ('{until: [], do_sample: true, temperature: 0.7, top_k: 50, top_p: 1.0, '
                     'max_gen_toks: 256}')
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -68,6 +69,14 @@ def _stock_task_yaml(name: str, stock_yaml: Path, data_files: dict | None, extra
         body += f"dataset_path: json\ndataset_name: null\n{_data_files_yaml(data_files)}"
     return body + extra
 
+
+def local_records(data_dir, task: str, splits: tuple[str, ...]) -> tuple[dict[str, list[dict]], str, str]:
+    """A local task's records as one group, from the first of `splits` with a file in DATA_DIR/<task>."""
+    files = _split_files(Path(data_dir) / task, splits)
+    split = next((s for s in splits if s in files), None)
+    if split is None:
+        raise DumeError(f"no local {task} data in {Path(data_dir) / task}")
+    return {"": list(read_records(files[split]))}, split, f"{files[split]}"
 
 
 @dataclass

@@ -4,11 +4,9 @@ Local files: DATA_DIR/gsm8k/{train,test}.jsonl with {"question", "answer"}."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dume.checkpoint.io import read_records
 from dume.errors import DumeError
-from dume.reasoning.tasks.base import PAPER_GENERATION, Task, TaskContext, _split_files, _stock_task_yaml
+from dume.reasoning.tasks.base import (PAPER_GENERATION, Task, TaskContext, _split_files, _stock_task_yaml,
+                                       hub_records, local_records)
 
 HUB = ("openai/gsm8k", "main")
 PAPER_OVERRIDE = f'doc_to_text: "{{{{question}}}}"\nnum_fewshot: 0\ngeneration_kwargs: {PAPER_GENERATION}\n'
@@ -35,16 +33,7 @@ def configs(ctx: TaskContext):
 
 
 def records(data_dir, languages=None):
-    from dume.reasoning.tasks.base import hub_records
-
-    if data_dir is None:
-        return hub_records(HUB)
-    root = Path(data_dir)
-    files = _split_files(root / "gsm8k", ("train", "test"))
-    split = "train" if "train" in files else "test"
-    if split not in files:
-        raise DumeError(f"no local gsm8k data in {root / 'gsm8k'}")
-    return {"": list(read_records(files[split]))}, split, f"{files[split]}"
+    return hub_records(HUB) if data_dir is None else local_records(data_dir, "gsm8k", ("train", "test"))
 
 
 TASK = Task(domain="math", heading="Mathematics", metric={"paper": "exact_match,flexible-extract", "lm-eval": "exact_match,strict-match"},

@@ -5,11 +5,10 @@ Local files: DATA_DIR/ifeval/train.jsonl with {"key", "prompt", "instruction_id_
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
-from dume.checkpoint.io import read_records
 from dume.errors import DumeError
-from dume.reasoning.tasks.base import PAPER_GENERATION, Task, TaskContext, _split_files, _stock_task_yaml
+from dume.reasoning.tasks.base import (PAPER_GENERATION, Task, TaskContext, _split_files, _stock_task_yaml,
+                                       hub_records, local_records)
 
 HUB = ("google/IFEval", None)
 PAPER_OVERRIDE = f"generation_kwargs: {PAPER_GENERATION}\n"
@@ -28,7 +27,6 @@ def check_ifeval_runnable() -> None:
     ensure_punkt_tab()
 
 
-
 def configs(ctx: TaskContext):
     check_ifeval_runnable()
     stock = ctx.stock / "ifeval" / "ifeval.yaml"
@@ -45,15 +43,7 @@ def configs(ctx: TaskContext):
 
 
 def records(data_dir, languages=None):
-    from dume.reasoning.tasks.base import hub_records
-
-    if data_dir is None:
-        return hub_records(HUB)
-    root = Path(data_dir)
-    files = _split_files(root / "ifeval", ("train",))
-    if "train" not in files:
-        raise DumeError(f"no local ifeval data in {root / 'ifeval'}")
-    return {"": list(read_records(files["train"]))}, "train", f"{files['train']}"
+    return hub_records(HUB) if data_dir is None else local_records(data_dir, "ifeval", ("train",))
 
 
 TASK = Task(domain="instruction", heading="Instr. following", metric={"paper": "inst_level_strict_acc,none",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dume.checkpoint.io import read_records
 from dume.errors import DumeError
-from dume.reasoning.tasks.base import Task, TaskContext, _split_files, _stock_task_yaml
+from dume.reasoning.tasks.base import Task, TaskContext, _split_files, _stock_task_yaml, hub_records
 
 # Okapi's multilingual ARC languages as lm-eval ships them (okapi/arc_multilingual/arc_xx.yaml).
 ARC_LANGUAGES = ("ar", "bn", "ca", "da", "de", "es", "eu", "fr", "gu", "hi", "hr", "hu", "hy", "id", "it", "kn",
@@ -54,8 +54,6 @@ def configs(ctx: TaskContext):
 
 
 def records(data_dir, languages=None):
-    from dume.reasoning.tasks.base import hub_records
-
     if data_dir is None:
         return hub_records(HUB, {lang: lang for lang in languages or PAPER_ARC_LANGUAGES})
     root = Path(data_dir)
