@@ -61,6 +61,7 @@ from dume.corpora.hub import HUB
 from dume.corpora.local import LOCAL
 from dume.corpora.offline import OFFLINE, OFFLINE_HELDOUT
 from dume.corpora.source import PRETRAIN, SPLITS, Source, check_split
+from dume.errors import DumeError
 
 # Every corpus source, by its `--source` name: a new source is one module with a
 # `dume.corpora.source.Source` subclass and one entry here.
@@ -69,8 +70,6 @@ SOURCE_HELP = {name: s.help for name, s in SOURCES.items()}  # the CLIs' --sourc
 
 
 def source_of(source: str) -> Source:
-    from dume.errors import DumeError
-
     if source not in SOURCES:
         raise DumeError(f"unknown data source {source!r}: choose from {list(SOURCES)}")
     return SOURCES[source]
@@ -101,8 +100,6 @@ def corpus_stamp(domain: str, source: str = "offline", data_dir=None) -> dict:
 
 def has_documents(domain: str, split: str, source: str = "offline", *, data_dir=None) -> None:
     """Refuse a domain/split with no documents, reading at most one."""
-    from dume.errors import DumeError
-
     docs, where = iter_documents(domain, split, source, data_dir=data_dir)
     if next(docs, None) is None:
         raise DumeError(f"domain {domain!r} split {split!r} has no documents in {where}")
@@ -118,8 +115,6 @@ def load_documents(domain: str, split: str, source: str = "offline", *,
     Raises :class:`DumeError` for an unknown source, split or domain, and when the
     result would be empty.
     """
-    from dume.errors import DumeError
-
     docs, where = _documents(domain, split, source, data_dir, max_docs)
     if not docs:
         raise DumeError(f"domain {domain!r} split {split!r} has no documents in {where}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -49,12 +50,8 @@ def split_by_hash(docs: Iterable[str], split: str) -> Iterator[str]:
 
 
 def take(texts: Iterable[str], max_docs: int | None) -> list[str]:
-    out = []
-    for t in texts:
-        out.append(t)
-        if max_docs is not None and len(out) >= max_docs:
-            break
-    return out
+    """The first `max_docs` texts (all with None), reading no further."""
+    return list(itertools.islice(texts, max_docs))
 
 
 def select_split(splits: dict[str, Callable[[], Iterator[str]]], split: str) -> Iterator[str]:

@@ -70,9 +70,7 @@ def result_scores(path: str | Path, reference: dict[str, float]) -> dict | None:
 
 def aggregate_points(per_seed: list[dict]) -> dict:
     """[{x: average score}] per seed -> {x: mean_std} over the seeds that have x."""
-    xs = []
-    for s in per_seed:
-        xs += [x for x in s if x not in xs]
+    xs = dict.fromkeys(x for s in per_seed for x in s)  # every seed's x, in first-seen order
     return {x: mean_std([s[x] for s in per_seed if x in s]) for x in xs}
 
 

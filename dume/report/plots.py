@@ -50,9 +50,7 @@ def sweep(curves: dict, path, xlabel: str, title: str, logx=False, references: d
     """curves: {label: {x: {"mean", "std"}}}; references: {label: y} drawn as lines.
     Non-numeric x (e.g. "all") is placed at the right end."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    all_x = []
-    for pts in curves.values():
-        all_x += [x for x in pts if x not in all_x]
+    all_x = list(dict.fromkeys(x for pts in curves.values() for x in pts))
     numeric = sorted(x for x in all_x if isinstance(x, (int, float)))
     extra = [x for x in all_x if not isinstance(x, (int, float))]
     pos = {x: x for x in numeric}
