@@ -165,12 +165,8 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def set_gates(
-    moe_dir: str | Path,
-    gates: Sequence[torch.Tensor],
-    out_dir: str | Path | None = None,
-    num_experts_per_tok: int | None = None,
-) -> Path:
+def set_gates(moe_dir: str | Path, gates: Sequence[torch.Tensor], out_dir: str | Path | None = None,
+              num_experts_per_tok: int | None = None) -> Path:
     """Replace the routers (and optionally k) of a MoE checkpoint.
 
     Only the files holding router weights are rewritten, each to a temporary sibling
@@ -390,16 +386,9 @@ def _plan_moe_edit(moe: CheckpointReader, arch: Architecture, num_layers: int, s
     return out
 
 
-def write_moe_experts(
-    moe_dir: str | Path,
-    slots: Sequence,
-    dst: str | Path,
-    gates: Sequence[torch.Tensor] | None = None,
-    num_experts_per_tok: int | None = None,
-    extra_config: dict | None = None,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
+def write_moe_experts(moe_dir: str | Path, slots: Sequence, dst: str | Path,
+                      gates: Sequence[torch.Tensor] | None = None, num_experts_per_tok: int | None = None,
+                      extra_config: dict | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a MoE checkpoint into the existing directory `dst` whose experts are `slots`.
 
     An int slot keeps that expert of `moe_dir`; a path takes that dense checkpoint's MLPs
@@ -439,17 +428,10 @@ def write_moe_experts(
     return dst
 
 
-def extend_moe(
-    moe_dir: str | Path,
-    expert_dirs: Sequence[str | Path],
-    out_dir: str | Path,
-    gates: Sequence[torch.Tensor] | None = None,
-    num_experts_per_tok: int | None = None,
-    extra_config: dict | None = None,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = True,
-) -> Path:
+def extend_moe(moe_dir: str | Path, expert_dirs: Sequence[str | Path], out_dir: str | Path,
+               gates: Sequence[torch.Tensor] | None = None, num_experts_per_tok: int | None = None,
+               extra_config: dict | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+               overwrite: bool = True) -> Path:
     """The MoE plus the dense experts' MLPs as experts D, D+1, ... (shared tensors kept as
     they are, not re-averaged), written atomically to `out_dir`, streamed tensor by tensor."""
     moe_dir, mcfg, _ = open_moe(moe_dir)
@@ -464,17 +446,10 @@ def extend_moe(
     return out_dir
 
 
-def drop_experts(
-    moe_dir: str | Path,
-    drop: Sequence[int],
-    out_dir: str | Path,
-    gates: Sequence[torch.Tensor] | None = None,
-    num_experts_per_tok: int | None = None,
-    extra_config: dict | None = None,
-    *,
-    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = True,
-) -> Path:
+def drop_experts(moe_dir: str | Path, drop: Sequence[int], out_dir: str | Path,
+                 gates: Sequence[torch.Tensor] | None = None, num_experts_per_tok: int | None = None,
+                 extra_config: dict | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+                 overwrite: bool = True) -> Path:
     """The MoE without the experts `drop` (the others renumbered in order, shared tensors
     kept), written atomically to `out_dir`. Dropping every expert is refused."""
     moe_dir, mcfg, _ = open_moe(moe_dir)

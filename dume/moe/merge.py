@@ -252,15 +252,9 @@ def moe_config(dense_config, num_experts: int, num_experts_per_tok: int = 1, ext
     return cfg
 
 
-def average_experts(
-    expert_dirs: Sequence[str | Path],
-    out_dir: str | Path,
-    weights: Sequence[float] | None = None,
-    *,
-    extra_config: dict | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = True,
-) -> Path:
+def average_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, weights: Sequence[float] | None = None, *,
+                    extra_config: dict | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+                    overwrite: bool = True) -> Path:
     """Model averaging: every parameter (MLPs included) averaged into one Llama checkpoint."""
     es = check_experts(expert_dirs)
     w = _normalised_weights(weights, es.num_experts)
@@ -269,17 +263,10 @@ def average_experts(
                   max_shard_size, overwrite)
 
 
-def moerge_experts(
-    expert_dirs: Sequence[str | Path],
-    out_dir: str | Path,
-    gates: Sequence[torch.Tensor] | None = None,
-    num_experts_per_tok: int = 1,
-    extra_config: dict | None = None,
-    *,
-    weights: Sequence[float] | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = True,
-) -> Path:
+def moerge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, gates: Sequence[torch.Tensor] | None = None,
+                   num_experts_per_tok: int = 1, extra_config: dict | None = None, *,
+                   weights: Sequence[float] | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+                   overwrite: bool = True) -> Path:
     """MoErging: shared tensors averaged, layer l's D MLPs -> layer l's D experts.
 
     Expert e of every layer is `expert_dirs[e]`'s MLP. `gates` are the L router weights
@@ -315,12 +302,8 @@ def shared_state_dict(expert_dirs: Sequence[str | Path], weights: Sequence[float
         }
 
 
-def oracle_state_dict(
-    expert_dirs: Sequence[str | Path],
-    domain_index: int,
-    weights: Sequence[float] | None = None,
-    shared: dict[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
+def oracle_state_dict(expert_dirs: Sequence[str | Path], domain_index: int, weights: Sequence[float] | None = None,
+                      shared: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Averaged non-MLP tensors + expert `domain_index`'s MLPs, as a Llama state dict.
 
     This dense model is exactly the MoE with every token routed to that expert, which
@@ -343,13 +326,8 @@ def oracle_state_dict(
     return out
 
 
-def build_oracle_model(
-    expert_dirs: Sequence[str | Path],
-    domain_index: int,
-    weights: Sequence[float] | None = None,
-    shared: dict[str, torch.Tensor] | None = None,
-    dtype: torch.dtype | None = None,
-):
+def build_oracle_model(expert_dirs: Sequence[str | Path], domain_index: int, weights: Sequence[float] | None = None,
+                       shared: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
     """The oracle for one domain as an in-memory dense model of the experts' class (eval mode)."""
     sd = oracle_state_dict(expert_dirs, domain_index, weights, shared)
     config = load_config(Path(expert_dirs[0]), tuple(ARCHITECTURES))
@@ -360,16 +338,9 @@ def build_oracle_model(
     return model.eval()
 
 
-def write_oracle(
-    expert_dirs: Sequence[str | Path],
-    domain_index: int,
-    out_dir: str | Path,
-    weights: Sequence[float] | None = None,
-    *,
-    extra_config: dict | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
-    overwrite: bool = True,
-) -> Path:
+def write_oracle(expert_dirs: Sequence[str | Path], domain_index: int, out_dir: str | Path,
+                 weights: Sequence[float] | None = None, *, extra_config: dict | None = None,
+                 max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = True) -> Path:
     """The oracle for one domain written as a Llama checkpoint (streamed)."""
     es = check_experts(expert_dirs)
     _check_domain_index(es, domain_index)

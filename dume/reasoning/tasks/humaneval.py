@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dume.checkpoint.io import read_records
 from dume.errors import DumeError
-from dume.reasoning.sandbox import Limits, check_completion
+from dume.reasoning.sandbox import Limits, humaneval_program, run_python
 from dume.reasoning.tasks.base import PAPER_GENERATION, Task, TaskContext, _data_files_yaml
 
 
@@ -32,11 +32,16 @@ def _limits() -> Limits:
     return Limits(timeout_s=timeout, cpu_s=max(1, int(timeout)), memory_bytes=mem << 20)
 
 
+def _pass_at_1(programs) -> dict:
+    """The share of `programs` that pass in the sandbox (`RunResult.passed`: the last statement returned)."""
+    limits = _limits()
+    passed = [run_python(p, limits).passed for p in programs]
+    return {"pass@1": sum(passed) / max(1, len(passed))}
+
+
 def process_results(doc: dict, results: list[str]) -> dict:
     completions = results if isinstance(results, (list, tuple)) else [results]
-    limits = _limits()
-    passed = [check_completion(doc, c, limits).passed for c in completions]
-    return {"pass@1": sum(passed) / max(1, len(passed))}
+    return _pass_at_1(humaneval_program(doc, c) for c in completions)
 
 
 def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
@@ -50,15 +55,11 @@ def process_programs(doc: dict, results: list) -> dict:
     """Score `create_test` predictions (prompt + completion) the way code_eval builds
     its program -- prediction + "\\n" + test + "\\ncheck(entry_point)" -- in the sandbox;
     check(entry_point) is the program's last statement, so `passed` means it returned."""
-    from dume.reasoning.sandbox import run_python
-
     programs = []
     for r in results:
         programs += list(r) if isinstance(r, (list, tuple)) else [r]
-    limits = _limits()
     test = doc["test"] + "\n" + f"check({doc['entry_point']})"
-    passed = [run_python(p + "\n" + test, limits).passed for p in programs]
-    return {"pass@1": sum(passed) / max(1, len(passed))}
+    return _pass_at_1(p + "\n" + test for p in programs)
 
 
 # ------------------------------------------------------------------ the task
