@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from dume.errors import DumeError
 from dume.runtime.distributed import main_process_first
+from dume.text.batches import right_pad
 from dume.text.tokenizer import vocab_fingerprint
 
 FORMAT_VERSION = 1
@@ -245,12 +246,8 @@ class TokenWindows(Dataset):
         if not 0 <= i < self.count:
             raise IndexError(i)
         if self.padded:
-            ids = torch.full((self.width,), self.pad_id, dtype=torch.long)
-            mask = torch.zeros(self.width, dtype=torch.long)
-            part = torch.from_numpy(np.asarray(self.tokens[: self.width], dtype=np.int64))
-            ids[: len(part)] = part
-            mask[: len(part)] = 1
-            return ids, mask
+            ids, mask = right_pad([np.asarray(self.tokens[: self.width], dtype=np.int64)], self.width, self.pad_id)
+            return ids[0], mask[0]
         start = i * self.seq_len
         ids = torch.from_numpy(np.asarray(self.tokens[start:start + self.width], dtype=np.int64))
         return ids, torch.ones(self.width, dtype=torch.long)

@@ -65,11 +65,10 @@ def build_clm_table(run_dir: str | Path, settings: dict | None = None, environme
     return table
 
 
-def _order(names):
-    experts = sorted(n for n in names if n.endswith("_expert"))
-    known = [n for n in ROW_ORDER if n in names]
-    rest = sorted(n for n in names if n not in experts and n not in known)
-    return experts + known + rest
+def order(names, rest: bool = False) -> list[str]:
+    """Table 2's rows among `names`: the experts, then ROW_ORDER; with `rest`, every other name after them."""
+    head = sorted(n for n in names if n.endswith("_expert")) + [n for n in ROW_ORDER if n in names]
+    return head + (sorted(n for n in names if n not in head) if rest else [])
 
 
 def clm_markdown(table: dict) -> str:
@@ -78,7 +77,7 @@ def clm_markdown(table: dict) -> str:
              "100·p̂_d/p_d (the domain's own expert = 100).", "",
              "| method | " + " | ".join(domains) + " | normalised avg |",
              "|---|" + "---:|" * (len(domains) + 1)]
-    for name in _order(table["methods"]):
+    for name in order(table["methods"], rest=True):
         m = table["methods"][name]
         cells = [f"{m['perplexity'][d]:.2f} ({m['normalised'][d]:.1f})" for d in domains]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{m['average']:.1f}** |")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dume.checkpoint.io import read_json
 from dume.errors import DumeError
-from dume.report.clm_table import ROW_ORDER, build_clm_table, clm_scores
+from dume.report.clm_table import ROW_ORDER, build_clm_table, clm_scores, order
 
 
 def mean_std(values) -> dict:
@@ -89,13 +89,12 @@ def aggregate_routing(results: list[dict], key: str) -> dict | None:
     return {d: mean([r[key][d] for r in results]) for d in first}
 
 
-def fmt(ms: dict, digits: int = 1) -> str:
-    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
-
-
-def order(names) -> list[str]:
-    experts = sorted(n for n in names if n.endswith("_expert"))
-    return experts + [n for n in ROW_ORDER if n in names]
+def fmt(ms, digits: int = 1) -> str:
+    """mean ± std of a `mean_std` dict or of a (mean, std) pair (the paper's tables); "—" for None."""
+    if ms is None:
+        return "—"
+    mean, std = (ms["mean"], ms["std"]) if isinstance(ms, dict) else ms
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table2_markdown(agg: dict, paper: dict | None = None) -> str:
@@ -106,7 +105,7 @@ def table2_markdown(agg: dict, paper: dict | None = None) -> str:
     for name in order(agg["methods"]):
         m = agg["methods"][name]
         p = (paper or {}).get(name, {}).get("average")
-        paper_cell = f"{p[0]:.1f} ± {p[1]:.1f}" if p else "–"
+        paper_cell = fmt(p) if p else "–"
         lines.append(f"| {name} | " + " | ".join(fmt(m["per_domain"][d]) for d in domains)
                      + f" | **{fmt(m['average'])}** | {paper_cell} |")
     return "\n".join(lines) + "\n"
@@ -118,6 +117,5 @@ def paper_markdown(paper: dict, domains, names: dict | None = None) -> str:
              "|---|" + "---:|" * (len(domains) + 1)]
     for name in order(paper):
         row = paper[name]
-        lines.append(f"| {name} | " + " | ".join(f"{row[d][0]:.1f} ± {row[d][1]:.1f}" for d in domains)
-                     + f" | **{row['average'][0]:.1f} ± {row['average'][1]:.1f}** |")
+        lines.append(f"| {name} | " + " | ".join(fmt(row[d]) for d in domains) + f" | **{fmt(row['average'])}** |")
     return "\n".join(lines) + "\n"

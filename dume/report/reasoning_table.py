@@ -18,7 +18,7 @@ from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 from dume.errors import DumeError
 from dume.reasoning.settings import ROWS as REASONING_ROWS
 from dume.reasoning.tasks import DOMAINS, TASKS
-from dume.report.multiseed import mean_std
+from dume.report.multiseed import fmt, mean_std
 
 ROWS = REASONING_ROWS  # dume.reasoning.settings: from the strategy registry
 HEADS = {d: t.heading for d, t in TASKS.items()}  # the columns, from the task records
@@ -85,10 +85,6 @@ def build_reasoning_table(results_dir: str | os.PathLike) -> dict:
     return table
 
 
-def _cell(ms: dict | None, digits: int = 1) -> str:
-    return "—" if ms is None else f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
-
-
 def reasoning_markdown(table: dict) -> str:
     from dume.report.paper import TABLE3, TABLE3_BTX_TEXT
 
@@ -104,16 +100,16 @@ def reasoning_markdown(table: dict) -> str:
             if d not in m["raw"]:
                 cells.append("—")
             else:
-                raw = f"({_cell(m['raw'][d], 3)})"
+                raw = f"({fmt(m['raw'][d], 3)})"
                 if d not in m["normalised"]:
                     cells.append(f"n/a {raw}")
                 else:
                     ms = m["normalised"][d]
                     fewer = f" [{ms['n']} of {m['raw'][d]['n']} seeds]" if ms["n"] < m["raw"][d]["n"] else ""
-                    cells.append(f"{_cell(ms)} {raw}{fewer}")
+                    cells.append(f"{fmt(ms)} {raw}{fewer}")
         seeds = sorted({s for v in m["seeds"].values() for s in v})
         label = n + (f" [stats: {m['statistics_from']}]" if m.get("statistics_from") else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_cell(m['average'])} | {len(seeds)} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(m['average'])} | {len(seeds)} |")
     if table["unnormalisable"]:
         lines += ["", "n/a: no normalised score because " + "; ".join(
             f"{d}: {why}" for d, why in table["unnormalisable"].items()) + "."]
@@ -121,8 +117,7 @@ def reasoning_markdown(table: dict) -> str:
               "| Method | " + " | ".join(HEADS[d] for d in DOMAINS) + " | Average |",
               "|---|" + "---:|" * (len(DOMAINS) + 1)]
     for n, row in TABLE3.items():
-        lines.append(f"| {n} | " + " | ".join(f"{row[d][0]:.1f} ± {row[d][1]:.1f}" for d in DOMAINS)
-                     + f" | {row['average'][0]:.1f} ± {row['average'][1]:.1f} |")
+        lines.append(f"| {n} | " + " | ".join(fmt(row[d]) for d in DOMAINS) + f" | {fmt(row['average'])} |")
     lines.append("| BTX (text, no std) | " + " | ".join(f"{TABLE3_BTX_TEXT[d]:.1f}" for d in DOMAINS) + " | — |")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,19 @@ def _token_ids(docs: Sequence[str], tokenizer, batch: int = 1000) -> Iterator[li
         yield from tokenizer(list(docs[i:i + batch]), add_special_tokens=False)["input_ids"]
 
 
+def right_pad(rows: Sequence[Sequence[int]], width: int, pad: int):
+    """``(input_ids, attention_mask)``, both ``[len(rows), width]`` int64: each row's ids
+    from the left, then `pad` with mask 0."""
+    import torch
+
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    return ids, mask
+
+
 def pack_documents(docs: Sequence[str], tokenizer, seq_len: int):
     """Documents as one token stream cut into blocks: ``(input_ids, attention_mask)``, both ``[N, seq_len]``.
 
@@ -44,11 +57,7 @@ def pack_documents(docs: Sequence[str], tokenizer, seq_len: int):
     stream = np.concatenate(parts)
     n_blocks = len(stream) // seq_len
     if n_blocks == 0:
-        ids = np.full((1, seq_len), pad, dtype=np.int64)
-        mask = np.zeros((1, seq_len), dtype=np.int64)
-        ids[0, : len(stream)] = stream
-        mask[0, : len(stream)] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return right_pad([stream], seq_len, pad)
     ids = stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
     return torch.from_numpy(ids.copy()), torch.ones((n_blocks, seq_len), dtype=torch.long)
 
@@ -64,8 +73,6 @@ def document_batches(docs: Iterable[str], tokenizer, max_len: int, batch_size: i
     """
     import itertools
 
-    import torch
-
     positive_int("max_len", max_len)
     positive_int("batch_size", batch_size)
     bos, _, pad = _special_ids(tokenizer)
@@ -79,10 +86,4 @@ def document_batches(docs: Iterable[str], tokenizer, max_len: int, batch_size: i
         rows = [r for r in rows if r]
         if not rows:
             continue
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[j, : len(r)] = 1
-        yield ids, mask
+        yield right_pad(rows, max(len(r) for r in rows), pad)
