@@ -15,6 +15,7 @@ from transformers.utils import (
 )
 
 from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, architecture, is_routed
+from dume.checkpoint.fingerprint import require_finite
 from dume.checkpoint.io import read_json
 from dume.checkpoint.reader import CheckpointReader, canonical, load_config, tokenizer_fingerprints
 from dume.errors import DumeError
@@ -93,51 +94,45 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
     dirs = tuple(Path(d) for d in expert_dirs)
     if len(dirs) < 2:
         raise DumeError(f"merging needs at least 2 experts, got {len(dirs)}")
+    lab = [_expert_label(i, d) for i, d in enumerate(dirs)]
     for i, d in enumerate(dirs):
         if not d.is_dir():
-            raise DumeError(f"{_expert_label(i, d)}: directory does not exist")
+            raise DumeError(f"{lab[i]}: directory does not exist")
         if not (d / CONFIG_NAME).is_file():
-            raise DumeError(f"{_expert_label(i, d)}: not a complete checkpoint (no {CONFIG_NAME})")
+            raise DumeError(f"{lab[i]}: not a complete checkpoint (no {CONFIG_NAME})")
         if not ((d / WEIGHTS_NAME).is_file() or (d / WEIGHTS_INDEX_NAME).is_file()):
-            raise DumeError(
-                f"{_expert_label(i, d)}: not a complete checkpoint (no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})"
-            )
+            raise DumeError(f"{lab[i]}: not a complete checkpoint (no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
+
+    def labelled(i: int, read):
+        """`read()`, its DumeError prefixed with expert i's label."""
+        try:
+            return read()
+        except DumeError as e:
+            raise DumeError(f"{lab[i]}: {e}") from e
 
     notes: list[str] = []
-    configs = []
     raw0 = read_json(dirs[0] / CONFIG_NAME)
-    try:
-        arch = architecture(raw0.get("model_type") if isinstance(raw0, dict) else None)
-    except DumeError as e:
-        raise DumeError(f"{_expert_label(0, dirs[0])}: {e}") from e
-    for i, d in enumerate(dirs):
-        try:
-            configs.append(load_config(d, arch.dense_type))
-        except DumeError as e:
-            raise DumeError(f"{_expert_label(i, d)}: {e}") from e
+    arch = labelled(0, lambda: architecture(raw0.get("model_type") if isinstance(raw0, dict) else None))
+    configs = [labelled(i, lambda: load_config(d, arch.dense_type)) for i, d in enumerate(dirs)]
     ref = configs[0]
     why = arch.moe_refusal(ref) if require_moe_compatible else None
     if why:
-        raise DumeError(f"{_expert_label(0, dirs[0])}: {why}, so these experts cannot be MoErged "
-                        "(model averaging still works)")
+        raise DumeError(f"{lab[0]}: {why}, so these experts cannot be MoErged (model averaging still works)")
     for i, cfg in enumerate(configs[1:], start=1):
         for f in MUST_MATCH_FIELDS:
             a, b = canonical(getattr(ref, f, None)), canonical(getattr(cfg, f, None))
             if a != b:
-                raise DumeError(
-                    f"{_expert_label(i, dirs[i])} differs from {_expert_label(0, dirs[0])} in {f}: {b!r} != {a!r}"
-                )
+                raise DumeError(f"{lab[i]} differs from {lab[0]} in {f}: {b!r} != {a!r}")
         for f in MAY_DIFFER_FIELDS:
             a, b = getattr(ref, f, None), getattr(cfg, f, None)
             if a != b:
-                notes.append(f"{_expert_label(i, dirs[i])} has {f}={b!r}, expert 0 has {a!r}; using expert 0's")
+                notes.append(f"{lab[i]} has {f}={b!r}, expert 0 has {a!r}; using expert 0's")
 
     # Tokenizers: before tensors, since it is cheap and the most common user mistake.
     fps = [tokenizer_fingerprints(d) for d in dirs]
     with_tok = [i for i, fp in enumerate(fps) if fp]
-    for i, fp in enumerate(fps):
-        if not fp:
-            notes.append(f"{_expert_label(i, dirs[i])} has no tokenizer files; its tokenizer is assumed to match")
+    notes += [f"{lab[i]} has no tokenizer files; its tokenizer is assumed to match" for i in range(len(dirs))
+              if not fps[i]]
     tok_fp: str | None = None
     tok_dir: Path | None = None
     if with_tok:
@@ -146,53 +141,31 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
         tok_fp = f"{kind0}:{fps[r][kind0][:16]}"
         tok_dir = dirs[r]
         for i in with_tok[1:]:
-            check_same_tokenizer(fps[i], fps[r], _expert_label(i, dirs[i]), _expert_label(r, dirs[r]),
-                                 f"{_expert_label(r, dirs[r])}'s")
+            check_same_tokenizer(fps[i], fps[r], lab[i], lab[r], f"{lab[r]}'s")
 
-    # Tensor layout from the headers.
-    layouts = []
-    for i, d in enumerate(dirs):
-        try:
-            with CheckpointReader(d) as rd:
-                layouts.append({n: (rd.shape(n), rd.dtype(n)) for n in rd.keys()})
-        except DumeError as e:
-            raise DumeError(f"{_expert_label(i, d)}: {e}") from e
+    def layout(d: Path) -> dict:
+        with CheckpointReader(d) as rd:  # headers only
+            return {n: (rd.shape(n), rd.dtype(n)) for n in rd.keys()}
+
+    layouts = [labelled(i, lambda: layout(d)) for i, d in enumerate(dirs)]
     lay0 = layouts[0]
     for i, lay in enumerate(layouts[1:], start=1):
         missing = sorted(set(lay0) - set(lay))
         extra = sorted(set(lay) - set(lay0))
         if missing or extra:
-            raise DumeError(
-                f"{_expert_label(i, dirs[i])} has different tensor names than {_expert_label(0, dirs[0])}: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
-            )
+            raise DumeError(f"{lab[i]} has different tensor names than {lab[0]}: missing {missing[:5]}"
+                            f"{'...' if len(missing) > 5 else ''}, extra {extra[:5]}{'...' if len(extra) > 5 else ''}")
         for n, (shape, dtype) in lay.items():
             if shape != lay0[n][0]:
-                raise DumeError(
-                    f"{_expert_label(i, dirs[i])} differs from {_expert_label(0, dirs[0])} in the shape of "
-                    f"tensor {n}: {list(shape)} != {list(lay0[n][0])}"
-                )
+                raise DumeError(f"{lab[i]} differs from {lab[0]} in the shape of tensor {n}: "
+                                f"{list(shape)} != {list(lay0[n][0])}")
         dt = sorted({str(dtype) for n, (s, dtype) in lay.items() if dtype != lay0[n][1]})
         if dt:
-            notes.append(
-                f"{_expert_label(i, dirs[i])} stores some tensors as {', '.join(dt)}; merged tensors use expert 0's dtypes"
-            )
-    from dume.checkpoint.fingerprint import require_finite
-
-    fingerprints = tuple(require_finite(d, _expert_label(i, d)).digest for i, d in enumerate(dirs))
-    warnings = duplicate_warnings(dirs, fingerprints)
-    return ExpertSet(
-        dirs=dirs,
-        config=ref,
-        tokenizer_fingerprint=tok_fp,
-        tokenizer_dir=tok_dir,
-        tensors=lay0,
-        notes=tuple(notes),
-        fingerprints=fingerprints,
-        arch=arch,
-        warnings=warnings,
-    )
+            notes.append(f"{lab[i]} stores some tensors as {', '.join(dt)}; merged tensors use expert 0's dtypes")
+    fingerprints = tuple(require_finite(d, lab[i]).digest for i, d in enumerate(dirs))
+    return ExpertSet(dirs=dirs, config=ref, tokenizer_fingerprint=tok_fp, tokenizer_dir=tok_dir, tensors=lay0,
+                     notes=tuple(notes), fingerprints=fingerprints, arch=arch,
+                     warnings=duplicate_warnings(dirs, fingerprints))
 
 
 def check_same_tokenizer(fp: Mapping[str, str], ref_fp: Mapping[str, str], who: str, ref: str, refs: str) -> None:
