@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from transformers.utils import (
-    CONFIG_NAME,
-    SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME as WEIGHTS_NAME,
-)
+from transformers.utils import (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME,
+                                SAFE_WEIGHTS_NAME as WEIGHTS_NAME)
 
 from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, architecture, is_routed
 from dume.checkpoint.fingerprint import require_finite

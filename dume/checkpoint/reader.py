@@ -19,11 +19,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers.utils import (
-    CONFIG_NAME,  # noqa: F401 (transformers' own file names)
-    SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME as WEIGHTS_NAME,
-)
+from transformers.utils import (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX_NAME,
+                                SAFE_WEIGHTS_NAME as WEIGHTS_NAME)
 
 from dume.checkpoint.io import read_json
 from dume.checkpoint.shards import SAFETENSORS_DTYPE

@@ -26,28 +26,14 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
-from dume.arch.table import (
-    ARCHITECTURES,
-    GATE_NAMES,
-    MOE_TYPES,
-    MUST_MATCH_FIELDS,
-    Architecture,
-    architecture,
-    is_routed,
-    moe_architecture,
-)
+from dume.arch.table import (ARCHITECTURES, GATE_NAMES, MOE_TYPES, MUST_MATCH_FIELDS, Architecture, architecture,
+                             is_routed, moe_architecture)
 from dume.checkpoint.experts import check_same_tokenizer, open_dense
 from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json, tmp_sibling
 from dume.checkpoint.outputs import require_free_space
 from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
-from dume.checkpoint.shards import (
-    DEFAULT_MAX_SHARD_BYTES,
-    SAFETENSORS_METADATA,
-    OutTensor,
-    const,
-    take,
-    write_safetensors,
-)
+from dume.checkpoint.shards import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_METADATA, OutTensor, const, take,
+                                    write_safetensors)
 from dume.errors import DumeError
 from dume.moe.merge import check_extra_config, check_out_dir, majority_dtype, validate_gates, validate_k
 
@@ -239,10 +225,8 @@ def _check_expert_names(reader: CheckpointReader, arch: Architecture, num_layers
             for proj in arch.expert_proj:
                 n = arch.expert_tensor(layer, e, proj)
                 if n not in reader:
-                    raise DumeError(
-                        f"{reader.path}: missing expert tensor {n} (expected a {arch.moe_class} checkpoint "
-                        "with one matrix per expert and projection, as save_pretrained writes)"
-                    )
+                    raise DumeError(f"{reader.path}: missing expert tensor {n} (expected a {arch.moe_class} "
+                                    "checkpoint with one matrix per expert and projection, as save_pretrained writes)")
 
 
 def expert_mlp_state_dict(source: str | Path, expert: int | None = None) -> dict[str, torch.Tensor]:
@@ -339,10 +323,8 @@ def check_expert_fits_moe(moe_dir: str | Path, expert_dir: str | Path) -> list[s
                 if n not in rd:
                     raise DumeError(f"new expert {expert_dir}: missing MLP tensor {n}")
                 if ref in moe and rd.shape(n) != moe.shape(ref):
-                    raise DumeError(
-                        f"new expert {expert_dir}: tensor {n} has shape {list(rd.shape(n))}, "
-                        f"the MoE's experts {list(moe.shape(ref))}"
-                    )
+                    raise DumeError(f"new expert {expert_dir}: tensor {n} has shape {list(rd.shape(n))}, "
+                                    f"the MoE's experts {list(moe.shape(ref))}")
     return notes
 
 

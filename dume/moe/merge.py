@@ -85,10 +85,8 @@ def _check_moe_layout(es: ExpertSet) -> None:
     """Every tensor must have a place in the MoE checkpoint, every layer an MLP."""
     unknown = [n for n in es.tensors if es.arch.kind_of(n) == "unknown"]
     if unknown:
-        raise DumeError(
-            f"{es.dirs[0]}: tensors with no place in a {es.arch.moe_class} checkpoint: {unknown[:5]}"
-            f"{'...' if len(unknown) > 5 else ''} (expected {es.arch.dense_class} tensor names)"
-        )
+        raise DumeError(f"{es.dirs[0]}: tensors with no place in a {es.arch.moe_class} checkpoint: {unknown[:5]}"
+                        f"{'...' if len(unknown) > 5 else ''} (expected {es.arch.dense_class} tensor names)")
     L = es.config.num_hidden_layers
     for layer in range(L):
         for proj in es.arch.expert_proj:
@@ -129,11 +127,9 @@ def check_out_dir(out_dir: str | Path, protected: Iterable[Path]) -> Path:
 def moe_size_bytes(es: ExpertSet) -> int:
     """Bytes of the MoE these experts make: shared tensors once, MLP tensors once per
     expert, plus the routers (for the free-space check before writing it)."""
-    total = 0
-    for name, (shape, dtype) in es.tensors.items():
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        kind = es.arch.kind_of(name)
-        total += n * (es.num_experts if kind == "mlp" else 1 if kind == "shared" else 0)
+    copies = {"mlp": es.num_experts, "shared": 1}  # routers are added below, unknown tensors are not written
+    total = sum(math.prod(shape) * dtype.itemsize * copies.get(es.arch.kind_of(name), 0)
+                for name, (shape, dtype) in es.tensors.items())
     cfg = es.config
     return total + cfg.num_hidden_layers * es.num_experts * cfg.hidden_size * 4
 
@@ -221,9 +217,8 @@ def validate_gates(gates: Sequence[torch.Tensor], num_layers: int, num_experts: 
         if not isinstance(g, torch.Tensor):
             raise DumeError(f"{where}: gate {layer} is a {type(g).__name__}, not a tensor")
         if tuple(g.shape) != (num_experts, hidden):
-            raise DumeError(
-                f"{where}: gate {layer} has shape {list(g.shape)}, expected [num_experts={num_experts}, hidden={hidden}]"
-            )
+            raise DumeError(f"{where}: gate {layer} has shape {list(g.shape)}, "
+                            f"expected [num_experts={num_experts}, hidden={hidden}]")
         if g.is_floating_point() and not torch.isfinite(g).all():
             raise DumeError(f"{where}: gate {layer} has non-finite values")
         out.append(g.detach().to("cpu"))

@@ -120,10 +120,9 @@ _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
 
 # The trusted launcher. It runs first, with the harness's privileges, and:
-#  1. moves into fresh network, PID, IPC and mount namespaces (plus a user namespace
-#     when not root, which is what lets an ordinary user create the others, with the
-#     caller's uid and gid mapped onto themselves so files can be created) and bounds
-#     SysV IPC in the new IPC namespace -- what happened is written to the report;
+#  1. moves into fresh network, PID, IPC and mount namespaces (plus, when not root, the
+#     user namespace of the module docstring) and bounds SysV IPC in the new IPC
+#     namespace -- what happened is written to the report;
 #  2. forks the program's process, which becomes PID 1 of the new PID namespace: when it
 #     ends, the kernel kills every process left in that namespace, however it forked;
 #  3. in that child: builds the private root (`build_root`) and chroots into it,

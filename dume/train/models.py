@@ -61,9 +61,8 @@ def count_parameters(model) -> int:
 def check_tokenizer_matches(config, tokenizer, where: str = "model") -> None:
     """Refuse a tokenizer whose ids the model cannot embed, before any heavy work."""
     if len(tokenizer) > config.vocab_size:
-        raise DumeError(
-            f"tokenizer has {len(tokenizer)} tokens but the {where} embeds only {config.vocab_size}: "
-            "they do not belong together (pass the tokenizer the model was trained with)")
+        raise DumeError(f"tokenizer has {len(tokenizer)} tokens but the {where} embeds only {config.vocab_size}: "
+                        "they do not belong together (pass the tokenizer the model was trained with)")
 
 
 def load_model(path: str | os.PathLike, **kwargs):
