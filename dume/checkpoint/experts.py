@@ -22,22 +22,18 @@ from dume.errors import DumeError
 class ExpertSet:
     """D checked experts: their directories, the shared config, the tensor layout.
 
-    `tensors` maps each tensor name to (shape, dtype) as stored by expert 0. `notes` are
-    harmless differences worth reporting (an expert without tokenizer files, ...).
-    """
+    `tensors` maps each tensor name to (shape, dtype) as stored by expert 0. `notes` are harmless differences
+    worth reporting (an expert without tokenizer files, ...)."""
 
     dirs: tuple[Path, ...]
-    config: Any  # LlamaConfig
+    config: Any  # the dense config (LlamaConfig, Qwen3Config, ...)
     tokenizer_fingerprint: str | None
     tokenizer_dir: Path | None
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
     notes: tuple[str, ...] = field(default_factory=tuple)
-    # Content fingerprints (dume.checkpoint.fingerprint), one per expert: what caches are keyed by.
-    fingerprints: tuple[str, ...] = field(default_factory=tuple)
-    # The experts' entry in dume.arch.table (what the MoE becomes).
-    arch: Any = None
-    # Not errors, but likely mistakes the user should see (the same checkpoint twice).
-    warnings: tuple[str, ...] = field(default_factory=tuple)
+    fingerprints: tuple[str, ...] = field(default_factory=tuple)  # content fingerprints, what caches are keyed by
+    arch: Any = None  # the experts' entry in dume.arch.table (what the MoE becomes)
+    warnings: tuple[str, ...] = field(default_factory=tuple)  # not errors, likely mistakes (one checkpoint twice)
 
     @property
     def num_experts(self) -> int:
@@ -50,9 +46,8 @@ class ExpertSet:
         return [CheckpointReader(d, self.row_views) for d in self.dirs]
 
     def split_fused(self) -> "ExpertSet":
-        """These experts with fused projections (Phi-3's qkv_proj, gate_up_proj) shown as
-        their parts, in `tensors` and through `readers()`: the names a MoE is built from.
-        The same set for an architecture that fuses nothing."""
+        """These experts with fused projections (Phi-3's qkv_proj, gate_up_proj) shown as their parts, in
+        `tensors` and through `readers()`: the names a MoE is built from. `self` if nothing is fused."""
         views = self.arch.row_views(self.tensors, self.config)
         if not views:
             return self
@@ -67,8 +62,8 @@ class ExpertSet:
 
 
 def open_dense(path: str | Path) -> CheckpointReader:
-    """One dense expert's reader with fused projections shown as their parts: the names
-    its MLPs take as an expert of a MoE (`ExpertSet.split_fused` for a single checkpoint)."""
+    """One dense expert's reader with fused projections shown as their parts (`ExpertSet.split_fused` for a
+    single checkpoint)."""
     cfg = load_config(path, tuple(ARCHITECTURES))
     with CheckpointReader(path) as rd:
         views = architecture(cfg.model_type).row_views(rd.keys(), cfg)
@@ -80,14 +75,12 @@ def _expert_label(i: int, path: Path) -> str:
 
 
 def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: bool = False) -> ExpertSet:
-    """Refuse experts that cannot be merged, reading configs and headers only.
+    """Refuse experts that cannot be merged, reading configs, tokenizer files and headers only.
 
-    Raises `DumeError` naming the expert and the differing field when: fewer than two
-    experts are given; a directory is missing or incomplete; a config is not Llama; an
-    architecture field differs; the tensor names, shapes differ; the tokenizers differ.
-    With `require_moe_compatible`, Llama features Mixtral cannot hold (biases) are
-    refused too.
-    """
+    Raises `DumeError` naming the expert and the field when: fewer than two experts are given; a directory is
+    missing or incomplete; the model type is not in `dume.arch.table`; an architecture field, the tensor names or
+    shapes, or the tokenizers differ; a tensor is not finite. With `require_moe_compatible`, what the MoE class
+    cannot hold (`Architecture.moe_refusal`: biases, ...) is refused too."""
     dirs = tuple(Path(d) for d in expert_dirs)
     if len(dirs) < 2:
         raise DumeError(f"merging needs at least 2 experts, got {len(dirs)}")
@@ -166,8 +159,8 @@ def check_experts(expert_dirs: Iterable[str | Path], require_moe_compatible: boo
 
 
 def check_same_tokenizer(fp: Mapping[str, str], ref_fp: Mapping[str, str], who: str, ref: str, refs: str) -> None:
-    """Refuse tokenizer fingerprints (`tokenizer_fingerprints`) that differ from `ref`'s on
-    the first kind of file both have, or that share no kind; `refs` is `ref` possessive."""
+    """Refuse tokenizer fingerprints (`tokenizer_fingerprints`) that differ from `ref`'s on the first kind of
+    file both have, or that share no kind; `refs` is `ref` possessive."""
     common = [k for k in ref_fp if k in fp]
     if not common:
         raise DumeError(f"{who}: its tokenizer files ({', '.join(fp)}) cannot be compared with {refs} "
@@ -179,8 +172,8 @@ def check_same_tokenizer(fp: Mapping[str, str], ref_fp: Mapping[str, str], who: 
 
 
 def duplicate_warnings(dirs, fingerprints) -> tuple[str, ...]:
-    """One line per group of experts with identical contents: a router cannot tell them
-    apart, so their routing shares (and any "own expert" figure) are arbitrary."""
+    """One line per group of experts with identical contents: a router cannot tell them apart, so their
+    routing shares (and any "own expert" figure) are arbitrary."""
     groups: dict[str, list[int]] = {}
     for i, fp in enumerate(fingerprints):
         groups.setdefault(fp, []).append(i)
@@ -193,12 +186,10 @@ def duplicate_warnings(dirs, fingerprints) -> tuple[str, ...]:
 def shared_weights_fingerprint(source: str | Path | Mapping[str, torch.Tensor] | torch.nn.Module) -> str:
     """A short stable hash of the *shared* (non-MLP, non-router) parameters.
 
-    Dense oracles, the averaged model and the MoE built from the same experts all share
-    these tensors, so they get the same fingerprint: DUME statistics collected through
-    an oracle can be checked against the MoE they are meant for. Accepts a checkpoint
-    directory, a state dict or a module. Floating tensors are hashed as float32 (exact
-    for bf16/fp16), so an upcast copy of a checkpoint hashes the same. A tied
-    `lm_head.weight` (present in memory, absent on disk) is skipped.
+    Dense oracles, the averaged model and the MoE built from the same experts share these tensors, so they get
+    the same fingerprint: statistics collected through an oracle can be checked against the MoE they are meant
+    for. Accepts a checkpoint directory, a state dict or a module. Floating tensors are hashed as float32 (exact
+    for bf16/fp16), so an upcast copy hashes the same. A tied `lm_head.weight` (in memory, not on disk) is skipped.
     """
     h = hashlib.sha256()
 
