@@ -1,24 +1,19 @@
 """Content fingerprints of checkpoints: what every cached artefact is keyed by.
 
-A cached artefact (DUME statistics, a merged base model, a results file) is only valid
-for the exact weights it was computed from. Comparing paths is not enough (an expert
-retrained in place keeps its path) and neither is `checkpoints.model_fingerprint`,
-which covers the shared non-MLP weights only (an MLP-only change leaves it equal). So
-every weight tensor of a checkpoint is hashed, once:
+A cached artefact (DUME statistics, a merged base model, a results file) is only valid for the exact weights it
+was computed from. Paths are not enough (an expert retrained in place keeps its path), nor is
+`experts.shared_weights_fingerprint` (shared weights only: an MLP-only change leaves it equal). So every tensor
+is hashed, once:
 
-- one SHA-256 per tensor over its raw bytes, plus its name, dtype and shape, and the
-  hash of `config.json` (the same tensors under another config compute something else);
-- while each tensor is in memory it is also checked for NaN/inf, so a non-finite expert
-  is caught by name at no extra read;
-- the record is stored beside the checkpoint (`dume_fingerprint.json`) together with
-  each weight file's size and modification time, and reused while those stay the same.
-  A checkpoint whose files are rewritten (retrained, edited, copied without their
-  times) gets new stamps and is hashed again. A record is only stored for a checkpoint
-  whose weights are all finite: a broken one is an error, and nothing is written beside it.
-  Where the directory is read-only the record is kept in memory for the life of the process only.
+- one SHA-256 per tensor over its raw bytes, name, dtype and shape, plus the hash of `config.json` (the same
+  tensors under another config compute something else);
+- each tensor is checked for NaN/inf while in memory, so a non-finite expert is caught by name at no extra read;
+- the record is stored beside the checkpoint (`dume_fingerprint.json`) with each weight file's size and mtime,
+  and reused while those stay the same (rewritten files -- retrained, edited, copied without their times -- are
+  hashed again). It is stored only when every weight is finite (a broken checkpoint is an error: nothing is
+  written beside it), and kept in memory only, for the process, where the directory is read-only.
 
-Cost: one read of the weights per change (about the speed of the disk; sha256 runs at
-~1 GB/s), then a `stat` per weight file.
+Cost: one read of the weights per change (disk speed; sha256 runs at ~1 GB/s), then a `stat` per weight file.
 """
 
 from __future__ import annotations
@@ -43,8 +38,8 @@ _MEMO: dict[tuple, "ContentFingerprint"] = {}
 
 @dataclass(frozen=True)
 class ContentFingerprint:
-    """`digest`: 16 hex digits over config + every tensor; `tensors`: name -> hash;
-    `nonfinite`: names of floating tensors holding NaN or inf."""
+    """`digest`: 16 hex digits over config + every tensor; `tensors`: name -> hash; `nonfinite`: names of
+    floating tensors holding NaN or inf."""
 
     digest: str
     tensors: dict
@@ -138,15 +133,12 @@ def require_finite(path: str | os.PathLike, label: str | None = None) -> Content
     return fp
 
 
-# ------------------------------------------------- is a stored thing still what it claims
-
-
 def stale_because(recorded: dict[str, tuple[str | os.PathLike, str | None]]) -> str | None:
     """Why a stored result no longer belongs to what it was computed from, or None.
 
-    `recorded` maps a label ("model", "code expert", ...) to (checkpoint path, the
-    fingerprint the result recorded for it). The one check behind every "skip what is
-    done" (the CLM scripts' `Run.done`, reasoning_eval.py)."""
+    `recorded` maps a label ("model", "code expert", ...) to (checkpoint path, the fingerprint the result
+    recorded for it). The one check behind every "skip what is done" (the CLM scripts' `Run.done`,
+    reasoning_eval.py)."""
     for label, (path, then) in recorded.items():
         if not is_complete_checkpoint(Path(path)):
             return f"its {label} {path} is missing"
@@ -157,8 +149,8 @@ def stale_because(recorded: dict[str, tuple[str | os.PathLike, str | None]]) -> 
 
 
 def built_from(model_dir: str | os.PathLike, made_from: dict) -> bool:
-    """A reusable built checkpoint: complete, and its config.json records the same
-    `made_from` attributes (e.g. the experts' content fingerprints) it would be built
-    from now -- so a moved run reuses it and an edited expert rebuilds it."""
+    """A reusable built checkpoint: complete, and its config.json records the same `made_from` attributes (e.g.
+    the experts' content fingerprints) it would be built from now -- a moved run reuses it, an edited expert
+    rebuilds it."""
     return is_complete_checkpoint(Path(model_dir)) and all(
         read_json(Path(model_dir) / "config.json").get(k) == v for k, v in made_from.items())
