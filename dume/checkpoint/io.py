@@ -1,8 +1,7 @@
-"""Atomic file and checkpoint writes.
+"""Atomic file and checkpoint writes, and strict readers of users' text and JSON files.
 
-Every artefact is written next to its final place under a temporary name and renamed
-into place only when complete, so an interrupted run never leaves a half-written file
-or checkpoint that a rerun would mistake for a finished one.
+Every artefact is written beside its final place under a temporary name and renamed into place only when
+complete, so an interrupted run never leaves a half-written file or checkpoint a rerun would take for finished.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ def tmp_sibling(path: Path) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a sibling, then rename it over `path`, holding `path`'s writer lock
-    (waiting for another writer's moment, never interleaving with it)."""
+    """Write `text` to a sibling, then rename it over `path`, holding `path`'s writer lock (waiting for another
+    writer's moment, never interleaving with it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(path, wait=True):
@@ -58,8 +57,8 @@ def nonfinite_paths(obj: Any, where: str = "") -> list[str]:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Strict JSON only: NaN/inf (which `json` would write as invalid tokens) are an error
-    naming where they are, and nothing is written."""
+    """Strict JSON only: NaN/inf (which `json` would write as invalid tokens) are an error naming where they
+    are, and nothing is written."""
     bad = nonfinite_paths(obj)
     if bad:
         raise DumeError(f"refusing to write {path}: non-finite value at {', '.join(bad[:3])}"
@@ -78,8 +77,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def decode_text(raw: bytes, path: str | os.PathLike) -> str:
-    """UTF-8 text (a UTF-8 byte-order mark is dropped), or one line saying what the
-    bytes are instead and how to convert them: binary data, UTF-16/32, another encoding."""
+    """UTF-8 text (a UTF-8 byte-order mark is dropped), or one line saying what the bytes are instead and how
+    to convert them: binary data, UTF-16/32, another encoding."""
     head = raw[:4]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head in (b"\x00\x00\xfe\xff", b"\xff\xfe\x00\x00"):
         kind = "UTF-32" if head in (b"\x00\x00\xfe\xff", b"\xff\xfe\x00\x00") else "UTF-16"
@@ -96,8 +95,8 @@ def decode_text(raw: bytes, path: str | os.PathLike) -> str:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """A user's text file, decoded strictly (`decode_text`); gzip files (`.gz`) are
-    decompressed first. OS errors name the file."""
+    """A user's text file, decoded strictly (`decode_text`); `.gz` files are decompressed first. OS errors
+    name the file."""
     import gzip
     import zlib
 
@@ -116,9 +115,8 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def read_records(path: str | os.PathLike) -> list:
-    """The records of a JSON Lines file (one JSON value per non-empty line), or of a JSON
-    file (a list of records, or one record); `.gz` allowed. Bad text or JSON is one line
-    naming the file and the line."""
+    """The records of a JSON Lines file (one JSON value per non-empty line) or a JSON file (a list of records,
+    or one record); `.gz` allowed. Bad text or JSON is one line naming the file and the line."""
     path = Path(path)
     text = read_text(path)
     if path.suffix == ".json" or path.name.endswith(".json.gz"):
@@ -142,17 +140,15 @@ def read_records(path: str | os.PathLike) -> list:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory; on success it takes `path`'s place in one rename.
 
-    - One writer: `path`'s lock (`dume.checkpoint.outputs.output_lock`) is held from here to the
-      rename; a second process refuses at once, naming the first one's pid.
+    - One writer: `path`'s `output_lock` is held from here to the rename; a second process refuses at once,
+      naming the first one's pid.
     - `path` is never absent: an existing directory is swapped with the new one in one
-      `renameat2(RENAME_EXCHANGE)` and the old one removed after (filesystems without it
-      fall back to two renames, the gap being one rename long).
+      `renameat2(RENAME_EXCHANGE)` and removed after (without it, two renames: a gap one rename long).
     - Without `overwrite`, `path` existing is refused here *and* again at the rename.
-    - A directory holding another checkpoint below it is never replaced (an output nested
-      in an expert, say): that would delete a model this write did not make.
-    - On an exception (or a kill) the temporary directory is removed (or left under a
-      hidden `.name.tmp-PID-*` name that a later write removes once PID is gone), and
-      `path` keeps whatever it held before.
+    - A directory holding another checkpoint below it (an output nested in an expert, say) is never replaced:
+      that would delete a model this write did not make.
+    - On an exception (or a kill) the temporary directory is removed (or left as a hidden `.name.tmp-PID-*`
+      that a later write removes once PID is gone), and `path` keeps what it held.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,15 +227,14 @@ def _rename_no_replace(src: Path, dst: Path) -> None:
 
 
 def portable_path(target: str | os.PathLike, base: str | os.PathLike) -> str:
-    """`target` relative to the directory `base` (a recipe's own directory), so that a run
-    directory copied or moved as a whole still resolves it; see `resolve_stored_path`."""
+    """`target` relative to the directory `base` (a recipe's own directory), so that a run directory copied or
+    moved as a whole still resolves it; see `resolve_stored_path`."""
     return os.path.relpath(Path(target).resolve(), Path(base).resolve())
 
 
 def resolve_stored_path(stored: str, base: str | os.PathLike, absolute: str | None = None) -> Path:
-    """A path written by `portable_path` (relative to `base`), or an absolute one. When the
-    relative form does not exist but the recorded `absolute` one does (the recipe's
-    directory was moved alone), that one is used."""
+    """A path written by `portable_path` (relative to `base`), or an absolute one; the recorded `absolute` one
+    when only it exists (the recipe's directory was moved alone)."""
     p = Path(stored)
     if not p.is_absolute():
         p = Path(base) / p
@@ -265,8 +260,8 @@ def _owner_alive(stale: Path) -> bool:
 
 
 def cleanup_stale_tmp(path: str | os.PathLike) -> None:
-    """Remove temporaries left by an interrupted write of `path` -- only those whose
-    writer is gone (a live process's staging directory is never touched)."""
+    """Remove temporaries left by an interrupted write of `path` -- only those whose writer is gone (a live
+    process's staging directory is never touched)."""
     path = Path(path)
     if not path.parent.is_dir():
         return
@@ -283,5 +278,3 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A Hugging Face checkpoint directory with a config and weights."""
     path = Path(path)
     return (path / "config.json").is_file() and any((path / f).is_file() for f in CHECKPOINT_WEIGHT_FILES)
-
-
