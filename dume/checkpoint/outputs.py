@@ -1,22 +1,17 @@
-"""Where a run may write, and who may write there: output-path checks, one writer per
-output, free space before large writes.
+"""Where a run may write, and who may write there. Three rules protect a user's files (issue 20's hostile-user
+pass found each broken):
 
-Three rules protect a user's files (issue 20's hostile-user pass found each broken):
-
-- **An output never overlaps an input.** A build whose `out` is, contains or lies inside
-  an expert checkpoint, a data folder or a run directory it reads would replace (or later
-  be replaced by) what it reads: `check_output_path` refuses it before any work.
-- **One writer per output.** `output_lock(path)` holds an exclusive `fcntl.flock` on a
-  lock file beside `path` (`.NAME.lock`, holding the writer's pid and command) from the
-  start of the work to the final rename. A second run refuses with "another run (pid N)
-  is writing X" (or waits, for short writes). The lock is re-entrant within a process, so
-  a script may take it early (before its heavy work) and the atomic write inside takes it
-  again. The lock file is removed on release; a waiter that locked a file already
-  unlinked retries on the new one, so two holders never coexist. A shared input (the
-  strategies' zero-gate base MoE) is checked or rebuilt under the exclusive lock, then
-  read under a shared one (`share_lock`): readers run side by side, a rebuild waits.
-- **Enough disk before a large write** (`require_free_space`): a full disk is found
-  before minutes of work, with how much is needed and where.
+- **An output never overlaps an input.** An `out` that is, contains or lies inside an expert checkpoint, a data
+  folder or a run directory it reads would replace (or later be replaced by) what it reads:
+  `check_output_path` refuses it before any work.
+- **One writer per output.** `output_lock(path)` holds an exclusive `fcntl.flock` on `.NAME.lock` beside `path`
+  (holding the writer's pid and command) from the start of the work to the final rename; a second run refuses
+  with "another run (pid N) is writing X", or waits, for short writes. Re-entrant within a process, so a script
+  may take it before its heavy work and the atomic write inside takes it again. A shared input (the strategies'
+  zero-gate base MoE) is checked or rebuilt under the exclusive lock, then read under a shared one
+  (`share_lock`, `reading_lock`): readers run side by side, a rebuild waits.
+- **Enough disk before a large write** (`require_free_space`): found before minutes of work, with how much is
+  needed and where.
 """
 
 from __future__ import annotations
@@ -57,9 +52,9 @@ def _holder(lock_file: Path) -> str:
 
 
 def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float, shared: bool = False) -> int:
-    """An fd holding the lock on `lock_file` -- exclusive (a writer, who records itself in
-    the file), or `shared` with other readers -- while it still is the file at that path
-    (a lock on an unlinked file is retried)."""
+    """An fd holding the lock on `lock_file` -- exclusive (a writer, who records itself in the file), or
+    `shared` with other readers. A lock on a file its holder unlinked meanwhile is retried on the new one, so
+    two holders never coexist."""
     told = False
     while True:
         try:
@@ -95,10 +90,9 @@ def _acquire(lock_file: Path, path: Path, wait: bool, poll_s: float, shared: boo
 
 @contextlib.contextmanager
 def _held_lock(path: Path, wait: bool, poll_s: float, shared: bool) -> Iterator[Path]:
-    """This process's lock of `path` for the block: re-entrant (an inner lock of a path
-    already held is that lock), released -- and its file removed by the last holder --
-    when the outermost block ends. Non-main ranks of a launch hold nothing (rank 0 locks
-    for the run)."""
+    """This process's lock of `path` for the block: re-entrant (an inner lock of a path already held is that
+    lock), released -- its file removed by the last holder -- when the outermost block ends. Non-main ranks of a
+    launch hold nothing (rank 0 locks for the run)."""
     if _launched_non_main():
         yield path
         return
@@ -125,25 +119,23 @@ def _held_lock(path: Path, wait: bool, poll_s: float, shared: bool) -> Iterator[
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike, *, wait: bool = False, poll_s: float = 0.2) -> Iterator[Path]:
-    """Hold the one-writer lock of `path` (a file or directory to be written) for the
-    duration of the block. `wait=False` refuses when another process holds it; `wait=True`
-    waits (for writes that take moments, like a result file)."""
+    """Hold the one-writer lock of `path` (a file or directory to be written) for the block. `wait=False`
+    refuses when another process holds it; `wait=True` waits (for writes of moments, like a result file)."""
     with _held_lock(Path(path), wait, poll_s, shared=False) as held:
         yield held
 
 
 @contextlib.contextmanager
 def reading_lock(path: str | os.PathLike, *, poll_s: float = 0.2) -> Iterator[Path]:
-    """Hold `path` for reading: together with other readers, never while a writer
-    (`output_lock`) holds it -- a writer waits for every reader. Re-entrant, and inside
-    this process's own `output_lock` of `path` it is that lock."""
+    """Hold `path` for reading: with other readers, never while a writer (`output_lock`) holds it. Re-entrant,
+    and inside this process's own `output_lock` of `path` it is that lock."""
     with _held_lock(Path(path), True, poll_s, shared=True) as held:
         yield held
 
 
 def _release(fd: int, lock_file: Path) -> None:
-    """Remove the lock file if no other process shares the lock (readers after a
-    `share_lock`), while still holding it, so a waiter retries on a fresh file; then unlock."""
+    """Remove the lock file if no other process shares the lock (readers), while still holding it, so a waiter
+    retries on a fresh file; then unlock."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -156,9 +148,8 @@ def _release(fd: int, lock_file: Path) -> None:
 
 
 def share_lock(path: str | os.PathLike) -> None:
-    """Turn this process's exclusive lock of `path` into a shared one: other readers may
-    then hold it too, while a writer (who needs it exclusive) waits for all of them. For an
-    input that is checked or rebuilt under the exclusive lock and then only read."""
+    """Turn this process's exclusive lock of `path` into a shared one, for an input checked or rebuilt under the
+    exclusive lock and then only read: other readers may hold it too, a writer waits for all of them."""
     if _launched_non_main():
         return
     with _held_guard:
@@ -169,13 +160,9 @@ def share_lock(path: str | os.PathLike) -> None:
 
 
 def _launched_non_main() -> bool:
-    """A process other than rank 0 of an `accelerate launch` / torchrun: the lock guards
-    one *run* against another, and a launch's N processes are one run (its writes are
-    the main process's), so they do not lock each other out. Rank 0 holds it for all."""
+    """A process other than rank 0 of an `accelerate launch` / torchrun: the lock guards one *run* against
+    another, and a launch's N processes are one run (its writes are rank 0's), so rank 0 holds it for all."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
-
-
-# ------------------------------------------------------------------------- output paths
 
 
 def _resolved(p: str | os.PathLike) -> Path:
@@ -183,8 +170,8 @@ def _resolved(p: str | os.PathLike) -> Path:
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> Path:
-    """Refuse an `out` that is, contains or lies inside any input (checkpoint, data file or
-    folder, run directory); one line naming both. Returns `out` as given."""
+    """Refuse an `out` that is, contains or lies inside any input (checkpoint, data file or folder, run
+    directory); one line naming both. Returns `out` as given."""
     r = _resolved(out)
     for p in inputs:
         if p is None:
@@ -202,8 +189,8 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 
 
 def check_writable_location(out: str | os.PathLike, what: str = "output") -> Path:
-    """Refuse, before any work, an `out` that cannot be created: under a file, on a
-    pseudo or read-only filesystem, or in a folder this user cannot write."""
+    """Refuse, before any work, an `out` that cannot be created: under a file, on a pseudo or read-only
+    filesystem, or in a folder this user cannot write."""
     out = Path(out).expanduser()
     r = out.resolve()
     if r.parts[:2] in (("/", "proc"), ("/", "sys"), ("/", "dev")):
@@ -235,8 +222,8 @@ def format_bytes(n: float) -> str:
 
 
 def require_free_space(where: str | os.PathLike, needed: int, what: str, margin: float = 1.05) -> None:
-    """Refuse a write of about `needed` bytes into `where` when its filesystem has less
-    free (with a 5 % margin): one line with both figures, before the work."""
+    """Refuse a write of about `needed` bytes into `where` when its filesystem has less free (with a 5 %
+    margin): one line with both figures, before the work."""
     where = Path(where)
     probe = where
     while not probe.exists():
@@ -248,8 +235,8 @@ def require_free_space(where: str | os.PathLike, needed: int, what: str, margin:
 
 
 def os_error_line(e: BaseException) -> str | None:
-    """One line for an OS or safetensors I/O error that reached a script's top: the file,
-    the cause and the fix. None when `e` is not one."""
+    """One line for an OS or safetensors I/O error that reached a script's top: the file, the cause and the
+    fix. None when `e` is not one."""
     name = getattr(e, "filename", None)
     where = f" ({name})" if name else ""
     code = getattr(e, "errno", None)
