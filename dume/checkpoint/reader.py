@@ -1,13 +1,10 @@
-"""Reading and checking dense Llama expert checkpoints, lazily.
+"""Reading checkpoints lazily: configs, tokenizer fingerprints, safetensors tensors one at a time.
 
-MoErging is only meaningful when the D experts share one architecture and one tokenizer
-(they were fine-tuned from one seed). The original code loaded all D experts into memory
-and silently truncated mismatched tensors; here every check runs on `config.json`, the
-tokenizer files and the safetensors *headers* only, before any tensor is read, and a
-mismatch is a `DumeError` naming the expert and the field.
-
-Tensors are then read one at a time through `CheckpointReader`, so a merge never holds
-more than the tensor it is computing plus one input.
+MoErging needs D experts of one architecture and one tokenizer (fine-tuned from one seed). The original code
+loaded all D experts into memory and silently truncated mismatched tensors; here the checks
+(`dume.checkpoint.experts.check_experts`) read `config.json`, the tokenizer files and the safetensors *headers*
+only, before any tensor, and tensors are then read one at a time through `CheckpointReader`, so a merge holds
+the tensor it computes plus one input.
 """
 
 from __future__ import annotations
@@ -31,16 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json")
 
-# What identifies a tokenizer's vocabulary, in order of preference: kind -> files.
-# Two experts are compared on the first kind both have.
+# What identifies a vocabulary, by preference: kind -> files (two experts compared on the first kind both have).
 TOKENIZER_FINGERPRINT_SOURCES: dict[str, tuple[str, ...]] = {
-    "tokenizer.json": ("tokenizer.json",),
-    "sentencepiece": ("tokenizer.model",),
-    "bpe": ("vocab.json", "merges.txt"),
-    "wordpiece": ("vocab.txt",),
-}
-# Keys of tokenizer.json that are runtime settings (whatever truncation/padding was last
-# enabled when it was saved), not part of the vocabulary: left out of the fingerprint.
+    "tokenizer.json": ("tokenizer.json",), "sentencepiece": ("tokenizer.model",),
+    "bpe": ("vocab.json", "merges.txt"), "wordpiece": ("vocab.txt",)}
+# tokenizer.json's runtime settings (the truncation/padding enabled at save), left out of the fingerprint.
 TOKENIZER_JSON_RUNTIME_KEYS = ("truncation", "padding")
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dt for dt, code in SAFETENSORS_DTYPE.items()}
@@ -57,18 +49,12 @@ def _config_class(model_type: str) -> type:
     raise DumeError(f"no config class for model_type {model_type!r}")
 
 
-# ----------------------------------------------------------------------------- configs
-
-
 def load_config(path: str | Path, model_type: str | tuple[str, ...] = "llama"):
-    """The checkpoint's config (`LlamaConfig`, `MixtralConfig`, `Qwen3Config`, ...), after
-    checking the directory exists and holds the expected model type (one of them, when
-    a tuple is given).
+    """The checkpoint's config (`LlamaConfig`, `MixtralConfig`, `Qwen3Config`, ...), after checking the directory
+    exists and holds the expected model type (one of them, for a tuple).
 
-    `from_pretrained` is used (not the raw JSON) so that legacy fields such as
-    `rope_theta`/`rope_scaling` are normalised into transformers 5's `rope_parameters`
-    and derived fields (`head_dim`) are filled in before configs are compared.
-    """
+    `from_pretrained`, not the raw JSON, so that legacy fields (`rope_theta`/`rope_scaling`) are normalised into
+    transformers 5's `rope_parameters` and derived ones (`head_dim`) filled in before configs are compared."""
     path = Path(path)
     if not path.is_dir():
         raise DumeError(f"checkpoint directory does not exist: {path}")
@@ -94,15 +80,9 @@ def canonical(value: Any) -> Any:
     return value
 
 
-# -------------------------------------------------------------------------- tokenizers
-
-
 def tokenizer_fingerprints(path: str | Path) -> dict[str, str]:
-    """kind -> sha256 of the vocabulary, for every kind of tokenizer file present.
-
-    `tokenizer.json` is hashed as canonical JSON without its runtime settings
-    (truncation, padding), so re-saving the same tokenizer does not change it.
-    """
+    """kind -> sha256 of the vocabulary, for every kind of tokenizer file present. `tokenizer.json` is hashed as
+    canonical JSON without its runtime settings, so re-saving the same tokenizer does not change it."""
     path = Path(path)
     out: dict[str, str] = {}
     for kind, names in TOKENIZER_FINGERPRINT_SOURCES.items():
@@ -124,20 +104,15 @@ def tokenizer_fingerprints(path: str | Path) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------- lazy reading
-
-
 class CheckpointReader:
     """Lazy, one-tensor-at-a-time access to a safetensors checkpoint directory.
 
-    Handles a single `model.safetensors` and a sharded `model.safetensors.index.json`.
-    Only headers are read on construction; `get` reads one tensor. Corrupted or missing
-    files raise `DumeError` naming the file.
+    A single `model.safetensors` or a sharded `model.safetensors.index.json`. Only headers are read on
+    construction; `get` reads one tensor. Corrupted or missing files raise `DumeError` naming the file.
 
-    `row_views` maps a name the file does not hold to (stored name, first row, end row):
-    the reader then shows the view in place of the stored tensor and reads only its rows.
-    This is how an architecture with fused projections (`dume.arch.table`'s `split`)
-    is read under the separate names every other module uses.
+    `row_views` maps a name the file does not hold to (stored name, first row, end row): the view is shown in
+    place of the stored tensor and only its rows are read. This is how fused projections (`dume.arch.table`'s
+    `split`) are read under the separate names every other module uses.
     """
 
     def __init__(self, path: str | Path, row_views: Mapping[str, tuple[str, int, int]] | None = None):
@@ -222,13 +197,11 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, as a private copy.
 
-        `safe_open(...).get_tensor` returns a view of a memory map of the whole file. The
-        map is opened for this one read and closed after the copy: the file pages a read
-        touches count in the process's resident memory for as long as the map lives, so
-        a reader kept open over a merge held every expert's file (measured with
-        `bench/build_memory.py`: a 3-expert build's peak fell by the experts' total size).
-        The copy also makes the result the caller's (an in-place `add_` cannot reach the
-        file's pages). Headers are read once, by the handles `keys`/`shape` use.
+        `safe_open(...).get_tensor` returns a view of a memory map of the whole file, and the pages a read touches
+        count in the process's resident memory while the map lives: a reader kept open over a merge held every
+        expert's file. So the map is opened for this one read and closed after the copy (`bench/build_memory.py`:
+        a 3-expert build's peak fell by the experts' total size). The copy is also the caller's own (an in-place
+        `add_` cannot reach the file's pages). Headers are read once, by the handles `keys`/`shape` use.
         """
         fname = self.weight_map.get(name)
         if fname is None:
