@@ -11,9 +11,8 @@ from dume.errors import DumeError
 
 
 def resolve_expert(id_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local checkpoint directory, or a hub id downloaded (safetensors + config +
-    tokenizer only) into the Hugging Face cache. Offline, a hub id that is not cached
-    is a clear error."""
+    """A local checkpoint directory, or a hub id downloaded (safetensors + config + tokenizer only) into the
+    Hugging Face cache. Offline, a hub id that is not cached is a clear error."""
     p = Path(id_or_path).expanduser()
     if p.is_dir():
         if not is_complete_checkpoint(p):

@@ -1,19 +1,15 @@
 """Writing a checkpoint's safetensors shards one tensor at a time.
 
-A write is a *plan*: the output tensors' names, shapes and dtypes, each with a function
-that computes it (average the experts' tensor, take one expert's, a given constant).
-Shapes are known before anything is computed, so the shard boundaries, the file names
-and every file's header are final before the first tensor is read.
+A write is a *plan*: the output tensors' names, shapes and dtypes, each with a function that computes it
+(average the experts' tensor, take one expert's, a constant). Shapes are known first, so the shard boundaries,
+file names and every file's header are final before the first tensor is read.
 
-Why not `safetensors.torch.save_file`: it takes a dict of every tensor of the file, so a
-shard of S bytes needs S bytes of tensors in memory at once (measured with
-`bench/build_memory.py`: the merge's peak was one whole shard above the rest of the
-build). Here each file's header is written from the plan, then each tensor is computed,
-written and dropped: the merge holds about one tensor (plus the D inputs of an average).
-The bytes follow the safetensors format exactly (8-byte header length, the JSON header
-padded with spaces to a multiple of 8, tensors in the order safetensors itself uses:
-larger element size first, then by name, so each tensor is aligned to its element size);
-`tests/test_shards.py` checks that the file equals `save_file`'s byte for byte.
+Why not `safetensors.torch.save_file`: it takes a dict of every tensor of the file, so a shard of S bytes needs
+S bytes of tensors in memory at once (`bench/build_memory.py`: the merge's peak was one whole shard above the
+rest of the build). Here the header is written from the plan, then each tensor is computed, written and
+dropped: the merge holds about one tensor (plus the D inputs of an average). The bytes follow the format exactly
+(8-byte header length, JSON header space-padded to a multiple of 8, tensors in safetensors' own order so each
+is aligned to its element size); `tests/test_shards.py` checks the file equals `save_file`'s byte for byte.
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from dume.checkpoint.io import atomic_write_json
 from dume.errors import DumeError
 
-# A shard of a few GB keeps every file loadable by tools that memory-map one at a time
-# ("5GB" in transformers' units, the `max_shard_size` default of `dume build`).
+# A few GB keeps every file loadable by tools that memory-map one at a time ("5GB", `dume build`'s default).
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_METADATA = {"format": "pt"}
 SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -128,8 +123,8 @@ def write_file(shard: list[OutTensor], path: Path, metadata: dict[str, str] | No
 
 
 def write_safetensors(plan: list[OutTensor], out_dir: Path, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write the plan as shards of at most `max_shard_size` bytes (a tensor larger than
-    that gets a shard of its own), plus transformers' index when there are several."""
+    """Write the plan as shards of at most `max_shard_size` bytes (a larger tensor gets a shard of its own),
+    plus transformers' index when there are several."""
     max_shard_size = parse_size(max_shard_size)
     shards: list[list[OutTensor]] = [[]]
     size = 0
