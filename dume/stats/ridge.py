@@ -1,16 +1,13 @@
-"""Sufficient statistics of DUME's ridge-regression router, and its closed-form solve.
+"""Sufficient statistics of DUME's ridge-regression router, and its closed-form solve (docs/design.md §2).
 
-DUME's router for layer l is W_l = (A_l + λI)⁻¹ b_l with A_l = Σ XᵀX over every
-collected token and b_l = XᵀY, Y the one-hot domain label; each column of W_l is then
-normalised to unit L2 norm (paper, Eqs. 2, 6, 7). With a one-hot Y, column d of b_l is
-simply the sum of domain d's features, so the whole state is, per layer l and domain d:
+With one-hot domain targets Y, column d of XᵀY is the sum of domain d's features, so the whole state is, per
+layer l and domain d (paper, Eqs. 2, 6, 7):
 
     A[l, d] = Σ x xᵀ   (H×H)     s[l, d] = Σ x   (H)     n[l, d] = token count
 
-Keeping A *per domain* (rather than only Σ_d A[l, d]) costs D times the memory but makes
-adding, removing or re-weighting a domain exact (docs/design.md §5): those become sums,
-slices and scalings of these tensors. Nothing here depends on λ, so the statistics are
-what gets saved next to a model and what independent parties can compute apart and sum.
+Keeping A *per domain* (not only Σ_d A[l, d]) costs D times the memory but makes adding, removing or
+re-weighting a domain exact (§5): sums, slices and scalings of these tensors. Nothing here depends on λ, so the
+statistics are what is saved beside a model and what independent parties compute apart and sum.
 """
 
 from __future__ import annotations
@@ -38,10 +35,9 @@ STATS_SUBDIR = "dume_stats"  # the statistics beside a routed checkpoint (read b
 class RidgeStats:
     """Per-layer, per-domain ridge-regression statistics (see the module docstring).
 
-    Tensors: ``A`` [L, D, H, H] float64, ``s`` [L, D, H] float64, ``n`` [L, D] int64,
-    all on ``device``. Operations that change the set or weight of domains (``merge``,
-    ``+``, ``remove_domain``, ``scale_domain``, ``select``) return a new object and leave
-    this one untouched; only ``update`` / ``update_all_layers`` accumulate in place.
+    Tensors: ``A`` [L, D, H, H] float64, ``s`` [L, D, H] float64, ``n`` [L, D] int64, all on ``device``.
+    Operations on the set or weight of domains (``merge``, ``+``, ``remove_domain``, ``scale_domain``,
+    ``select``) return a new object; only ``update`` / ``update_all_layers`` accumulate in place.
     """
 
     def __init__(self, num_layers: int, hidden_size: int, domains: Sequence[str], *,
@@ -68,12 +64,9 @@ class RidgeStats:
         self.A = torch.zeros(L, D, H, H, dtype=torch.float64, device=self.device)
         self.s = torch.zeros(L, D, H, dtype=torch.float64, device=self.device)
         self.n = torch.zeros(L, D, dtype=torch.int64, device=self.device)
-        # With per-token targets (dume.stats.loss_aware): [L, D, D, H], row j = domain j's
-        # tokens, column e = their YᵀX for expert e; then s = targets.sum(1). Kept per
-        # domain so that re-weighting a domain re-weights its share of every column.
+        # Per-token targets (dume.stats.loss_aware): [L, D, D, H], row j = domain j's tokens, column e = their YᵀX
+        # for expert e; s = targets.sum(1). Kept per domain: re-weighting one re-weights its share of each column.
         self.targets: torch.Tensor | None = None
-
-    # ------------------------------------------------------------------ metadata
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -110,24 +103,19 @@ class RidgeStats:
                           num_dume_tokens=self.num_dume_tokens, data_source=self.data_source,
                           extra_meta=dict(self.extra_meta), device=self.device)
 
-    # ------------------------------------------------------------------ accumulation
-
     @torch.no_grad()
     def update(self, layer: int, domain: str, features: torch.Tensor, mask: torch.Tensor | None = None,
                targets: torch.Tensor | None = None) -> None:
         """Add one batch of router inputs of `domain` at `layer`.
 
-        targets: per-token regression targets [..., D] over the experts (in `domains`
-        order) when they are not the one-hot of `domain` (DUME's): `s[layer]` then gains
-        YᵀX instead of Σx in the domain's row (`dume.stats.loss_aware`), and `self.targets`
-        keeps the domain's own part of it. A stays per domain.
+        features: [B, T, H] or [N, H], any float dtype and device. mask: same leading shape, bool or 0/1; tokens
+        where it is false/0 (padding, tokens past num_dume_tokens) do not count. The batch's XᵀX and Σx are
+        computed in float32 on the features' device -- bf16 sums lose too much, float64 matmuls are slow on GPUs
+        -- then added into the float64 totals, so rounding does not grow with the number of batches.
 
-        features: [B, T, H] or [N, H], any float dtype, any device. mask: same leading
-        shape, bool or 0/1; tokens where it is false/0 (padding, tokens past
-        num_dume_tokens) do not count. The batch's XᵀX and Σx are computed in float32 on
-        the features' device — bf16 sums lose too much, float64 matmuls are slow on GPUs
-        — and then added into the float64 running totals, so rounding does not grow with
-        the number of batches.
+        targets: per-token targets [..., D] over the experts (in `domains` order) when not the one-hot of
+        `domain` (`dume.stats.loss_aware`): `s[layer]` then gains YᵀX instead of Σx in the domain's row, and
+        `self.targets` keeps the domain's own part of it. A stays per domain.
         """
         if not 0 <= layer < self.num_layers:
             raise DumeError(f"layer {layer} out of range: the statistics have {self.num_layers} layers")
@@ -142,8 +130,7 @@ class RidgeStats:
             if tuple(mask.shape) != tuple(features.shape[:-1]):
                 raise DumeError(f"mask shape {tuple(mask.shape)} does not match features' leading shape "
                                 f"{tuple(features.shape[:-1])}")
-            # Selecting with `where` instead of boolean indexing avoids a device sync, and
-            # unlike multiplying by the mask it cannot turn an inf at a padding position into NaN.
+            # `where`, not boolean indexing (a device sync) nor a product with the mask (inf at padding -> NaN).
             m = mask.reshape(-1).to(device=x.device).bool()
             x = torch.where(m.unsqueeze(1), x, 0.0)
             count = m.sum()
@@ -187,16 +174,10 @@ class RidgeStats:
         for layer, feats in enumerate(features_per_layer):
             self.update(layer, domain, feats, mask)
 
-    # ------------------------------------------------------------------ algebra on domains
-
     def merge(self, other: RidgeStats) -> RidgeStats:
-        """Sum two statistics: the union of their domains (self's order, then other's new
-        ones); a domain in both gets the sum of its terms.
-
-        Sums are only meaningful for features from the same model under the same token
-        rule, so differing fingerprints (when both are known), shapes or num_dume_tokens
-        are refused rather than silently mixed.
-        """
+        """Sum two statistics: the union of their domains (self's order, then other's new ones); a domain in both
+        gets the sum of its terms. Sums only mean something for features of one model under one token rule, so
+        differing fingerprints (when both are known), shapes or num_dume_tokens are refused, not mixed."""
         if not isinstance(other, RidgeStats):
             raise DumeError(f"can only merge RidgeStats with RidgeStats, got {type(other).__name__}")
         if self.targets is not None or other.targets is not None:
@@ -251,9 +232,8 @@ class RidgeStats:
         return self.select([d for i, d in enumerate(self.domains) if i != j])
 
     def scale_domain(self, name: str, weight: float) -> RidgeStats:
-        """A new RidgeStats where `name` counts `weight` times (its A and s scaled), as if
-        each of its tokens appeared `weight` times. n keeps the real token count; the
-        centroid (s/n, normalised) is unchanged by any scaling."""
+        """A new RidgeStats where `name` counts `weight` times (its A and s scaled), as if each of its tokens
+        appeared `weight` times. n keeps the real token count; the centroid (s/n, normalised) is unchanged."""
         return self.scale_domains({name: weight})
 
     def scale_domains(self, weights: Mapping[str, float]) -> RidgeStats:
@@ -270,8 +250,6 @@ class RidgeStats:
             out.s = out.targets.sum(dim=1)
         return out
 
-    # ------------------------------------------------------------------ solving
-
     def _check_tokens(self, idx: list[int]) -> None:
         for j in idx:
             empty = (self.n[:, j] == 0).nonzero().flatten().tolist()
@@ -283,13 +261,12 @@ class RidgeStats:
     def solve(self, lam: float = 0.01, domains: Sequence[str] | None = None, relative: bool = False) -> torch.Tensor:
         """DUME's router weights W [L, H, D] float64, columns of unit norm.
 
-        Per layer: W = (Σ_d A[l,d] + λ'I)⁻¹ [s[l,d_1] … s[l,d_D]], over all domains or only
-        `domains` (their order gives the columns). A + λ'I is symmetric positive definite,
-        so a Cholesky solve in float64 is both the fastest and the most stable choice.
-        λ' = λ, or λ·trace(A)/H with relative=True: A grows with the token count and the
-        feature scale, so an absolute λ = 0.01 is negligible at any realistic size and
-        only a relative one is a knob that means the same thing across settings.
-        Columns are normalised (paper §2.3) so unbalanced domain sizes do not bias routing.
+        Per layer: W = (Σ_d A[l,d] + λ'I)⁻¹ [s[l,d_1] … s[l,d_D]], over all domains or only `domains` (their
+        order gives the columns). A + λ'I is symmetric positive definite, so a float64 Cholesky solve is both the
+        fastest and the most stable. λ' = λ, or λ·trace(A)/H with relative=True: A grows with the token count
+        and the feature scale, so an absolute λ = 0.01 is negligible at any realistic size and only a relative
+        one means the same across settings. Columns are normalised (paper §2.3) so unbalanced domain sizes do
+        not bias routing.
         """
         lam = _positive_finite(lam, "lambda")
         idx = self._indices(domains)
@@ -318,22 +295,17 @@ class RidgeStats:
     def centroid(self, domains: Sequence[str] | None = None) -> torch.Tensor:
         """Each column the domain's mean router input s/n, normalised: [L, H, D] float64.
 
-        Like mergekit's "hidden" gate, but on the oracles' MLP inputs over all the domain's
-        text (mergekit: the base model's residual stream at a few prompts' last token, the
-        `mergekit_hidden` row), and DUME's λ→∞ limit (where
-        (A+λI)⁻¹ ≈ I/λ), a baseline that shows what the A⁻¹ whitening adds."""
+        Like mergekit's "hidden" gate, but on the oracles' MLP inputs over all the domain's text (mergekit: the
+        base model's residual stream at a few prompts' last token, the `mergekit_hidden` row), and DUME's λ→∞
+        limit ((A+λI)⁻¹ ≈ I/λ): a baseline that shows what the A⁻¹ whitening adds."""
         idx = self._indices(domains)
         self._check_tokens(idx)
         mean = self.s[:, idx] / self.n[:, idx, None].to(torch.float64)  # [L, D, H]
         return _normalise_columns(mean.transpose(1, 2), [self.domains[i] for i in idx], "centroid")
 
-    # ------------------------------------------------------------------ persistence
-
     def save(self, path: str | os.PathLike) -> Path:
-        """Write `path/` atomically: stats.safetensors (A, s, n) and stats.json (metadata).
-
-        Only the λ-independent sums are stored; any λ, temperature or domain subset can be
-        solved later from them."""
+        """Write `path/` atomically: stats.safetensors (A, s, n) and stats.json (metadata). Only the
+        λ-independent sums are stored; any λ, temperature or domain subset is solved later from them."""
         from safetensors.torch import save_file
 
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "meta": self.meta}
@@ -406,20 +378,18 @@ class RidgeStats:
         return stats
 
 
-# A is a sum of x xᵀ, so positive semi-definite; negative eigenvalues smaller than this
-# fraction of the largest are the float32 batch products' rounding, not corruption.
+# A = Σ x xᵀ is positive semi-definite: negative eigenvalues below this fraction of the largest are the float32
+# batch products' rounding, not corruption.
 PSD_ROUNDING = 1e-6
 
 
 def _solve_rank_deficient(A: torch.Tensor, lam: float, b: torch.Tensor, layer: int) -> torch.Tensor:
     """(A + λI)⁻¹ b when the Cholesky factorisation failed.
 
-    That happens when the features span fewer than H directions (e.g. two tokens per
-    document: every document's first position is the same BOS token) and λ is smaller
-    than the rounding noise of A's null-space eigenvalues. Those eigenvalues are exactly
-    0 in exact arithmetic, so they are clamped to 0 and the ridge solution is taken in
-    A's eigenbasis: the same W that exact arithmetic would give. A matrix with genuinely
-    negative eigenvalues (corrupted statistics) is still refused."""
+    That happens when the features span fewer than H directions (e.g. two tokens per document: every document's
+    first position is the same BOS token) and λ is below the rounding noise of A's null-space eigenvalues. Those
+    are exactly 0 in exact arithmetic, so they are clamped to 0 and the ridge solution is taken in A's eigenbasis:
+    the W exact arithmetic would give. Genuinely negative eigenvalues (corrupted statistics) are still refused."""
     e, V = torch.linalg.eigh(A)
     scale = float(e.abs().max()) if e.numel() else 0.0
     if float(e.min()) < -PSD_ROUNDING * max(scale, 1e-300):
