@@ -1,12 +1,5 @@
-"""Collecting DUME's ridge statistics.
-
-Domain d's documents go through the dense model "averaged non-MLP + expert d's MLPs" —
-exactly what the MoErged model computes with every router forced to expert d — and the
-input of every layer's MLP (the output of `post_attention_layernorm`) is captured by a
-forward hook in the same pass (the paper's Eq. 7: one pass serves every layer). Only the
-first `num_dume_tokens` real tokens of each document count; padding never does. No
-gradients, no backward.
-"""
+"""Collecting DUME's ridge statistics: one forward pass through each domain's oracle serves every layer (the
+paper's Eq. 7; docs/design.md §2 says what counts). No gradients, no backward."""
 
 from __future__ import annotations
 
@@ -20,10 +13,8 @@ from dume.stats.capture import MLPInputCapture, right_padded, token_mask
 @torch.no_grad()
 def collect_domain(model, stats, domain: str, batches, num_dume_tokens: int | None = None,
                    max_batches: int | None = None, desc: str | None = None) -> int:
-    """Add `domain`'s statistics from `batches` of (input_ids, attention_mask) into `stats`.
-
-    Returns the number of tokens counted per layer.
-    """
+    """Add `domain`'s statistics from `batches` of (input_ids, attention_mask) into `stats`; returns the tokens
+    counted per layer."""
     model.eval()
     device = next(model.parameters()).device
     counted = 0
@@ -33,8 +24,7 @@ def collect_domain(model, stats, domain: str, batches, num_dume_tokens: int | No
                 break
             ids, mask = ids.to(device), mask.to(device)
             if num_dume_tokens is not None and right_padded(mask):
-                # Later positions cannot influence earlier ones (causal attention), so
-                # the forward can stop at the last position that counts.
+                # Causal attention: later positions cannot change earlier ones, so stop at the last that counts.
                 ids, mask = ids[:, :num_dume_tokens], mask[:, :num_dume_tokens]
             # The logits are never read: logits_to_keep=1 skips most of the lm_head's work.
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
@@ -53,11 +43,9 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
                        log=print):
     """The ridge statistics of every domain -- the one collector every recipe uses.
 
-    Domain i's documents (`docs[domains[i]]`, any iterable of texts, read once) go through
-    the oracle of expert i (`merge.build_oracle_model`: averaged shared weights + that
-    expert's MLPs), cut into `document_batches(max_len, batch_size)` (at most
-    `max_batches`). The shared weights are averaged once for all domains. Returns
-    (RidgeStats, {domain: tokens counted per layer})."""
+    Domain i's documents (`docs[domains[i]]`, any iterable of texts, read once) go through the oracle of expert i
+    (`merge.build_oracle_model`), cut into `document_batches(max_len, batch_size)` (at most `max_batches`); the
+    shared weights are averaged once for all domains. Returns (RidgeStats, {domain: tokens counted per layer})."""
     from dume.moe.merge import build_oracle_model, shared_state_dict
     from dume.runtime.memory import release_memory
     from dume.stats.ridge import RidgeStats
