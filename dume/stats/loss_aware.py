@@ -1,21 +1,16 @@
 """Loss-aware ridge targets: route each token to the expert that predicts it best.
 
-DUME regresses the router onto the one-hot of the token's *domain* (paper Eq. 4). On
-topics that overlap (math text that the physics expert predicts as well as the math
-expert), that target asks the router to separate tokens no expert cares to separate.
-Here the target of token t is instead how well each expert predicts the next token:
+DUME regresses the router onto the one-hot of the token's *domain* (paper Eq. 4). On overlapping topics (math
+text the physics expert predicts as well as the math expert) that asks the router to separate tokens no expert
+cares to separate. Here the target of token t is how well each expert predicts the next token:
 
     y_t = softmax(-loss_t / tau)        loss_t[e] = next-token loss of oracle e at t
 
-where oracle e is the MoE with every token routed to expert e (averaged shared weights +
-expert e's MLPs), the model the MoE becomes wherever the router picks e. The closed form
-is unchanged -- W = (A + lambda I)^-1 X^T Y with the same A -- only b = X^T Y changes, so
-the result is still a stock checkpoint. Each domain's text is read by every oracle
-(D x D forward passes for the losses, then D for the features); nothing is trained.
-
-A position with no next token (a document's last real token) keeps DUME's target, the
-one-hot of its domain, so with losses that single out the own expert this is exactly
-DUME (`tests/test_routers_study.py`).
+oracle e being what the MoE becomes wherever the router picks e. The closed form is unchanged -- W = (A +
+lambda I)^-1 X^T Y with the same A, only b = X^T Y changes -- so the result is still a stock checkpoint. Every
+oracle reads each domain's text (D x D forward passes for the losses, then D for the features); nothing is
+trained. A position with no next token (a document's last real token) keeps DUME's one-hot target, so with
+losses that single out the own expert this is exactly DUME (`tests/test_routers_study.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +26,8 @@ from dume.errors import DumeError
 
 @torch.no_grad()
 def token_losses(model, batches) -> list[torch.Tensor]:
-    """Per batch, [B, T] float32: the next-token loss at each position; NaN where there
-    is no next real token (the last real token, padding)."""
+    """Per batch, [B, T] float32: the next-token loss at each position; NaN where there is no next real token
+    (the last real token, padding)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -48,8 +43,8 @@ def token_losses(model, batches) -> list[torch.Tensor]:
 
 
 def soft_targets(losses: torch.Tensor, domain_index: int, tau: float) -> torch.Tensor:
-    """losses [D, B, T] (NaN = no next token) -> targets [B, T, D]: softmax(-loss/tau) over
-    the experts, and the one-hot of `domain_index` where the losses are NaN."""
+    """losses [D, B, T] (NaN = no next token) -> targets [B, T, D]: softmax(-loss/tau) over the experts, and
+    the one-hot of `domain_index` where the losses are NaN."""
     if not (math.isfinite(tau) and tau > 0):
         raise DumeError(f"target temperature must be positive and finite, got {tau!r}")
     D = losses.shape[0]
@@ -63,8 +58,8 @@ def collect_loss_aware_statistics(expert_dirs, domains, docs, tokenizer, *, num_
                                   max_len: int, batch_size: int, tau: float = 1.0, device: str = "cpu", dtype=None,
                                   model_fingerprint: str | None = None, data_source: str = "",
                                   extra_meta: dict | None = None, max_batches: int | None = None, log=print):
-    """RidgeStats whose `s` holds X^T Y with loss-aware targets (A and n as DUME's):
-    `stats.solve` then gives the loss-aware router. Returns (stats, {domain: tokens})."""
+    """RidgeStats whose `s` holds X^T Y with loss-aware targets (A and n as DUME's): `stats.solve` then gives
+    the loss-aware router. Returns (stats, {domain: tokens})."""
     from dume.moe.merge import build_oracle_model, shared_state_dict
     from dume.runtime.memory import release_memory
     from dume.stats.capture import MLPInputCapture, token_mask

@@ -1,15 +1,12 @@
 """Exact layer-sequential statistics: layer l's router inputs with layers < l routed.
 
-DUME collects every layer's statistics in one pass through the oracles (paper Eq. 7):
-domain d's text reaches layer l through expert d's MLPs at every earlier layer. In the
-finished MoE it reaches layer l through whatever the earlier *routers* chose. The paper
-names the exact alternative, one pass per layer: solve layer 0's router, route layer 0
-with it, collect layer 1's inputs through that, solve layer 1, and so on. That is what
-this module does, on the MoE itself (its earlier routers set to their solved DUME gates;
-the forward stops at layer l, so the L passes cost about L/2 full forwards).
-
-Layer 0's inputs do not depend on any MLP, so for a one-layer model (and for layer 0 of
-any model) this equals the one-pass statistics (`tests/test_routers_study.py`).
+DUME's one pass through the oracles (paper Eq. 7) brings domain d's text to layer l through expert d's MLPs at
+every earlier layer; the finished MoE brings it through whatever the earlier *routers* chose. The paper names
+the exact alternative, one pass per layer: solve layer 0's router, route layer 0 with it, collect layer 1's
+inputs through that, solve layer 1, and so on. That is done here on the MoE itself (its earlier routers set to
+their solved gates; the forward stops at layer l, so the L passes cost about L/2 full forwards). Layer 0's
+inputs depend on no MLP, so for layer 0 (and a one-layer model) this equals the one-pass statistics
+(`tests/test_routers_study.py`).
 """
 
 from __future__ import annotations
@@ -33,14 +30,12 @@ def _routers(model):
 
 @torch.no_grad()
 def collect_sequential_statistics(moe_dir, domains, docs, tokenizer, *, solve_layer, k: int = 1,
-                                  num_dume_tokens: int | None,
-                                  max_len: int, batch_size: int, device: str = "cpu", dtype=None,
-                                  model_fingerprint: str | None = None, data_source: str = "",
+                                  num_dume_tokens: int | None, max_len: int, batch_size: int, device: str = "cpu",
+                                  dtype=None, model_fingerprint: str | None = None, data_source: str = "",
                                   extra_meta: dict | None = None, max_batches: int | None = None, log=print):
-    """RidgeStats of a MoE checkpoint (its experts in `domains` order) whose layer l was
-    collected with layers < l routed by the gates `solve_layer(one-layer RidgeStats) ->
-    [D, H]` makes of it (top-k = `k`). The solver is the caller's (a router of
-    `dume.routers`): statistics sit below the routers and never choose one.
+    """RidgeStats of a MoE checkpoint (its experts in `domains` order), layer l collected with the layers before
+    it routed (top-k = `k`) by the gates `solve_layer(one-layer RidgeStats) -> [D, H]` makes of their sums. The
+    solver is the caller's (a router of `dume.routers`): statistics sit below the routers and never choose one.
     Returns (stats, {domain: tokens per layer})."""
     from dume.moe.edit import load_moe_streamed
     from dume.stats.capture import token_mask
