@@ -12,11 +12,10 @@ def collect_for(kind: str, expert_dirs, domains, docs, tokenizer, *, moe_dir=Non
 
     - "dume": one pass through the oracles (`collect_statistics`, the paper's Eq. 7);
     - "loss_aware": the same A, targets from the experts' token losses (`dume.stats.loss_aware`);
-    - "sequential": layer by layer through the MoE at `moe_dir` with the earlier layers
-      routed by the gates `solve_layer` makes of each layer's sums (`dume.stats.sequential`;
-      `dume.routers.closed_form.layer_solver` is DUME's), with top-k = `k`.
-    `common` is what every collector takes (num_dume_tokens, max_len, batch_size, device,
-    dtype, model_fingerprint, data_source, extra_meta, max_batches, log)."""
+    - "sequential": layer by layer through the MoE at `moe_dir`, the earlier layers routed by the gates
+      `solve_layer` makes of each layer's sums (`dume.routers.closed_form.layer_solver` is DUME's), top-k = `k`.
+    `common` is what every collector takes (num_dume_tokens, max_len, batch_size, device, dtype,
+    model_fingerprint, data_source, extra_meta, max_batches, log)."""
     if kind == "dume":
         return collect_statistics(expert_dirs, domains, docs, tokenizer, **common)
     if kind == "loss_aware":
