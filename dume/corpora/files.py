@@ -12,12 +12,8 @@ from dume.errors import DumeError
 HUB_TEXT_FIELD = "text"
 
 #: File suffix -> (`datasets` builder, extra builder arguments).
-LOCAL_FORMATS = {
-    ".txt": ("text", {"sample_by": "paragraph"}),
-    ".jsonl": ("json", {}),
-    ".json": ("json", {}),
-    ".parquet": ("parquet", {}),
-}
+LOCAL_FORMATS = {".txt": ("text", {"sample_by": "paragraph"}), ".jsonl": ("json", {}), ".json": ("json", {}),
+                 ".parquet": ("parquet", {})}
 
 #: File-name stems (before any "-"/"_"/"." shard suffix) naming a split.
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
@@ -29,10 +25,9 @@ _SPLIT_STEM = re.compile(r"^(train|validation|valid|val|dev|test)(?:[-_.].*)?$",
 def files_texts(files: Sequence[Path], txt_mode: str, where: str) -> Iterator[str]:
     """The documents of data files, streamed one file at a time through ``datasets.load_dataset``.
 
-    ``.txt`` files give one document per paragraph (blank-line separated) or per line
-    (`txt_mode`); ``.jsonl``/``.json``/``.parquet`` files one per row of their ``text`` column.
-    Streaming (no Arrow conversion of the whole file first) is what keeps memory and time
-    bounded by what the caller reads, not by the size of the corpus.
+    ``.txt`` files give one document per paragraph (blank-line separated) or per line (`txt_mode`);
+    ``.jsonl``/``.json``/``.parquet`` files one per row of their ``text`` column. Streaming (no Arrow conversion
+    of the whole file first) keeps memory and time bounded by what the caller reads, not by the corpus's size.
     """
     import datasets
 

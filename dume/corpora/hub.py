@@ -20,18 +20,12 @@ HUB_PRETRAIN_REPO = "vietgpt/openwebtext_en"
 HUB_M2D2_REPO = "machelreid/m2d2"
 
 #: The M2D2 configs the original DUME/HDEE code trained its five experts on.
-HUB_M2D2_CONFIGS = {
-    "code": "cs_l1",
-    "math": "math_l1",
-    "physics": "physics_l1",
-    "history": "History_and_events",
-    "philosophy": "Philosophy_and_thinking",
-}
+HUB_M2D2_CONFIGS = {"code": "cs_l1", "math": "math_l1", "physics": "physics_l1", "history": "History_and_events",
+                    "philosophy": "Philosophy_and_thinking"}
 
 #: OpenWebText's split in the original code: its pre-tokenizer dealt document i to worker
 #: i % 32, and the workers' files 0-20 became train, 21-24 validation, 25-31 test.
 OPENWEBTEXT_WORKERS = 32
-
 OPENWEBTEXT_SPLIT_WORKERS = {"train": range(0, 21), "validation": range(21, 25), "test": range(25, 32)}
 
 
@@ -77,10 +71,8 @@ def _hub_documents(domain: str, split: str, data_dir) -> tuple[Iterator[str], st
 
 
 def _hub_mirror(data_dir, repo: str) -> Path:
-    """``DATA_DIR/<owner>/<name>``: where ``hf download --local-dir`` puts a copy of a hub repo.
-
-    (``huggingface-cli download`` in huggingface_hub before 1.0.)
-    """
+    """``DATA_DIR/<owner>/<name>``: where ``hf download --local-dir`` (``huggingface-cli download`` in
+    huggingface_hub before 1.0) puts a copy of a hub repo."""
     root = Path(data_dir)
     mirror = root / repo
     if not mirror.is_dir():
@@ -92,10 +84,9 @@ def _hub_mirror(data_dir, repo: str) -> Path:
 def _m2d2_directory(config: str, data_dir) -> Path:
     """The directory of one M2D2 config's text files (extracting its archive if needed).
 
-    M2D2 is published as one ``data/<config>.tar.gz`` per domain plus a loading script,
-    which ``datasets`` >= 4 no longer runs; so the archive is fetched (or found in a
-    local mirror) and read directly: ``<config>/{train,valid,test}.txt``.
-    """
+    M2D2 is published as one ``data/<config>.tar.gz`` per domain plus a loading script, which ``datasets`` >= 4
+    no longer runs; so the archive is fetched (or found in a local mirror) and read directly:
+    ``<config>/{train,valid,test}.txt``."""
     if data_dir is not None:
         mirror = _hub_mirror(data_dir, HUB_M2D2_REPO)
         extracted = mirror / config

@@ -57,10 +57,8 @@ def take(texts: Iterable[str], max_docs: int | None) -> list[str]:
 def select_split(splits: dict[str, Callable[[], Iterator[str]]], split: str) -> Iterator[str]:
     """Use the corpus's own train/validation/test when it has all three; else split by hash.
 
-    `splits` maps each split the corpus has to a function giving its texts (read lazily).
-    A corpus missing any of the three has all its splits pooled and re-split by the hash
-    of each text, so the three stay disjoint.
-    """
+    `splits` maps each split the corpus has to a function giving its texts (read lazily). A corpus missing any
+    of the three has all its splits pooled and re-split by the hash of each text, so the three stay disjoint."""
     if all(s in splits for s in SPLITS):
         return splits[split]()
     pooled = (t for name in sorted(splits) for t in splits[name]())
@@ -68,13 +66,12 @@ def select_split(splits: dict[str, Callable[[], Iterator[str]]], split: str) -> 
 
 
 class Source:
-    """One corpus source. A new source is a subclass in its own module, registered in
-    `dume.corpora.documents.SOURCES`; the CLIs' `--source` choices and help, the CLM run
-    and the dynamic-experts tools find it there."""
+    """One corpus source: a subclass in its own module, registered in `dume.corpora.documents.SOURCES`
+    (docs/design.md §8)."""
 
     name: str = ""
-    help: str = ""                 # one line for `--source` help
-    paper_defaults: bool = False   # the paper's setting: the original recipe, the Llama-3 tokenizer, 64 000 test windows
+    help: str = ""  # one line for `--source` help
+    paper_defaults: bool = False  # the paper's setting: original recipe, Llama-3 tokenizer, 64 000 test windows
 
     def domains(self, data_dir) -> tuple[str, ...]:
         """The expert domains it offers (PRETRAIN is accepted besides them)."""
