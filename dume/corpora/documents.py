@@ -11,7 +11,7 @@ by the SHA-256 of a stable key (an article's title, a stdlib file's path relativ
 document's text): 80 / 10 / 10, disjoint, the same on every run and machine (Python's ``hash()`` is salted per
 process, so never used). All chunks of one source file share the file's key, so no file spans two splits.
 
-Tokenization is `dume.text.batches`': `pack_documents` (training, perplexity) and `document_batches` (DUME's
+Tokenization (`dume.text.batches`): `pack_documents` (training, perplexity) and `document_batches` (DUME's
 statistics) both start every document with the tokenizer's BOS, when it has one (the Llama convention: a model
 sees the same context at a document start in training, in evaluation and in its statistics).
 """

@@ -209,7 +209,7 @@ def _offline_records(domain: str, split: str, source: str = "offline") -> tuple[
     units += [(order_key(f.rel), i, f"stdlib:{f.rel}", c) for f in files for i, c in enumerate(f.chunks)]
     units.sort()
     # Whole files stay in one split, but two files can share a chunk word for word (licence headers, copied
-    # helpers: Python 3.12's stdlib has some): it stays in the earliest split only, so no evaluation text trains.
+    # helpers: Python 3.12's stdlib has some): it stays in the earliest split, so no evaluation text is trained on.
     earlier = {"train": (), "validation": ("train",), "test": ("train", "validation")}[split]
     seen = {text for e in earlier for _, text in _offline_records(domain, e, source)}
     return tuple((key, text) for _, _, key, text in units if text not in seen)

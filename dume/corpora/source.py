@@ -66,8 +66,8 @@ def select_split(splits: dict[str, Callable[[], Iterator[str]]], split: str) -> 
 
 
 class Source:
-    """One corpus source: a subclass in its own module, registered in `dume.corpora.documents.SOURCES`
-    (docs/design.md §8)."""
+    """One corpus source. A new source is a subclass in its own module, registered in
+    `dume.corpora.documents.SOURCES` (docs/design.md §8 says what reads it there)."""
 
     name: str = ""
     help: str = ""  # one line for `--source` help
