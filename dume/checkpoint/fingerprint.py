@@ -11,7 +11,7 @@ is hashed, once:
 - the record is stored beside the checkpoint (`dume_fingerprint.json`) with each weight file's size and mtime,
   and reused while those stay the same (rewritten files -- retrained, edited, copied without their times -- are
   hashed again). It is stored only when every weight is finite (a broken checkpoint is an error: nothing is
-  written beside it), and kept in memory only, for the process, where the directory is read-only.
+  written beside it); where the directory is read-only it is kept in memory, for the process's life only.
 
 Cost: one read of the weights per change (disk speed; sha256 runs at ~1 GB/s), then a `stat` per weight file.
 """
