@@ -265,9 +265,8 @@ class RidgeStats:
         order gives the columns). A + λ'I is symmetric positive definite, so a float64 Cholesky solve is both the
         fastest and the most stable. λ' = λ, or λ·trace(A)/H with relative=True: A grows with the token count
         and the feature scale, so an absolute λ = 0.01 is negligible at any realistic size and only a relative
-        one means the same across settings. Columns are normalised (paper §2.3) so unbalanced domain sizes do
-        not bias routing.
-        """
+        one means the same across settings. Columns are normalised (paper §2.3): unbalanced domains do not bias
+        routing."""
         lam = _positive_finite(lam, "lambda")
         idx = self._indices(domains)
         self._check_tokens(idx)
