@@ -1,26 +1,20 @@
-"""One training loop for everything that trains: the seed model, the experts, and the
-routers of BTX and DUME+.
+"""One training loop for everything that trains: the seed model, the experts, the routers of BTX and DUME+.
 
-It runs on `accelerate`, so the same code is single-process on this CPU and DDP
-with bf16 autocast under `accelerate launch` on GPUs. The schedule is the paper's:
-linear warmup from 0.1x to the peak learning rate, then cosine down to 0.1x. Small
-domains stop on validation loss (patience) and keep their best weights, because an
-expert that overfits its few thousand tokens drifts away from the seed and ruins
-MoErging (docs/design.md §4).
+It runs on `accelerate`: single-process on a CPU, DDP with bf16 autocast under `accelerate launch` on GPUs. The
+schedule is the paper's: linear warmup from 0.1x to the peak learning rate, then cosine down to 0.1x. Small
+domains stop on validation loss (patience) and keep their best weights, because an expert that overfits its few
+thousand tokens drifts away from the seed and ruins MoErging (docs/design.md §4).
 
-Multi-process: the LR scheduler is *not* handed to `accelerator.prepare` (a prepared
-scheduler advances once per process per optimizer step, compressing warmup and cosine
-N-fold under N processes); it is stepped here once per optimizer step, so the LR at step
-s is the same for 1 and N processes (`history["lr"]`). The data loader is sharded, so the
-effective batch is per-device batch × accumulation × processes (`history["effective_batch"]`).
+Multi-process: the LR scheduler is *not* handed to `accelerator.prepare` (a prepared scheduler advances once per
+process per optimizer step, compressing warmup and cosine N-fold under N processes); it is stepped here once per
+optimizer step, so the LR at step s is the same for 1 and N processes (`history["lr"]`). The data loader is
+sharded, so the effective batch is per-device batch × accumulation × processes (`history["effective_batch"]`).
 
-Two optimizer recipes (`OPTIM_RECIPES`): `embedded` (this project's default: AdamW
-β2 0.95, weight decay 0.1 on matrices only, float32 weights, mean loss over the
-accumulated micro-batches) and `original` (the original code's: torch's AdamW defaults,
-β2 0.999 and weight decay 0.01 on every parameter, and the micro-batches' losses summed,
-not averaged, before one clipped step; float32 master weights, where the original cast
-its model to bfloat16 -- see `OPTIM_RECIPES` for why, `param_dtype` for the literal
-behaviour).
+Two optimizer recipes (`OPTIM_RECIPES`): `embedded` (this project's default: AdamW β2 0.95, weight decay 0.1 on
+matrices only, float32 weights, mean loss over the accumulated micro-batches) and `original` (the original code's:
+torch's AdamW defaults, β2 0.999 and weight decay 0.01 on every parameter, the micro-batches' losses summed, not
+averaged, before one clipped step; float32 master weights where the original cast its model to bfloat16 -- see
+`OPTIM_RECIPES` for why, `param_dtype` for the literal behaviour).
 """
 
 from __future__ import annotations
@@ -41,13 +35,11 @@ from dume.train.perplexity import summed_nll
 OPTIM_RECIPES = {
     "embedded": dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, decay_all=False, param_dtype="float32",
                      sum_accumulated_loss=False),
-    # utils/optimizer.py of the original: torch.optim.AdamW(model.parameters(), lr),
-    # loss.backward() per micro-batch (a sum). The original also cast its model to bfloat16
-    # (models/llama.py); we keep float32 master weights (bf16 autocast with
-    # --mixed-precision bf16) instead, because pure-bf16 AdamW drops every update smaller
-    # than the weight's bf16 spacing: DUME+'s lr 1e-5 on gates of ~0.04 left 92 % of them
-    # unchanged, and DUME+ would be DUME -- not the paper's result (DUME+ above DUME).
-    # `param_dtype="bfloat16"` (`--pure-bf16`) gives the original's literal behaviour.
+    # utils/optimizer.py of the original: torch.optim.AdamW(model.parameters(), lr), loss.backward() per
+    # micro-batch (a sum). The original also cast its model to bfloat16 (models/llama.py); we keep float32 master
+    # weights (bf16 autocast with --mixed-precision bf16), because pure-bf16 AdamW drops every update smaller than
+    # the weight's bf16 spacing: DUME+'s lr 1e-5 on gates of ~0.04 left 92 % of them unchanged, and DUME+ would be
+    # DUME -- not the paper's result (DUME+ above DUME). `param_dtype="bfloat16"` (`--pure-bf16`) is the literal one.
     "original": dict(weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, decay_all=True, param_dtype="float32",
                      sum_accumulated_loss=True),
 }
@@ -130,15 +122,14 @@ def mean_loss(model, input_ids, attention_mask, batch_size: int, accelerator=Non
 def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: str = "train", log=print):
     """Train `model` in place; return (model, history).
 
-    train_data: a Dataset of (input_ids, attention_mask) pairs (e.g. `dume.clm.tokens.TokenWindows`)
-    or a pair of LongTensors [N, T]; val_data: a pair of LongTensors (or None).
-    params: the parameters to optimise (default: all). BTX/DUME+ pass only the gates.
+    train_data: a Dataset of (input_ids, attention_mask) pairs (e.g. `dume.clm.tokens.TokenWindows`) or a pair of
+    LongTensors [N, T]; val_data: a pair of LongTensors (or None). params: the parameters to optimise (default:
+    all); BTX/DUME+ pass only the gates.
 
-    FSDP is refused: validation, clipping and the best-weights copy here act on the
-    module's own parameters, which FSDP shards and replaces (v1 validates on the
-    still-sharded module, v2's parameters are not the ones `prepare` returns), and it was
-    never run. The paper's models fit one GPU, so DDP (`accelerate launch --multi_gpu`)
-    is what runs them.
+    FSDP is refused: validation, clipping and the best-weights copy here act on the module's own parameters, which
+    FSDP shards and replaces (v1 validates on the still-sharded module, v2's parameters are not the ones `prepare`
+    returns), and it was never run. The paper's models fit one GPU, so DDP (`accelerate launch --multi_gpu`) runs
+    them.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
@@ -158,10 +149,9 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         raise DumeError(f"{desc}: no training sequences")
     set_seed(cfg.seed)
     log_with = "wandb" if cfg.wandb_project else None
-    # sync_with_dataloader=False: accelerate would otherwise force an optimizer step when
-    # the loader wraps mid-accumulation (our loader is endless), taking extra scheduler
-    # steps at every epoch end -- the cosine floor reached early, history["lr"] no longer
-    # the LR applied. Steps are counted here, every grad_accum micro-batches, and only here.
+    # sync_with_dataloader=False: accelerate would otherwise force an optimizer step when the loader wraps
+    # mid-accumulation (our loader is endless), taking extra scheduler steps at every epoch end -- the cosine floor
+    # reached early, history["lr"] no longer the LR applied. Steps are counted here, every grad_accum micro-batches.
     accumulation = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
     accelerator = Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=cfg.mixed_precision,
                               log_with=log_with, cpu=not torch.cuda.is_available())
@@ -211,8 +201,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         val = mean_loss(accelerator.unwrap_model(model), *val_data, cfg.batch_size)
         history["val"].append({"step": step, "loss": val})
         if val < best[0]:
-            # a copy of the weights only when early stopping may restore them (patience): a
-            # whole-model host copy per improvement is ~115 GB for the paper's fp32 MoE
+            # a host copy of the weights only when early stopping may restore it: ~115 GB for the paper's fp32 MoE
             snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in
                          accelerator.unwrap_model(model).state_dict().items()} if cfg.patience else None)
             best = (val, step, snapshot)
