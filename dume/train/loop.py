@@ -150,8 +150,8 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     set_seed(cfg.seed)
     log_with = "wandb" if cfg.wandb_project else None
     # sync_with_dataloader=False: accelerate would otherwise force an optimizer step when the loader wraps
-    # mid-accumulation (our loader is endless), taking extra scheduler steps at every epoch end -- the cosine floor
-    # reached early, history["lr"] no longer the LR applied. Steps are counted here, every grad_accum micro-batches.
+    # mid-accumulation (our loader is endless): extra scheduler steps at every epoch end, the cosine floor reached
+    # early, history["lr"] not the LR applied. Steps are counted here, every grad_accum micro-batches, only here.
     accumulation = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
     accelerator = Accelerator(gradient_accumulation_plugin=accumulation, mixed_precision=cfg.mixed_precision,
                               log_with=log_with, cpu=not torch.cuda.is_available())
