@@ -1,32 +1,25 @@
-"""Token files: a corpus split tokenized once into a memory-mapped file, read only as far
-as a step budget needs.
+"""Token files: a corpus split tokenized once into a memory-mapped file, read only as far as a step budget needs.
 
-Pretraining the paper's seed reads 20 000 steps × 64 sequences × 1024 tokens ≈ 1.3 B
-tokens; OpenWebText holds ~8 B. So a split is tokenized lazily, document by document in
-the corpus's order, until the tokens the caller asked for are there (or the corpus
-ends), and written to ``tokens.bin`` (uint16 when the vocabulary fits, else int32, as
-nanoGPT's `prepare.py` does) with a ``meta.json`` beside it. Peak memory is one batch of
-documents, whatever the corpus size; training then reads windows straight from the
-memory map.
+Pretraining the paper's seed reads 20 000 steps × 64 sequences × 1024 tokens ≈ 1.3 B tokens; OpenWebText holds
+~8 B. So a split is tokenized lazily, document by document in the corpus's order, until the tokens the caller
+asked for are there (or the corpus ends), and written to ``tokens.bin`` (uint16 when the vocabulary fits, else
+int32, as nanoGPT's `prepare.py` does) with a ``meta.json`` beside it. Peak memory is one batch of documents,
+whatever the corpus size; training then reads windows straight from the memory map.
 
-A token file is keyed by everything its tokens depend on (the corpus and split, the
-tokenizer's vocabulary fingerprint, the window recipe) and cached under
-``$DUME_TOKEN_CACHE`` (default: the `datasets` cache, ``dume_tokens/``), so every later
-script and every process reuses it. Under `accelerate launch` only the main process
-prepares; the others wait for it. A request for more tokens than a stored, unfinished
-file holds tokenizes again from the start (the first tokens are the same), so the file
-is always one prefix of the split's token stream.
+A token file is keyed by everything its tokens depend on (the corpus and split, the tokenizer's vocabulary
+fingerprint, the window recipe) and cached under ``$DUME_TOKEN_CACHE`` (default: the `datasets` cache,
+``dume_tokens/``), so every later script and process reuses it; under `accelerate launch` only the main process
+prepares it, the others wait. A request for more tokens than a stored, unfinished file holds tokenizes again from
+the start (the first tokens are the same), so the file is always one prefix of the split's token stream.
 
-Two window recipes (see `RECIPES`):
+Two window recipes (`RECIPES`):
 
-``original``  the original DUME/HDEE code's (`pretokenize_data.py`): each document is
-              ``[BOS] + tokens`` (what a Llama-3 tokenizer's ``encode`` gives: BOS, no
-              EOS), concatenated; window i holds stream tokens ``[i·L, i·L + L]`` (L + 1
-              tokens), so all L positions of a window are predicted (labels run one past
-              the window) and the next window starts at the last token of this one.
-``eos``       the embedded default's: ``[BOS] doc [EOS] [BOS] doc [EOS] …`` cut into
-              disjoint blocks of L tokens (L − 1 predicted per block); a stream shorter than
-              one block is one right-padded block.
+``original``  the original DUME/HDEE code's (`pretokenize_data.py`): each document is ``[BOS] + tokens`` (what a
+              Llama-3 tokenizer's ``encode`` gives: BOS, no EOS), concatenated; window i holds stream tokens
+              ``[i·L, i·L + L]`` (L + 1 tokens), so all L positions of a window are predicted (labels run one
+              past the window) and the next window starts at the last token of this one.
+``eos``       the embedded default's: ``[BOS] doc [EOS] [BOS] doc [EOS] …`` cut into disjoint blocks of L tokens
+              (L − 1 predicted per block); a stream shorter than one block is one right-padded block.
 """
 
 from __future__ import annotations
@@ -91,9 +84,6 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-# ------------------------------------------------------------------------------ the file
-
-
 @dataclass
 class TokenFile:
     directory: Path
@@ -144,9 +134,8 @@ def _token_pieces(docs: Iterable[str], tokenizer, recipe: WindowRecipe) -> Itera
 
 def prepare_tokens(docs_fn, tokenizer, recipe: WindowRecipe, corpus: dict, min_tokens: int | None = None,
                    desc: str = "tokenize") -> TokenFile:
-    """The token file of one corpus split (`docs_fn()` -> iterator of its documents),
-    holding at least `min_tokens` tokens (None: the whole split). `corpus` names the split
-    for the cache key (source, domain, split, data dir, ...)."""
+    """The token file of one corpus split (`docs_fn()` -> iterator of its documents), holding at least `min_tokens`
+    tokens (None: the whole split). `corpus` names the split for the cache key (source, domain, split, ...)."""
     parts = {"corpus": corpus, "tokenizer": vocab_fingerprint(tokenizer), "recipe": recipe.name,
              "version": FORMAT_VERSION}
     directory = cache_root() / _key(parts)
@@ -180,8 +169,8 @@ def _write(directory: Path, parts: dict, docs: Iterator[str], tokenizer, recipe:
     from dume.checkpoint.io import atomic_write_json
 
     directory.mkdir(parents=True, exist_ok=True)
-    # The scripts turn the Rust tokenizer's threads off (they fight torch's on small
-    # machines); preparing a token file is the one place where they should all work.
+    # The scripts turn the Rust tokenizer's threads off (they fight torch's on small machines); preparing a token
+    # file is the one place where they should all work.
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     dtype = token_dtype(len(tokenizer))
@@ -216,14 +205,11 @@ def _write(directory: Path, parts: dict, docs: Iterator[str], tokenizer, recipe:
     return TokenFile(directory, meta)
 
 
-# ---------------------------------------------------------------------------- windows
-
-
 class TokenWindows(Dataset):
     """Windows of a token stream as (input_ids, attention_mask) int64 pairs, read lazily.
 
-    Window i is stream[i·L : i·L + W] (W = L + recipe.overlap). With the `eos` recipe a
-    stream shorter than one block is one right-padded block (mask 0 on the padding)."""
+    Window i is stream[i·L : i·L + W] (W = L + recipe.overlap); a stream shorter than one window is one
+    right-padded window (mask 0 on the padding)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, recipe: WindowRecipe, max_windows: int | None = None,
                  pad_id: int = 0):
