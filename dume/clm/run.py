@@ -26,17 +26,16 @@ from dume.corpora import documents as data
 from dume.errors import DumeError
 from dume.runtime.environment import environment
 
-# Validation during training only ranks checkpoints: MAX_VALIDATION_BLOCKS evenly spaced
-# windows out of the split's first VALIDATION_POOL (the whole split on the embedded default).
+# Validation during training only ranks checkpoints: MAX_VALIDATION_BLOCKS evenly spaced windows out of the
+# split's first VALIDATION_POOL (the whole split on the embedded default).
 MAX_VALIDATION_BLOCKS = 128
 VALIDATION_POOL = 2048
-# The paper-scale evaluation: the original code's first 4000 test batches of 16 windows.
-HUB_TEST_WINDOWS = 4000 * 16
-# The paper's tokenizer (the original code pre-tokenized with Meta-Llama-3-8B's; the
-# Llama-3.x tokenizers share its 128 000 BPE tokens). Gated: see datasets_setup.md.
+HUB_TEST_WINDOWS = 4000 * 16  # paper scale: the original code's first 4000 test batches of 16 windows
+# The paper's tokenizer (the original code pre-tokenized with Meta-Llama-3-8B's; the Llama-3.x tokenizers share
+# its 128 000 BPE tokens). Gated: see datasets_setup.md.
 HUB_TOKENIZER = "meta-llama/Meta-Llama-3-8B"
-# The embedded default's BPE is trained on at most this much of the pretraining corpus:
-# a 4096-token vocabulary is settled long before, and a larger corpus must not cost more.
+# The embedded default's BPE is trained on at most this much of the pretraining corpus: a 4096-token vocabulary
+# is settled long before, and a larger corpus must not cost more.
 TOKENIZER_TRAINING_CHARS = 10_000_000
 RECIPE_CHOICES = ("auto", "original", "embedded")
 
@@ -74,7 +73,6 @@ class Run:
             run.tokenizer  # a tokenizer that differs from the run's is refused before any work
         return run
 
-    # ---- recipes ------------------------------------------------------------------
     @property
     def paper_source(self) -> bool:
         """The paper's corpora (`dume.corpora.source.Source.paper_defaults`): its recipe,
@@ -83,8 +81,8 @@ class Run:
 
     @property
     def recipe_name(self) -> str:
-        """'original' (the original code's data and optimizer recipe) for the hub source,
-        'embedded' (this project's embedded default) otherwise, unless --recipe says."""
+        """'original' (the original code's data and optimizer recipe) for the hub source, 'embedded' (this
+        project's embedded default) otherwise, unless --recipe says."""
         if self.recipe != "auto":
             return self.recipe
         return "original" if self.paper_source else "embedded"
@@ -102,7 +100,6 @@ class Run:
             return self.max_eval_blocks
         return HUB_TEST_WINDOWS if self.paper_source else None
 
-    # ---- places -------------------------------------------------------------------
     @property
     def seed_dir(self) -> Path:
         return self.run_dir / "seed"
@@ -131,15 +128,14 @@ class Run:
 
     def done(self, name: str, redo: bool, inputs: Mapping[str, Path] | None = None,
              models: Mapping[str, Path] | None = None) -> bool:
-        """True (and says so) when result `name` exists, still belongs to its inputs and its
-        model, and the user did not ask to redo it.
+        """True (and says so) when result `name` exists, still belongs to its inputs and its model, and the user
+        did not ask to redo it.
 
-        A result records the content fingerprints (`dume.checkpoint.fingerprint`) of the checkpoints it
-        was computed from (`inputs`, e.g. the experts) and of the model it evaluated
-        (`models`). It is recomputed, with one line saying why, when any of them changed or
-        is gone, when it predates fingerprints, or when an earlier run of it was interrupted
-        (a `--redo` killed halfway leaves the previous result and model in place; the next
-        plain run finishes the job).
+        A result records the content fingerprints (`dume.checkpoint.fingerprint`) of the checkpoints it was
+        computed from (`inputs`, e.g. the experts) and of the model it evaluated (`models`). It is recomputed,
+        with one line saying why, when any of them changed or is gone, when it predates fingerprints, or when an
+        earlier run of it was interrupted (a `--redo` killed halfway leaves the previous result and model in
+        place; the next plain run finishes the job).
         """
         path = self.result_path(name)
         if redo:
@@ -175,8 +171,8 @@ class Run:
                               for kind, deps in (("inputs", inputs), ("models", models)) for label, dep in deps.items()})
 
     def corpus_stamps(self, domains) -> dict[str, dict]:
-        """{domain: `data.corpus_stamp`} (files, sizes, modification times): what a result
-        or statistics computed from these domains' text records, to notice a changed corpus."""
+        """{domain: `data.corpus_stamp`} (files, sizes, modification times): what a result or statistics computed
+        from these domains' text records, to notice a changed corpus."""
         return {d: data.corpus_stamp(d, self.source, self.data_dir) for d in domains}
 
     def corpus_changed(self, recorded: dict | None) -> str | None:
@@ -207,15 +203,13 @@ class Run:
         if domain not in valid:
             raise DumeError(f"unknown domain {domain!r} for source {self.source!r}: choose from {valid}")
 
-    # ---- tokenizer and data ---------------------------------------------------------
     @property
     def tokenizer(self):
         """The run's tokenizer, kept in RUN_DIR/tokenizer from the first script on.
 
-        The first script (pretraining) saves the tokenizer it was given (`--tokenizer`;
-        on the hub source the paper's Llama-3 tokenizer by default), or trains the BPE.
-        Every later script uses that copy; a `--tokenizer` whose vocabulary differs from
-        it is refused (one line, exit 2) before any work."""
+        The first script (pretraining) saves the tokenizer it was given (`--tokenizer`; on the hub source the
+        paper's Llama-3 tokenizer by default), or trains the BPE. Every later script uses that copy; a
+        `--tokenizer` whose vocabulary differs from it is refused (one line, exit 2) before any work."""
         if self._tokenizer is None:
             from dume.runtime.distributed import main_process_first
             from dume.text.tokenizer import load_tokenizer, save_run_tokenizer, train_bpe_tokenizer, vocab_fingerprint
@@ -271,8 +265,8 @@ class Run:
         return TokenWindows(tf.tokens(), self.seq_len, recipe, max_windows, pad_id=pad or 0)
 
     def blocks(self, domain: str, split: str, max_windows: int | None = None):
-        """Validation and test: (input_ids, attention_mask) tensors, bounded (see
-        MAX_VALIDATION_BLOCKS, `eval_windows`). Train: the lazy windows, `max_windows` of them."""
+        """Validation and test: (input_ids, attention_mask) tensors, bounded (see MAX_VALIDATION_BLOCKS,
+        `eval_windows`). Train: the lazy windows, `max_windows` of them."""
         if split == "train":
             return self.windows(domain, split, max_windows)
         key = (domain, split)
@@ -287,15 +281,14 @@ class Run:
                 self._blocks[key] = self.windows(domain, split, self.eval_windows).tensors()
         return self._blocks[key]
 
-    # ---- checkpoints ------------------------------------------------------------------
     def require_checkpoint(self, path: Path, made_by: str) -> Path:
         if not is_complete_checkpoint(path):
             raise DumeError(f"missing checkpoint {path}: run {made_by} first")
         return path
 
     def check_checkpoint(self, path: Path, made_by: str) -> Path:
-        """Complete, readable (safetensors headers parse) and embeds the run's tokenizer:
-        checked for every input before a script does any heavy work."""
+        """Complete, readable (safetensors headers parse) and embeds the run's tokenizer: checked for every input
+        before a script does any heavy work."""
         from dume.checkpoint.reader import CheckpointReader, load_config
         from dume.train.models import check_tokenizer_matches
 
@@ -319,9 +312,8 @@ class Run:
         return model
 
     def evaluate(self, model, domains: list[str], batch_size: int = 32, label: str = "") -> dict:
-        """Test perplexity of `model` on each domain, on the run's device (`--device`; the
-        model is moved there once, in float32: perplexities are compared across rows to
-        a few digits, which bf16 logits would blur)."""
+        """Test perplexity of `model` on each domain, on the run's device (`--device`; the model is moved there
+        once, in float32: perplexities are compared across rows to a few digits, which bf16 logits would blur)."""
         from dume.train.perplexity import perplexity
 
         model = self.on_device(model)
