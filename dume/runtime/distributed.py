@@ -1,13 +1,11 @@
 """Who this process is under `accelerate launch`, waiting for the others, and sharing work.
 
-Two kinds of waiting, on purpose. Collectives inside a step (DDP's gradient all-reduce,
-summing statistics) take the process group's timeout (`process_group_timeout`, recorded
-with results): a rank that died is noticed in minutes. Waiting for one process to prepare
-something (rank 0 tokenising the pretraining budget, downloading experts, building a
-model) can take hours, so `wait_for_everyone` / `main_process_first` never block in a
-collective: each process counts itself in a key of the process group's store and polls
-it, so no timeout applies. If a process dies while the others wait, the launcher
-(torchrun, `accelerate launch`) stops them all.
+Two kinds of waiting, on purpose. Collectives inside a step (DDP's gradient all-reduce, summing statistics) take
+the process group's timeout (`process_group_timeout`, recorded with results): a rank that died is noticed in
+minutes. Waiting for one process to prepare something (rank 0 tokenising the pretraining budget, downloading
+experts, building a model) can take hours, so `wait_for_everyone` / `main_process_first` never block in a
+collective: each process counts itself in a key of the process group's store and polls it, so no timeout applies.
+If a process dies while the others wait, the launcher (torchrun, `accelerate launch`) stops them all.
 """
 
 from __future__ import annotations
@@ -67,8 +65,7 @@ def is_main_process() -> bool:
 
 
 def _store_barrier() -> None:
-    """Every process arrives, with no timeout: counted in the process group's store and
-    polled (a blocking barrier would time out while rank 0 prepares)."""
+    """Every process arrives, with no timeout: counted in the process group's store and polled (see above)."""
     state = partial_state()
     import torch.distributed as dist
 
@@ -102,9 +99,6 @@ def main_process_first():
         yield
 
 
-# ------------------------------------------------------------------ data-parallel sums
-
-
 @dataclass(frozen=True)
 class Shard:
     """This process's share of the work: rank `rank` of `world` processes."""
@@ -119,9 +113,8 @@ class Shard:
 
 
 def current_shard() -> Shard:
-    """A single process, or one of `accelerate launch`'s (gloo on CPU, NCCL on GPU).
-    Accelerate's state is only touched when launched, so a plain call leaves a later
-    `Accelerator` in the same process free to choose its own settings."""
+    """A single process, or one of `accelerate launch`'s (gloo on CPU, NCCL on GPU). Accelerate's state is only
+    touched when launched, so a later `Accelerator` in the same process stays free to choose its own settings."""
     if world_size() <= 1:
         return Shard(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     state = partial_state()
@@ -129,8 +122,7 @@ def current_shard() -> Shard:
 
 
 def my_share(items: Sequence, shard: Shard) -> list:
-    """This process's contiguous share (accelerate's `split_between_processes`; every
-    item once over all processes)."""
+    """This process's contiguous share (accelerate's `split_between_processes`; every item once over all)."""
     if shard.world <= 1:
         return list(items)
     with partial_state().split_between_processes(list(items)) as mine:
@@ -163,14 +155,13 @@ def single_process_env() -> dict[str, str]:
 
 
 def run_on_main_only(script: str, argv: Sequence[str], extra_argv: Sequence[str] = ()) -> bool:
-    """Under `accelerate launch`, run `script argv extra_argv` once, in a single-process
-    child of the main process, while the other processes wait (no timeout); True there,
-    so the caller stops. False without `accelerate launch`: the caller does the work.
+    """Under `accelerate launch`, run `script argv extra_argv` once, in a single-process child of the main process,
+    while the other processes wait (no timeout); True there, so the caller stops. False without `accelerate
+    launch`: the caller does the work.
 
-    For the scripts whose work is one build and its evaluation (the CLM evaluation and
-    strategies scripts): one process builds and writes, so nothing is built, written or
-    collected N times, and router training is a plain single-process run (BTX's DDP
-    collectives need every rank inside the build)."""
+    For the scripts whose work is one build and its evaluation (the CLM evaluation and strategies scripts): one
+    process builds and writes, so nothing is built, written or collected N times, and router training is a plain
+    single-process run (BTX's DDP collectives need every rank inside the build)."""
     import subprocess
     import sys
 
