@@ -9,8 +9,7 @@ from dume.errors import DumeError
 
 
 def positive_int(name: str, value, allow_none: bool = False, minimum: int = 1):
-    """`value` when it is an integer >= `minimum` (or None with `allow_none`); else one
-    clear error naming `name`."""
+    """`value` when it is an integer >= `minimum` (or None with `allow_none`); else one clear error naming it."""
     if value is None and allow_none:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

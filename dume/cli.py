@@ -36,9 +36,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         "L predicted tokens per window; AdamW defaults, bf16 weights); 'embedded' = this project's "
                         "CPU default (EOS between documents; AdamW b2 0.95, wd 0.1, fp32). auto: original for hub")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPUs)")
-    p.add_argument("--device", default="auto",
-                   help="where evaluation and statistics run: auto (this process's CUDA GPU when present, else "
-                        "cpu), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="where evaluation and statistics run: auto (this process's "
+                   "CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
                    help="bf16 on GPUs (autocast over float32 weights); default: accelerate launch's "
@@ -61,14 +60,13 @@ def setup_threads() -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the process is, so that `finally` blocks (staging folders,
-    locks) run as they do for Ctrl-C; a BaseException so that no `except Exception`
-    swallows it."""
+    """SIGTERM, raised where the process is, so that `finally` blocks (staging folders, locks) run as they do for
+    Ctrl-C; a BaseException so that no `except Exception` swallows it."""
 
 
 def _terminate_as_exception():
-    """Turn SIGTERM into `Terminated` in the main thread; returns the previous handler
-    (None where it cannot be set, e.g. outside the main thread)."""
+    """Turn SIGTERM into `Terminated` in the main thread; returns the previous handler (None where it cannot be
+    set, e.g. outside the main thread)."""
     def handler(signum, frame):
         raise Terminated()
 
@@ -79,9 +77,9 @@ def _terminate_as_exception():
 
 
 def run_main(fn, argv=None) -> int:
-    """Run a script's body; user errors -- and operating-system errors (a full disk, a
-    folder without permission), which the work cannot fix either -- print one clear line
-    and exit 2. Anything else is a bug and keeps its traceback."""
+    """Run a script's body; user errors -- and operating-system errors (a full disk, a folder without permission),
+    which the work cannot fix either -- print one clear line and exit 2. Anything else is a bug and keeps its
+    traceback."""
     setup_threads()
     start = time.time()
     previous = _terminate_as_exception()

@@ -1,6 +1,5 @@
-"""One exception type for problems the user can fix (bad flags, missing files, mismatched
-experts). Scripts catch it, print the message and exit with status 2 instead of a
-traceback, so a user sees *what* is wrong before any heavy work starts."""
+"""One exception type for problems the user can fix (bad flags, missing files, mismatched experts): scripts print
+its message and exit with status 2 instead of a traceback (`dume.cli.run_main`), before any heavy work starts."""
 
 
 class DumeError(Exception):
