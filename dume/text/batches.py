@@ -39,11 +39,10 @@ def right_pad(rows: Sequence[Sequence[int]], width: int, pad: int):
 def pack_documents(docs: Sequence[str], tokenizer, seq_len: int):
     """Documents as one token stream cut into blocks: ``(input_ids, attention_mask)``, both ``[N, seq_len]``.
 
-    The stream is ``[bos] doc1 [eos] [bos] doc2 [eos] ...`` (no bos when the tokenizer has
-    none), so blocks carry whole context windows and the model learns where documents
-    end. The remainder shorter than a block is dropped, except when the stream is shorter
-    than one block: then it is one right-padded block (mask 0 on the padding), so that a
-    tiny split still gives something to evaluate. Callers turn the mask into ignored labels.
+    The stream is ``[bos] doc1 [eos] [bos] doc2 [eos] ...`` (no bos when the tokenizer has none), so blocks carry
+    whole context windows and the model learns where documents end. The remainder shorter than a block is
+    dropped, except when the stream is shorter than one block: then it is one right-padded block (mask 0 on the
+    padding), so that a tiny split still gives something to evaluate. Callers turn the mask into ignored labels.
     """
     import numpy as np
     import torch
@@ -65,11 +64,10 @@ def pack_documents(docs: Sequence[str], tokenizer, seq_len: int):
 def document_batches(docs: Iterable[str], tokenizer, max_len: int, batch_size: int):
     """Batches ``(input_ids, attention_mask)`` with one document per row, for DUME's statistics.
 
-    Each row is ``[bos] + the document's first tokens``, truncated to `max_len` tokens in
-    all, right-padded (pad id, else eos) to the longest row of its batch, with mask 0 on
-    the padding. No eos is appended: the statistics are about the document's own tokens.
-    Documents that give no token at all (and no bos) are skipped. Reads `docs` (any
-    iterable, e.g. `iter_documents`) and tokenizes lazily, one batch at a time.
+    Each row is ``[bos] + the document's first tokens``, truncated to `max_len` tokens in all, right-padded (pad
+    id, else eos) to the longest row of its batch, with mask 0 on the padding. No eos is appended: the statistics
+    are about the document's own tokens. Documents that give no token at all (and no bos) are skipped. Reads
+    `docs` (any iterable, e.g. `iter_documents`) and tokenizes lazily, one batch at a time.
     """
     import itertools
 

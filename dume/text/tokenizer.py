@@ -1,6 +1,5 @@
-"""The tokenizer: a byte-level BPE trained with `tokenizers` on the pretraining corpus
-(the paper used Llama-3's; no hub here), saved as a standard Hugging Face tokenizer, or
-any tokenizer by name or path."""
+"""The tokenizer: a byte-level BPE trained with `tokenizers` on the pretraining corpus (the paper used Llama-3's;
+no hub here), saved as a standard Hugging Face tokenizer, or any tokenizer by name or path."""
 
 from __future__ import annotations
 
@@ -23,12 +22,8 @@ def train_bpe_tokenizer(texts, vocab_size: int = 4096):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
 
