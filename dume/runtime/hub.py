@@ -1,10 +1,9 @@
 """Reaching the Hugging Face hub: fail in seconds, with one line, when it cannot be reached.
 
-Without the offline flags and without a network, `huggingface_hub` retries for about half
-a minute and prints a dozen lines before its error. A user who gave a hub id by mistake,
-or who forgot `HF_HUB_OFFLINE=1`, deserves the answer at once: `require_hub` sends one HTTP
-request to the hub's endpoint with a short timeout first (in a thread, so a DNS lookup
-that hangs is bounded too), and refuses with what to do instead.
+Without the offline flags and without a network, `huggingface_hub` retries for about half a minute and prints a
+dozen lines before its error. A user who gave a hub id by mistake, or who forgot `HF_HUB_OFFLINE=1`, deserves the
+answer at once: `require_hub` first sends one HTTP request to the hub's endpoint with a short timeout
+(`reachable`), and refuses with what to do instead.
 """
 
 from __future__ import annotations
@@ -29,10 +28,9 @@ def offline() -> bool:
 
 
 def reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the hub's endpoint answers one HTTP request within `timeout_s` (any HTTP
-    status counts: it answered). A bare TCP connect is not enough -- sandboxes and proxies
-    accept connections they never answer. Run in a thread so a hanging DNS lookup is
-    bounded too."""
+    """Whether the hub's endpoint answers one HTTP request within `timeout_s` (any HTTP status counts: it
+    answered). A bare TCP connect is not enough -- sandboxes and proxies accept connections they never answer.
+    Run in a thread so a hanging DNS lookup is bounded too."""
     import urllib.error
     import urllib.request
 

@@ -1,10 +1,9 @@
 """Giving freed memory back to the operating system between the phases of a build.
 
-glibc keeps large freed blocks in its heap once its mmap threshold has grown (it grows
-after the first large free), so a process that builds and drops a dense oracle per domain,
-then writes a MoE, holds the high-water mark of every phase at once. `malloc_trim(0)`
-returns the free heap pages; measured with `bench/build_memory.py` (see the README's
-"Your own experts"). A no-op where the C library has no `malloc_trim` (macOS, musl).
+glibc keeps large freed blocks in its heap once its mmap threshold has grown (it grows after the first large
+free), so a process that builds and drops a dense oracle per domain, then writes a MoE, holds the high-water mark
+of every phase at once. `malloc_trim(0)` returns the free heap pages; measured with `bench/build_memory.py` (see
+the README's "Your own experts"). A no-op where the C library has no `malloc_trim` (macOS, musl).
 """
 
 from __future__ import annotations
