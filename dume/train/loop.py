@@ -10,11 +10,9 @@ process per optimizer step, compressing warmup and cosine N-fold under N process
 optimizer step, so the LR at step s is the same for 1 and N processes (`history["lr"]`). The data loader is
 sharded, so the effective batch is per-device batch × accumulation × processes (`history["effective_batch"]`).
 
-Two optimizer recipes (`OPTIM_RECIPES`): `embedded` (this project's default: AdamW β2 0.95, weight decay 0.1 on
-matrices only, float32 weights, mean loss over the accumulated micro-batches) and `original` (the original code's:
-torch's AdamW defaults, β2 0.999 and weight decay 0.01 on every parameter, the micro-batches' losses summed, not
-averaged, before one clipped step; float32 master weights where the original cast its model to bfloat16 -- see
-`OPTIM_RECIPES` for why, `param_dtype` for the literal behaviour).
+Two optimizer recipes (`OPTIM_RECIPES`): `embedded`, this project's default (mean loss over the accumulated
+micro-batches), and `original`, the original code's (torch's AdamW defaults on every parameter, the micro-batches'
+losses summed, not averaged, before one clipped step); why both keep float32 weights is noted there.
 """
 
 from __future__ import annotations

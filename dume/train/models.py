@@ -1,10 +1,9 @@
-"""Model presets: every preset is a plain `LlamaConfig`, so every model is a stock
-`LlamaForCausalLM` that any Hugging Face tool can load.
+"""Model presets: every preset is a plain `LlamaConfig`, so every model is a stock `LlamaForCausalLM` that any
+Hugging Face tool can load.
 
-`cpu-small` is sized so that the whole Table 2 pipeline runs in about 20 minutes on two
-CPU cores; `paper-115m` is the paper's seed model (hidden 768, 12 layers, 12 heads, MLP
-3072, 1024-token context). Any other value is read as a path to a Hugging Face config
-(`config.json` or a directory holding one).
+`cpu-small` is sized so that the whole Table 2 pipeline runs in about 20 minutes on two CPU cores; `paper-115m` is
+the paper's seed model. Any other value is read as a path to a Hugging Face config (`config.json` or a directory
+holding one).
 """
 
 from __future__ import annotations
