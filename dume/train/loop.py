@@ -3,16 +3,13 @@
 It runs on `accelerate`: single-process on a CPU, DDP with bf16 autocast under `accelerate launch` on GPUs. The
 schedule is the paper's: linear warmup from 0.1x to the peak learning rate, then cosine down to 0.1x. Small
 domains stop on validation loss (patience) and keep their best weights, because an expert that overfits its few
-thousand tokens drifts away from the seed and ruins MoErging (docs/design.md §4).
+thousand tokens drifts away from the seed and ruins MoErging (docs/design.md §4). The optimizer recipes, this
+project's `embedded` and the original code's `original`, are `OPTIM_RECIPES`.
 
 Multi-process: the LR scheduler is *not* handed to `accelerator.prepare` (a prepared scheduler advances once per
 process per optimizer step, compressing warmup and cosine N-fold under N processes); it is stepped here once per
 optimizer step, so the LR at step s is the same for 1 and N processes (`history["lr"]`). The data loader is
 sharded, so the effective batch is per-device batch × accumulation × processes (`history["effective_batch"]`).
-
-Two optimizer recipes (`OPTIM_RECIPES`): `embedded`, this project's default (mean loss over the accumulated
-micro-batches), and `original`, the original code's (torch's AdamW defaults on every parameter, the micro-batches'
-losses summed, not averaged, before one clipped step); why both keep float32 weights is noted there.
 """
 
 from __future__ import annotations
@@ -33,11 +30,11 @@ from dume.train.perplexity import summed_nll
 OPTIM_RECIPES = {
     "embedded": dict(weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, decay_all=False, param_dtype="float32",
                      sum_accumulated_loss=False),
-    # utils/optimizer.py of the original: torch.optim.AdamW(model.parameters(), lr), loss.backward() per
-    # micro-batch (a sum). The original also cast its model to bfloat16 (models/llama.py); we keep float32 master
-    # weights (bf16 autocast with --mixed-precision bf16), because pure-bf16 AdamW drops every update smaller than
-    # the weight's bf16 spacing: DUME+'s lr 1e-5 on gates of ~0.04 left 92 % of them unchanged, and DUME+ would be
-    # DUME -- not the paper's result (DUME+ above DUME). `param_dtype="bfloat16"` (`--pure-bf16`) is the literal one.
+    # The original (utils/optimizer.py): torch.optim.AdamW(model.parameters(), lr), loss.backward() per micro-batch
+    # (summed, not averaged, before one clipped step), its model cast to bfloat16 (models/llama.py). We keep
+    # float32 master weights (bf16 autocast with --mixed-precision bf16): pure-bf16 AdamW drops every update below
+    # the weight's bf16 spacing, so DUME+'s lr 1e-5 on gates of ~0.04 left 92 % of them unchanged -- DUME+ would be
+    # DUME, not the paper's result. `param_dtype="bfloat16"` (`--pure-bf16`) is the literal one.
     "original": dict(weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8, decay_all=True, param_dtype="float32",
                      sum_accumulated_loss=True),
 }

@@ -1,9 +1,8 @@
 """The fast-training switches of a PyTorch LLM loop, each applied only where it is correct.
 
-They change how fast a training step runs, never what it computes beyond the rounding each one documents. The
-training loop calls them; `bench/train_throughput.py` measures them against a plain fp32 loop. bf16 autocast is
-not here: `accelerate` applies it (`mixed_precision="bf16"`), and on a CPU it is usually slower than fp32, so it
-stays the caller's explicit choice.
+They change how fast a step runs, never what it computes beyond the rounding each one documents; the training
+loop calls them, `bench/train_throughput.py` measures them against a plain fp32 loop. bf16 autocast is not here:
+`accelerate` applies it (`mixed_precision="bf16"`), and on a CPU it is usually slower than fp32.
 """
 
 from __future__ import annotations
@@ -21,9 +20,8 @@ def _device_type(device) -> str:
 def enable_fast_matmul(device, enable: bool = True) -> dict:
     """Let fp32 matmuls (cuBLAS) and cuDNN convolutions use TF32 tensor cores on CUDA.
 
-    Returns the settings it made, e.g. ``{"cuda.matmul.fp32_precision": "tf32", "cudnn.conv.fp32_precision":
-    "tf32"}``, for the run's log; ``{}`` on a CPU. ``enable=False`` sets both to strict IEEE fp32 (for benchmarks
-    that compare both; torch's own default is IEEE for matmuls but TF32 for cuDNN convolutions).
+    Returns the settings it made, for the run's log (``{}`` on a CPU). ``enable=False`` sets both to strict IEEE
+    fp32, for benchmarks that compare both (torch's default is IEEE for matmuls, TF32 for cuDNN convolutions).
 
     Why: TF32 keeps fp32's range with a 10-bit mantissa and runs fp32 matmuls several times faster on Ampere and
     later GPUs; training converges the same (the products are rounded, the sums still accumulate in fp32). Under
@@ -34,11 +32,11 @@ def enable_fast_matmul(device, enable: bool = True) -> dict:
     matmul precision on CPUs that support it, which would change this project's CPU results (the tests compare
     models to 1e-9). So only the CUDA backends are touched.
 
-    API: torch >= 2.9's per-backend ``fp32_precision`` settings, the documented way, are used when present; the
-    ``allow_tf32`` flags are the legacy one (working in torch 2.13 without a warning, documented as to be
-    deprecated). Caveat checked on torch 2.13: once the new API has set "tf32", *reading* a legacy getter
-    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.get_float32_matmul_precision()``) raises a RuntimeError
-    about mixing the two APIs, so later code should read ``torch.backends.cuda.matmul.fp32_precision``.
+    API: torch >= 2.9's per-backend ``fp32_precision`` settings (the documented way) when present, else the legacy
+    ``allow_tf32`` flags (working in torch 2.13 without a warning, documented as to be deprecated). Caveat (torch
+    2.13): once the new API has set "tf32", *reading* a legacy getter (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) raises a RuntimeError about mixing the two APIs, so later code
+    should read ``torch.backends.cuda.matmul.fp32_precision``.
     """
     if _device_type(device) != "cuda":
         return {}
@@ -59,9 +57,8 @@ def make_adamw(param_groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, de
     Why fused on CUDA: the fused kernel does the whole update (moments, bias correction, decoupled weight decay,
     parameter write) in one pass over each tensor instead of the several multi-tensor (foreach) kernels of torch's
     default, saving launches and memory traffic; it is correct for fp32 and bf16 parameters alike (moments in the
-    parameter's dtype, as in the default path). It needs floating-point parameters on the GPU by the first `step`,
-    so a loop that builds the optimizer before `accelerator.prepare` moves the model (in place: the optimizer
-    keeps the same tensors) still gets it. A non-floating parameter, or one on another device, gets the default.
+    parameter's dtype, as in the default path). It needs floating-point parameters on the GPU only by the first
+    `step`, so building the optimizer before `accelerator.prepare` moves the model (in place) still gets it.
 
     Why not fused on a CPU: torch (>= 2.4) has a CPU fused AdamW, faster there (this 2-core machine, one thread:
     1.5 ms against 6.6-8.3 ms a step for 2.1M parameters, 0.12 s against 0.56-0.85 s for 108M), but it rounds
@@ -122,8 +119,7 @@ def model_flops_per_token(config, seq_len: int) -> float:
     N: the matmul parameters (per layer q, k, v, o projections and the three MLP matrices, plus the lm_head; not
     the input embedding, a lookup, nor the norms); 6 = 2 FLOPs per multiply-add x (forward + 2 x backward).
     L layers, d_attn = heads x head_dim (the hidden size for Llama), T = `seq_len`: the attention scores QKᵀ and
-    the weighted sum AV, counted over the full T x T square as PaLM does (the causal mask's halving is not
-    subtracted).
+    the weighted sum AV, counted over the full T x T square as PaLM does (not halved for the causal mask).
     """
     H = config.hidden_size
     heads = config.num_attention_heads
