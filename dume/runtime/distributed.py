@@ -48,10 +48,9 @@ def process_group_timeout() -> timedelta:
 
 
 def partial_state():
-    """accelerate's process state, created with `process_group_timeout()` (the first call
-    creates the process group; `Accelerator`s made later share it). On a machine without
-    CUDA it must be asked for the CPU explicitly: otherwise `accelerate launch --multi_gpu`
-    on CPUs leaves every process believing it is alone, and each would write every file."""
+    """accelerate's process state, created with `process_group_timeout()` (the first call creates the process
+    group; later `Accelerator`s share it). Without CUDA it must be asked for the CPU explicitly, or `accelerate
+    launch --multi_gpu` on CPUs leaves every process believing it is alone, each writing every file."""
     from accelerate import PartialState
 
     if world_size() <= 1:

@@ -1,9 +1,8 @@
 """Reaching the Hugging Face hub: fail in seconds, with one line, when it cannot be reached.
 
 Without the offline flags and without a network, `huggingface_hub` retries for about half a minute and prints a
-dozen lines before its error. A user who gave a hub id by mistake, or who forgot `HF_HUB_OFFLINE=1`, deserves the
-answer at once: `require_hub` first sends one HTTP request to the hub's endpoint with a short timeout
-(`reachable`), and refuses with what to do instead.
+dozen lines before its error; a user who gave a hub id by mistake, or forgot `HF_HUB_OFFLINE=1`, deserves the
+answer at once (`require_hub`, which asks `reachable` first).
 """
 
 from __future__ import annotations
