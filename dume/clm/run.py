@@ -133,9 +133,8 @@ class Run:
 
         A result records the content fingerprints (`dume.checkpoint.fingerprint`) of the checkpoints it was
         computed from (`inputs`, e.g. the experts) and of the model it evaluated (`models`). It is recomputed,
-        with one line saying why, when any of them changed or is gone, when it predates fingerprints, or when an
-        earlier run of it was interrupted (a `--redo` killed halfway leaves the previous result and model in
-        place; the next plain run finishes the job).
+        saying why, when any of them (or its text) changed or is gone, when it predates fingerprints, or when an
+        earlier run was interrupted (a `--redo` killed halfway leaves the old result and model; a rerun finishes).
         """
         path = self.result_path(name)
         if redo:
@@ -205,11 +204,8 @@ class Run:
 
     @property
     def tokenizer(self):
-        """The run's tokenizer, kept in RUN_DIR/tokenizer from the first script on.
-
-        The first script (pretraining) saves the tokenizer it was given (`--tokenizer`; on the hub source the
-        paper's Llama-3 tokenizer by default), or trains the BPE. Every later script uses that copy; a
-        `--tokenizer` whose vocabulary differs from it is refused (one line, exit 2) before any work."""
+        """The run's tokenizer, kept in RUN_DIR/tokenizer by the first script (pretraining) as `--tokenizer` says;
+        every later script uses that copy and refuses a `--tokenizer` with another vocabulary before any work."""
         if self._tokenizer is None:
             from dume.runtime.distributed import main_process_first
             from dume.text.tokenizer import load_tokenizer, save_run_tokenizer, train_bpe_tokenizer, vocab_fingerprint
