@@ -77,9 +77,8 @@ def _terminate_as_exception():
 
 
 def run_main(fn, argv=None) -> int:
-    """Run a script's body; user errors -- and operating-system errors (a full disk, a folder without permission),
-    which the work cannot fix either -- print one clear line and exit 2. Anything else is a bug and keeps its
-    traceback."""
+    """Run a script's body: user errors and OS errors (a full disk, a folder without permission; the work cannot
+    fix either) print one clear line and exit 2; anything else is a bug and keeps its traceback."""
     setup_threads()
     start = time.time()
     previous = _terminate_as_exception()

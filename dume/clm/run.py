@@ -1,6 +1,7 @@
 """The causal-LM experiment's run directory and its shared steps.
 
-A run directory holds everything one Table 2 reproduction produces:
+A run directory holds everything one Table 2 reproduction produces (scripts are thin: they parse flags, call these
+helpers, and write JSON here):
 
     tokenizer/                 the BPE tokenizer (Hugging Face format)
     seed/                      the pretrained seed Llama (save_pretrained, safetensors)
@@ -8,8 +9,6 @@ A run directory holds everything one Table 2 reproduction produces:
     models/<strategy>/         merged / MoErged checkpoints
     results/*.json             one JSON per script: what it measured and with which settings
     clm_results.json, table.md the assembled table
-
-Scripts are thin: they parse flags, call these helpers, and write JSON here.
 """
 
 from __future__ import annotations
@@ -75,14 +74,12 @@ class Run:
 
     @property
     def paper_source(self) -> bool:
-        """The paper's corpora (`dume.corpora.source.Source.paper_defaults`): its recipe,
-        tokenizer and test windows are the defaults."""
+        """The paper's corpora (`Source.paper_defaults`): its recipe, tokenizer and test windows by default."""
         return data.source_of(self.source).paper_defaults
 
     @property
     def recipe_name(self) -> str:
-        """'original' (the original code's data and optimizer recipe) for the hub source, 'embedded' (this
-        project's embedded default) otherwise, unless --recipe says."""
+        """'original' (the original code's recipe) on the paper's corpora, else 'embedded'; --recipe overrides."""
         if self.recipe != "auto":
             return self.recipe
         return "original" if self.paper_source else "embedded"
@@ -170,13 +167,11 @@ class Run:
                               for kind, deps in (("inputs", inputs), ("models", models)) for label, dep in deps.items()})
 
     def corpus_stamps(self, domains) -> dict[str, dict]:
-        """{domain: `data.corpus_stamp`} (files, sizes, modification times): what a result or statistics computed
-        from these domains' text records, to notice a changed corpus."""
+        """{domain: `data.corpus_stamp`} (files, sizes, mtimes), kept with a result to notice a changed corpus."""
         return {d: data.corpus_stamp(d, self.source, self.data_dir) for d in domains}
 
     def corpus_changed(self, recorded: dict | None) -> str | None:
-        """Why the text a result was computed from is no longer what it was, or None
-        (also None for a result that predates corpus stamps)."""
+        """Why a result's text has changed since it was computed, or None (also for results older than stamps)."""
         if not isinstance(recorded, dict):
             return None
         for domain, then in recorded.items():
@@ -348,8 +343,7 @@ def _stamp_difference(then, now) -> str:
 
 
 def result_domains(run: Run, payload: dict) -> list[str]:
-    """The domains whose text a result was computed from: its `domains`, its `domain`,
-    or the domain keys of its `results`."""
+    """The domains a result's text came from: its `domains`, its `domain`, or the domain keys of its `results`."""
     named = payload.get("domains") or ([payload["domain"]] if isinstance(payload.get("domain"), str) else [])
     if not named and isinstance(payload.get("results"), dict):
         known = set(run.domains())

@@ -33,10 +33,9 @@ def enable_fast_matmul(device, enable: bool = True) -> dict:
     models to 1e-9). So only the CUDA backends are touched.
 
     API: torch >= 2.9's per-backend ``fp32_precision`` settings (the documented way) when present, else the legacy
-    ``allow_tf32`` flags (working in torch 2.13 without a warning, documented as to be deprecated). Caveat (torch
-    2.13): once the new API has set "tf32", *reading* a legacy getter (``torch.backends.cuda.matmul.allow_tf32``,
-    ``torch.get_float32_matmul_precision()``) raises a RuntimeError about mixing the two APIs, so later code
-    should read ``torch.backends.cuda.matmul.fp32_precision``.
+    ``allow_tf32`` flags (no warning in torch 2.13, documented as to be deprecated). Caveat (torch 2.13): once the
+    new API has set "tf32", *reading* a legacy getter (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.get_float32_matmul_precision()``) raises a RuntimeError: read ``cuda.matmul.fp32_precision`` instead.
     """
     if _device_type(device) != "cuda":
         return {}
@@ -85,10 +84,9 @@ def attn_implementation(device) -> str:
     backward) is never built; on a CPU it has a fused kernel of its own. Same logits as "eager" up to fp32
     rounding (tests/test_speed.py checks 1e-5).
 
-    "flash_attention_2" only on CUDA when the `flash_attn` package is importable (as
-    `transformers.utils.is_flash_attn_2_available` judges it): it also unpads batches that have padding (varlen
-    kernels) instead of computing masked positions. It runs in bf16/fp16 only (under bf16 autocast) and is an
-    optional separate build, so nothing requires it.
+    "flash_attention_2" only on CUDA when `flash_attn` is importable (as `is_flash_attn_2_available` judges it): it
+    also unpads batches that have padding (varlen kernels) instead of computing masked positions. It runs in
+    bf16/fp16 only (under bf16 autocast) and is an optional separate build, so nothing requires it.
     """
     if _device_type(device) == "cuda":
         try:
