@@ -13,7 +13,6 @@ prepares it, the others wait. A request for more tokens than a stored, unfinishe
 the start (the first tokens are the same), so the file is always one prefix of the split's token stream.
 
 Two window recipes (`RECIPES`):
-
 ``original``  the original DUME/HDEE code's (`pretokenize_data.py`): each document is ``[BOS] + tokens`` (what a
               Llama-3 tokenizer's ``encode`` gives: BOS, no EOS), concatenated; window i holds stream tokens
               ``[i·L, i·L + L]`` (L + 1 tokens), so all L positions of a window are predicted (labels run one

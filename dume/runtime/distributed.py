@@ -129,9 +129,8 @@ def my_share(items: Sequence, shard: Shard) -> list:
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor], shard: Shard) -> None:
-    """Sum each tensor over the processes in place (accelerate's `reduce`). It returns a
-    summed copy, so statistics are reduced one layer at a time: the transient copy is one
-    [H, H] block, not the whole [L, H, H] (2 GB in float64 for a 3B model)."""
+    """Sum each tensor over the processes in place, one layer at a time: accelerate's `reduce` returns a summed
+    copy, so the transient copy is one [H, H] block, not the whole [L, H, H] (2 GB in float64 for a 3B model)."""
     if shard.world <= 1:
         return
     from accelerate.utils import reduce
@@ -155,8 +154,7 @@ def single_process_env() -> dict[str, str]:
 
 def run_on_main_only(script: str, argv: Sequence[str], extra_argv: Sequence[str] = ()) -> bool:
     """Under `accelerate launch`, run `script argv extra_argv` once, in a single-process child of the main process,
-    while the other processes wait (no timeout); True there, so the caller stops. False without `accelerate
-    launch`: the caller does the work.
+    while the others wait (no timeout), and return True: the caller stops. Alone, False: the caller does the work.
 
     For the scripts whose work is one build and its evaluation (the CLM evaluation and strategies scripts): one
     process builds and writes, so nothing is built, written or collected N times, and router training is a plain

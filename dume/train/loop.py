@@ -117,14 +117,12 @@ def mean_loss(model, input_ids, attention_mask, batch_size: int, accelerator=Non
 def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: str = "train", log=print):
     """Train `model` in place; return (model, history).
 
-    train_data: a Dataset of (input_ids, attention_mask) pairs (e.g. `dume.clm.tokens.TokenWindows`) or a pair of
-    LongTensors [N, T]; val_data: a pair of LongTensors (or None). params: the parameters to optimise (default:
-    all); BTX/DUME+ pass only the gates.
+    train_data: a Dataset of (input_ids, attention_mask) pairs (`TokenWindows`) or a pair of LongTensors [N, T];
+    val_data: a pair of LongTensors or None; params: what to optimise (default: all; BTX/DUME+ pass the gates).
 
-    FSDP is refused: validation, clipping and the best-weights copy here act on the module's own parameters, which
-    FSDP shards and replaces (v1 validates on the still-sharded module, v2's parameters are not the ones `prepare`
-    returns), and it was never run. The paper's models fit one GPU, so DDP (`accelerate launch --multi_gpu`) runs
-    them.
+    FSDP is refused: validation, clipping and the best-weights copy act on the module's own parameters, which FSDP
+    shards and replaces (v1 validates the still-sharded module; v2's parameters are not those `prepare` returns),
+    and it was never run. The paper's models fit one GPU: DDP (`accelerate launch --multi_gpu`) runs them.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed

@@ -110,9 +110,7 @@ def maybe_compile(model, enabled: bool):
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token of a Llama `config` at context `seq_len` (PaLM/nanoGPT MFU):
-
-        6 * N  +  12 * L * d_attn * T
+    """Training FLOPs per token of a Llama `config` at context `seq_len`: 6 N + 12 L d_attn T (PaLM/nanoGPT MFU).
 
     N: the matmul parameters (per layer q, k, v, o projections and the three MLP matrices, plus the lm_head; not
     the input embedding, a lookup, nor the norms); 6 = 2 FLOPs per multiply-add x (forward + 2 x backward).
