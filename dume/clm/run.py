@@ -1,7 +1,6 @@
 """The causal-LM experiment's run directory and its shared steps.
 
-A run directory holds everything one Table 2 reproduction produces (scripts are thin: they parse flags, call these
-helpers, and write JSON here):
+A run directory holds what one Table 2 reproduction produces (thin scripts call these helpers and write here):
 
     tokenizer/                 the BPE tokenizer (Hugging Face format)
     seed/                      the pretrained seed Llama (save_pretrained, safetensors)
@@ -33,8 +32,7 @@ HUB_TEST_WINDOWS = 4000 * 16  # paper scale: the original code's first 4000 test
 # The paper's tokenizer (the original code pre-tokenized with Meta-Llama-3-8B's; the Llama-3.x tokenizers share
 # its 128 000 BPE tokens). Gated: see datasets_setup.md.
 HUB_TOKENIZER = "meta-llama/Meta-Llama-3-8B"
-# The embedded default's BPE is trained on at most this much of the pretraining corpus: a 4096-token vocabulary
-# is settled long before, and a larger corpus must not cost more.
+# The BPE trains on at most this much text: a 4096-token vocabulary settles long before; more would only cost.
 TOKENIZER_TRAINING_CHARS = 10_000_000
 RECIPE_CHOICES = ("auto", "original", "embedded")
 
@@ -125,8 +123,7 @@ class Run:
 
     def done(self, name: str, redo: bool, inputs: Mapping[str, Path] | None = None,
              models: Mapping[str, Path] | None = None) -> bool:
-        """True (and says so) when result `name` exists, still belongs to its inputs and its model, and the user
-        did not ask to redo it.
+        """True (and says so) when result `name` exists and still belongs to its inputs and model, unless `redo`.
 
         A result records the content fingerprints (`dume.checkpoint.fingerprint`) of the checkpoints it was
         computed from (`inputs`, e.g. the experts) and of the model it evaluated (`models`). It is recomputed,
@@ -239,8 +236,7 @@ class Run:
                 break
 
     def windows(self, domain: str, split: str, max_windows: int | None = None):
-        """`domain`'s `split` as training windows (`dume.clm.tokens.TokenWindows`, read lazily
-        from a cached token file holding at least `max_windows` windows; None: all)."""
+        """`domain`'s `split` as lazy `TokenWindows` from a cached token file (>= `max_windows`; None: all)."""
         from dume.clm.tokens import TokenWindows, prepare_tokens, tokens_needed
 
         recipe = self.window_recipe
@@ -278,8 +274,7 @@ class Run:
         return path
 
     def check_checkpoint(self, path: Path, made_by: str) -> Path:
-        """Complete, readable (safetensors headers parse) and embeds the run's tokenizer: checked for every input
-        before a script does any heavy work."""
+        """Complete, readable (headers parse), embedding the run's tokenizer: checked before any heavy work."""
         from dume.checkpoint.reader import CheckpointReader, load_config
         from dume.train.models import check_tokenizer_matches
 

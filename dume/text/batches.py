@@ -24,8 +24,7 @@ def _token_ids(docs: Sequence[str], tokenizer, batch: int = 1000) -> Iterator[li
 
 
 def right_pad(rows: Sequence[Sequence[int]], width: int, pad: int):
-    """``(input_ids, attention_mask)``, both ``[len(rows), width]`` int64: each row's ids
-    from the left, then `pad` with mask 0."""
+    """``(input_ids, attention_mask)``, both [len(rows), width] int64: each row's ids, then `pad` (mask 0)."""
     import torch
 
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
