@@ -1,5 +1,4 @@
-"""Shared command-line plumbing for the recipe scripts: common flags, the run directory,
-and turning a `DumeError` into a one-line message and exit status 2."""
+"""Command-line plumbing shared by the scripts and `dume build`: common flags, errors as one line and exit 2."""
 
 from __future__ import annotations
 
@@ -65,8 +64,7 @@ class Terminated(BaseException):
 
 
 def _terminate_as_exception():
-    """Turn SIGTERM into `Terminated` in the main thread; returns the previous handler (None where it cannot be
-    set, e.g. outside the main thread)."""
+    """Make SIGTERM raise `Terminated`; returns the previous handler (None off the main thread: cannot be set)."""
     def handler(signum, frame):
         raise Terminated()
 

@@ -1,5 +1,4 @@
-"""What a result was computed on: library versions and the machine, recorded with every
-result, report and benchmark (one record, so they can be compared)."""
+"""What a result was computed on (versions, machine): one record with every result, report and benchmark."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Reaching the Hugging Face hub: fail in seconds, with one line, when it cannot be reached.
 
-Without the offline flags and without a network, `huggingface_hub` retries for about half a minute and prints a
-dozen lines before its error; a user who gave a hub id by mistake, or forgot `HF_HUB_OFFLINE=1`, deserves the
-answer at once (`require_hub`, which asks `reachable` first).
+With no network and no offline flags, `huggingface_hub` retries for half a minute and prints a dozen lines before
+its error; a user who gave a hub id by mistake, or forgot `HF_HUB_OFFLINE=1`, deserves the answer at once.
 """
 
 from __future__ import annotations

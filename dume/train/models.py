@@ -1,7 +1,6 @@
 """Model presets: every preset is a plain `LlamaConfig`, so every model is a stock `LlamaForCausalLM` that any
 Hugging Face tool can load. Any other preset name is read as a path to a Hugging Face config (`config.json` or a
-directory holding one).
-"""
+directory holding one)."""
 
 from __future__ import annotations
 

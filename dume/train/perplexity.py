@@ -1,5 +1,4 @@
-"""Perplexity, the CLM metric: exp of the mean next-token negative log-likelihood over
-every real (non-padding) target token of a domain's test blocks."""
+"""Perplexity, the CLM metric: exp of the mean next-token NLL over every real target token of the test blocks."""
 
 from __future__ import annotations
 
