@@ -64,7 +64,7 @@ def is_main_process() -> bool:
 
 
 def _store_barrier() -> None:
-    """Every process arrives, with no timeout: counted in the process group's store and polled (see above)."""
+    """Every process arrives, with no timeout: counted in the store and polled (why: the module docstring)."""
     state = partial_state()
     import torch.distributed as dist
 
