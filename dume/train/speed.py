@@ -35,7 +35,7 @@ def enable_fast_matmul(device, enable: bool = True) -> dict:
     API: torch >= 2.9's per-backend ``fp32_precision`` settings (the documented way) when present, else the legacy
     ``allow_tf32`` flags (no warning in torch 2.13, documented as to be deprecated). Caveat (torch 2.13): once the
     new API has set "tf32", *reading* a legacy getter (``torch.backends.cuda.matmul.allow_tf32``,
-    ``torch.get_float32_matmul_precision()``) raises a RuntimeError: read ``cuda.matmul.fp32_precision`` instead.
+    ``torch.get_float32_matmul_precision()``) raises a RuntimeError (mixed APIs): read the new ``fp32_precision``.
     """
     if _device_type(device) != "cuda":
         return {}
