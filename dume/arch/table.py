@@ -1,11 +1,8 @@
-"""Which dense experts can be MoErged, and into what: the architecture table.
+"""Which dense experts can be MoErged, and into what: the architecture table (docs/design.md §8).
 
-One record per supported dense architecture says everything the merge needs to know:
-which of its tensors are shared (averaged) and which are the MLP (one expert per dense
-model), the tensor names the MoE class's `save_pretrained` writes for experts and
-routers, and how the MoE config is derived from the dense one. Nothing else in `dume`
-branches on the architecture; adding one is adding a record here (and a tiny test in
-tests/test_architectures.py). See docs/design.md.
+One record per supported dense architecture: which tensors are shared (averaged) and which are the MLP (one
+expert per dense model), the tensor names the MoE class's `save_pretrained` writes for experts and routers, and
+how the MoE config is derived from the dense one. Nothing else in `dume` branches on the architecture.
 
 | dense (`model_type`) | MoE                     | expert tensors                                   | router            |
 |----------------------|-------------------------|--------------------------------------------------|-------------------|
@@ -14,9 +11,9 @@ tests/test_architectures.py). See docs/design.md.
 | qwen3                | Qwen3MoeForCausalLM     | mlp.experts.E.gate_proj/up_proj/down_proj        | mlp.gate          |
 | phi3 (fused qkv, gate_up) | MixtralForCausalLM | as llama, from the split parts                 | as llama          |
 
-Routing: Mixtral takes the top-k router logits and softmaxes over them; Qwen3-MoE
-softmaxes over all experts, takes the top-k and (with `norm_topk_prob`, set here)
-renormalises them -- the same weights. DUME's gates therefore mean the same in both.
+Routing: Mixtral takes the top-k router logits and softmaxes over them; Qwen3-MoE softmaxes over all experts,
+takes the top-k and (with `norm_topk_prob`, set here) renormalises them -- the same weights, so DUME's gates
+mean the same in both.
 """
 
 from __future__ import annotations
@@ -27,40 +24,21 @@ from typing import Any, Callable
 
 from dume.errors import DumeError
 
-# Config fields that must be identical across experts for their tensors to be combined
-# (a field a config class lacks reads as None on every expert).
-MUST_MATCH_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
-    "sliding_window",
-    "use_sliding_window",
-    "max_window_layers",
-    "layer_types",
-)
+# Config fields that must be identical across experts for their tensors to be combined (a field a config class
+# lacks reads as None on every expert).
+MUST_MATCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
+                     "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                     "max_window_layers", "layer_types")
 # Fields that may differ harmlessly (expert 0's value is used); a difference is noted.
 MAY_DIFFER_FIELDS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 # Runtime settings carried into the MoE config.
 RUNTIME_FIELDS = ("initializer_range", "attention_dropout", "use_cache")
 
 _DENSE_MLP = r"^model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.(?P<kind>weight|bias)$"
-_COMMON_SHARED = (
-    r"^model\.embed_tokens\.weight$",
-    r"^model\.norm\.weight$",
-    r"^lm_head\.weight$",
-    r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$",
-    r"^model\.layers\.\d+\.(input|post_attention)_layernorm\.weight$",
-)
+_COMMON_SHARED = (r"^model\.embed_tokens\.weight$", r"^model\.norm\.weight$", r"^lm_head\.weight$",
+                  r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$",
+                  r"^model\.layers\.\d+\.(input|post_attention)_layernorm\.weight$")
 
 
 @dataclass(frozen=True)
@@ -78,17 +56,16 @@ class Architecture:
     expert_size_field: str = "intermediate_size"   # the MoE config field holding one expert's width
     mlp_pattern: str = _DENSE_MLP
     dropped: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
-    # Fused projections a dense checkpoint stores as one tensor (Phi-3's qkv_proj and
-    # gate_up_proj): config -> {name after "model.layers.N.": ((part, rows), ...)}. The
-    # MoE is built from the parts (`row_views`); averages and oracles keep the fused tensor.
+    # Fused projections a dense checkpoint stores as one tensor (Phi-3's qkv_proj and gate_up_proj): config ->
+    # {name after "model.layers.N.": ((part, rows), ...)}. The MoE is built from the parts (`row_views`);
+    # averages and oracles keep the fused tensor.
     split: Callable[[Any], dict[str, tuple[tuple[str, int], ...]]] | None = None
     # Why experts with this config cannot become the MoE, beyond biases (or None).
     refuse: Callable[[Any], str | None] | None = None
 
     @property
     def incompatible_flags(self) -> tuple[str, ...]:
-        """Dense config flags the MoE class cannot hold (Mixtral has no bias anywhere;
-        Qwen3-MoE keeps attention biases)."""
+        """Dense config flags the MoE class cannot hold (Mixtral has no bias; Qwen3-MoE keeps attention's)."""
         return ("attention_bias", "mlp_bias") if self.moe_type == "mixtral" else ("mlp_bias",)
 
     def moe_refusal(self, dense_config) -> str | None:
@@ -99,8 +76,8 @@ class Architecture:
         return self.refuse(dense_config) if self.refuse else None
 
     def row_views(self, names, dense_config) -> dict[str, tuple[str, int, int]]:
-        """Each part of a fused tensor among `names` -> (stored name, first row, end row),
-        for `CheckpointReader(row_views=...)`; {} for an architecture without fused tensors."""
+        """Each part of a fused tensor among `names` -> (stored name, first row, end row), for
+        `CheckpointReader(row_views=...)`; {} for an architecture without fused tensors."""
         parts_of = self.split(dense_config) if self.split else {}
         views = {}
         for name in names:
@@ -129,8 +106,8 @@ class Architecture:
         return self.expert_name.format(layer=layer, expert=expert, w=self.expert_proj[proj])
 
     def moe_kind_of(self, name: str):
-        """For a tensor of this architecture's MoE checkpoint (as written): ("expert",
-        layer, expert, dense projection), ("router", layer) or ("shared",)."""
+        """For a tensor of this architecture's MoE checkpoint (as written): ("expert", layer, expert, dense
+        projection), ("router", layer) or ("shared",)."""
         m = _template_regex(self.expert_name).match(name)
         if m and m["w"] in self._proj_of_w:
             return ("expert", int(m["layer"]), int(m["expert"]), self._proj_of_w[m["w"]])
@@ -147,9 +124,8 @@ class Architecture:
         return f"model.layers.{layer}.mlp.{proj}.weight"
 
     def dense_config(self, moe_config):
-        """The dense config of "shared weights + one expert's MLPs" of a MoE built by
-        `moe_config`: its inverse (every architectural field copied back, the expert
-        width as `intermediate_size`, no bias the MoE cannot hold)."""
+        """The dense config of "shared weights + one expert's MLPs" of a MoE built by `moe_config`: its inverse
+        (every architectural field copied back, the expert width as `intermediate_size`, no bias the MoE lacks)."""
         cls = self.config_class(moe=False)
         kwargs = _shared_fields(moe_config, cls)
         kwargs["intermediate_size"] = getattr(moe_config, self.expert_size_field)
@@ -167,9 +143,8 @@ class Architecture:
         return getattr(transformers, self.moe_class if moe else self.dense_class)
 
     def moe_config(self, dense_config, num_experts: int, num_experts_per_tok: int):
-        """The MoE config whose model computes what the MoErged experts compute: every
-        architectural field copied (rope parameters of any type, rope theta, head_dim,
-        GQA, tied embeddings, sliding-window settings), plus the MoE fields."""
+        """The MoE config whose model computes what the MoErged experts compute: every architectural field copied
+        (rope parameters of any type, head_dim, GQA, tied embeddings, sliding window), plus the MoE fields."""
         why = self.moe_refusal(dense_config)
         if why:
             raise DumeError(f"{why}, so these experts cannot be MoErged (model averaging still works)")
@@ -188,8 +163,7 @@ def _known_fields(config_class) -> set[str]:
 
 
 def _shared_fields(source_config, config_class) -> dict:
-    """The architectural fields of `source_config` that `config_class` knows (rope
-    parameters copied, not shared)."""
+    """The architectural fields of `source_config` that `config_class` knows (rope parameters copied)."""
     known = _known_fields(config_class)
     kwargs = {f: getattr(source_config, f) for f in (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS)
               if hasattr(source_config, f) and f in known}
@@ -207,8 +181,8 @@ def _finish(cfg, source_config, class_name: str):
     return cfg
 
 
-# A DUME MoE is a plain inference model: no router jitter or aux loss, and (for
-# Mixtral) no sliding window unless the experts have one.
+# A DUME MoE is a plain inference model: no router jitter or aux loss, and (for Mixtral) no sliding window unless
+# the experts have one.
 _MIXTRAL = dict(moe_type="mixtral", moe_class="MixtralForCausalLM",
                 expert_name="model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight",
                 expert_proj={"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
@@ -229,8 +203,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         moe_defaults={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
                       "output_router_logits": False, "router_aux_loss_coef": 0.0},
         num_experts_field="num_experts", expert_size_field="moe_intermediate_size"),
-    # Phi-3 stores q/k/v and gate/up fused; the Mixtral takes the parts (Phi3MLP chunks
-    # gate_up_proj as gate, then up). Its LayerNorms are RMSNorms, so it is Llama once split.
+    # Phi-3 stores q/k/v and gate/up fused; the Mixtral takes the parts (Phi3MLP chunks gate_up_proj as gate, then
+    # up). Its LayerNorms are RMSNorms, so it is Llama once split.
     "phi3": Architecture(dense_type="phi3", dense_class="Phi3ForCausalLM",
                          shared=_COMMON_SHARED + (r"^model\.layers\.\d+\.self_attn\.qkv_proj\.weight$",),
                          mlp_pattern=_DENSE_MLP.replace("(?P<proj>", "(?P<proj>gate_up_proj|"),
@@ -244,8 +218,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                          else "partial_rotary_factor < 1: a Mixtral rotates every dimension of a head",
                          **_MIXTRAL),
 }
-# Which dense record a MoE checkpoint is read back as (its experts' dense class): the
-# first record per MoE type; a Mixtral with a sliding window reads back as Mistral.
+# Which dense record a MoE checkpoint is read back as (its experts' dense class): the first record per MoE type;
+# a Mixtral with a sliding window reads back as Mistral.
 MOE_TYPES = {a.moe_type: a for a in reversed(ARCHITECTURES.values())}
 
 
@@ -267,10 +241,9 @@ _IN_MEMORY_ROUTED = r"^model\.layers\.\d+\.mlp\.(experts\.|gate\.)"
 
 
 def is_routed(name: str) -> bool:
-    """True for the tensors MoErging does not share: a dense MLP of any supported
-    architecture, a MoE checkpoint's experts and routers as written, and a MoE model's
-    in-memory experts and routers. Everything else (embeddings, attention, norms) is
-    shared. The one answer every module uses (fingerprints, merges, edits)."""
+    """True for the tensors MoErging does not share: a dense MLP of any supported architecture, a MoE checkpoint's
+    experts and routers as written, a MoE model's in-memory ones. Everything else (embeddings, attention, norms)
+    is shared. The one answer every module uses (fingerprints, merges, edits)."""
     if re.match(_IN_MEMORY_ROUTED, name):
         return True
     for a in ARCHITECTURES.values():
@@ -294,8 +267,8 @@ def architecture(dense_type: str | None) -> Architecture:
 
 
 def moe_architecture(moe_type_or_config) -> Architecture:
-    """The record a MoE checkpoint belongs to, from its `model_type` or its config (a
-    Mixtral config with a sliding window is Mistral's)."""
+    """The record a MoE checkpoint belongs to, from its `model_type` or its config (a Mixtral config with a sliding
+    window is Mistral's)."""
     moe_type = getattr(moe_type_or_config, "model_type", moe_type_or_config)
     if moe_type == "mixtral" and getattr(moe_type_or_config, "sliding_window", None):
         return ARCHITECTURES["mistral"]
