@@ -1,27 +1,16 @@
-"""Dynamic experts: add, remove or re-weight an expert of a DUME MoE without retraining.
+"""Dynamic experts: add, remove or re-weight an expert of a DUME MoE without retraining (docs/design.md §5).
 
-DUME's router is W = (Σ_d A_d + λI)⁻¹ [s_1 … s_D] (`dume.stats.ridge`): a closed-form function
-of per-domain sums. Kept beside the model (``dume_stats/``, with the recipe
-``dume_router.json``: method, λ, temperature, k, domains, experts), those sums are the
-router's whole state (docs/design.md §5), so:
+The router is a closed-form function of per-domain sums kept beside the model (``dume_stats/``, with the recipe
+``dume_router.json``: method, λ, temperature, k, domains, experts). Adding an expert has two modes:
+``keep-shared`` collects the new domain's sums through "the MoE's shared weights + the new expert's MLPs", adds
+them to the stored ones and re-solves -- exactly building from scratch *with the same shared weights*;
+``reaverage`` MoErges all experts again (the shared weights become the average over all of them, as building
+from scratch does), which changes the features every stored sum came from, so every domain is re-collected.
+One domain's sums need only the MoE (plus a new expert's checkpoint) and that domain's data, so they can be
+collected apart and shipped; under ``accelerate launch`` the processes split the documents and all-reduce.
 
-- **add** an expert. Mode ``keep-shared``: collect the new domain's sums through "the MoE's
-  shared weights + the new expert's MLPs", add them to the stored ones, re-solve. Exact:
-  it equals building from scratch *with the same shared weights*, because no stored sum
-  depends on anything that changed. Mode ``reaverage``: MoErge all experts again (the
-  shared weights become the average over all of them, which is what building from
-  scratch does); that changes the features every stored sum was collected from, so every
-  domain is re-collected.
-- **remove** a domain: drop its expert's MLPs and its sums, re-solve. No forward pass.
-- **re-weight** domains: scale their sums (as if each of their tokens counted w times).
-- **collect apart**: one domain's sums need only the MoE (plus, for a new expert, its
-  checkpoint) and that domain's data, so a domain's owner can compute them privately and
-  ship only A and s; sums from anywhere combine by addition. Under ``accelerate launch``
-  the processes split the documents and all-reduce the sums.
-
-Every output is one directory written atomically (checkpoint + ``dume_stats/`` +
-recipe), and every input is checked before any heavy work, so a failing command leaves
-existing models exactly as they were.
+Every output is one directory written atomically (checkpoint + ``dume_stats/`` + recipe), and every input is
+checked before any heavy work, so a failing command leaves existing models exactly as they were.
 """
 
 from __future__ import annotations
@@ -50,9 +39,6 @@ SOLVERS = strategy_names(closed_form=True)
 PROVENANCE_KEYS = ("source", "data_dir", "seq_len", "stats_batch_size", "num_dume_stats_steps", "tokenizer")
 
 
-# ------------------------------------------------------------------------ data settings
-
-
 @dataclass(frozen=True)
 class DataSettings:
     """Where one domain's documents come from and how they are cut into batches."""
@@ -71,9 +57,9 @@ class DataSettings:
 
 
 def settings_from(provenance: dict | None, **given) -> DataSettings:
-    """The settings the statistics were collected with, overridden by what the user gave
-    (None means "not given"): a new domain is cut the way the stored ones were. A data
-    directory belongs to its source, so giving another source drops the stored one."""
+    """The settings the statistics were collected with, overridden by what the user gave (None: not given), so a
+    new domain is cut the way the stored ones were. A data directory belongs to its source: giving another
+    source drops the stored one."""
     p = provenance or {}
     fields = asdict(DataSettings())
     stored = {"source": p.get("source"), "seq_len": p.get("seq_len"), "batch_size": p.get("stats_batch_size"),
@@ -108,21 +94,17 @@ def vocab_fingerprint(tokenizer) -> str:
 
 
 def training_documents(domain: str, settings: DataSettings) -> list[str]:
-    """The domain's training documents, capped to the first max_batches × batch_size
-    (the same documents the strategies script's --num-dume-stats-steps takes)."""
+    """The domain's training documents, capped to the first max_batches × batch_size (the same documents the
+    strategies script's --num-dume-stats-steps takes)."""
     from dume.corpora import documents as data
 
     cap = settings.max_batches * settings.batch_size if settings.max_batches is not None else None
     return data.load_documents(domain, "train", settings.source, data_dir=settings.data_dir, max_docs=cap)
 
 
-# ------------------------------------------------------------------------- provenance
-
-
 def mlp_fingerprint(source: str | Path, expert: int | None = None) -> str:
-    """A short hash of one expert's MLPs, the same whether they sit in a dense Llama
-    (expert=None) or in slot `expert` of a Mixtral: statistics record which MLPs they
-    were collected through, which the shared-weight fingerprint cannot tell."""
+    """A short hash of one expert's MLPs, the same in a dense Llama (expert=None) or in slot `expert` of a Mixtral:
+    statistics record which MLPs they were collected through, which the shared-weight fingerprint cannot tell."""
     from dume.moe.edit import expert_mlp_state_dict
 
     h = hashlib.sha256()
@@ -134,16 +116,16 @@ def mlp_fingerprint(source: str | Path, expert: int | None = None) -> str:
 
 
 def domain_provenance(stats: RidgeStats) -> dict[str, dict]:
-    """{domain: how its statistics were collected}. Statistics written by this module keep
-    it per domain; older ones (the strategies script's) have one set of keys for all."""
+    """{domain: how its statistics were collected}. This module's statistics keep it per domain; older ones (the
+    strategies script's) have one set of keys for all."""
     per_domain = stats.extra_meta.get("per_domain") or {}
     shared = {k: stats.extra_meta.get(k) for k in PROVENANCE_KEYS if k in stats.extra_meta}
     return {d: dict(per_domain.get(d, shared)) for d in stats.domains}
 
 
 def identical_statistics(paths: Sequence[str | Path], parts: Sequence[RidgeStats]) -> list[tuple[int, int]]:
-    """Pairs (i, j) of parts that are one and the same: the same directory given twice, or
-    equal sums (a copy). Summing them doubles every count, almost always by mistake."""
+    """Pairs (i, j) of parts that are one and the same: the same directory given twice, or equal sums (a copy).
+    Summing them doubles every count, almost always by mistake."""
     pairs = []
     for j in range(len(parts)):
         for i in range(j):
@@ -158,19 +140,17 @@ def identical_statistics(paths: Sequence[str | Path], parts: Sequence[RidgeStats
 def combine_stats(parts: Sequence[RidgeStats]) -> tuple[RidgeStats, list[str]]:
     """Sum statistics computed apart (other processes, machines or owners).
 
-    `RidgeStats.merge` refuses another model, shape or token rule. On top of that, parts
-    tokenised differently are refused, and a domain present in two parts (two shards of
-    one domain) must have been collected through the same expert MLPs. Returns the sum and
-    notes on harmless differences (e.g. another sequence length for one domain)."""
+    `RidgeStats.merge` refuses another model, shape or token rule; here parts tokenised differently are refused
+    too, and a domain present in two parts (two shards of one domain) must have been collected through the same
+    expert MLPs. Returns the sum and notes on harmless differences (e.g. another sequence length for a domain)."""
     parts = list(parts)
     if not parts:
         raise DumeError("nothing to combine: give at least one statistics directory")
     provs = [domain_provenance(p) for p in parts]
     toks = {p.get("tokenizer") for prov in provs for p in prov.values() if p.get("tokenizer")}
     if len(toks) > 1:
-        raise DumeError(
-            f"cannot combine statistics of differently tokenised text (tokenizer fingerprints {sorted(toks)})"
-        )
+        raise DumeError(f"cannot combine statistics of differently tokenised text (tokenizer fingerprints "
+                        f"{sorted(toks)})")
     total = parts[0]
     for p in parts[1:]:
         total = total.merge(p)
@@ -182,9 +162,8 @@ def combine_stats(parts: Sequence[RidgeStats]) -> tuple[RidgeStats, list[str]]:
                 continue
             a, b = merged[d].get("expert_mlp"), p.get("expert_mlp")
             if a and b and a != b:
-                raise DumeError(
-                    f"cannot sum two parts of domain {d!r} collected through different expert MLPs ({a} != {b})"
-                )
+                raise DumeError(f"cannot sum two parts of domain {d!r} collected through different expert MLPs "
+                                f"({a} != {b})")
             merged[d]["parts"] = merged[d].get("parts", 1) + 1
     total.extra_meta["per_domain"] = merged
     notes = []
@@ -193,9 +172,6 @@ def combine_stats(parts: Sequence[RidgeStats]) -> tuple[RidgeStats, list[str]]:
         if len(set(map(json.dumps, values.values()))) > 1:
             notes.append(f"domains were collected with different {key}: {values}")
     return total, notes
-
-
-# ------------------------------------------------------------------------- DUME models
 
 
 @dataclass
@@ -219,23 +195,21 @@ class DumeModel:
 
 
 def read_recipe(moe_dir: Path) -> dict:
-    """The recipe that re-solves the MoE's router, refusing routers that are not a
-    closed-form function of the statistics (trained ones: re-solving would undo training)."""
+    """The recipe that re-solves the MoE's router, refusing routers that are not a closed-form function of the
+    statistics (trained ones: re-solving would undo training)."""
     path = moe_dir / RECIPE_FILE
     if not path.is_file():
-        raise DumeError(
-            f"{moe_dir} has no {RECIPE_FILE} (the recipe λ/temperature/k/domains that re-solves its router): "
-            "build it with clm_moerging_strategies_eval.py --method DUME or with dume_experts.py"
-        )
+        raise DumeError(f"{moe_dir} has no {RECIPE_FILE} (the recipe λ/temperature/k/domains that re-solves its "
+                        "router): build it with clm_moerging_strategies_eval.py --method DUME or with "
+                        "dume_experts.py")
     recipe = read_json(path)
     missing = [k for k in ("method", "domains", "experts", "lambda", "temperature", "k") if k not in recipe]
     if missing:
         raise DumeError(f"{path} lacks {missing}")
     if recipe["method"] not in SOLVERS or recipe.get("trained_steps", 0):
-        raise DumeError(
-            f"{moe_dir} is a {recipe['method']} model (trained router steps: {recipe.get('trained_steps', 0)}); "
-            f"only {SOLVERS} routers are a closed-form function of the statistics and can be re-solved"
-        )
+        raise DumeError(f"{moe_dir} is a {recipe['method']} model (trained router steps: "
+                        f"{recipe.get('trained_steps', 0)}); only {SOLVERS} routers are a closed-form function of "
+                        "the statistics and can be re-solved")
     if len(recipe["experts"]) != len(recipe["domains"]):
         raise DumeError(f"{path}: {len(recipe['experts'])} experts for {len(recipe['domains'])} domains")
     return resolve_recipe_paths(recipe, moe_dir)
@@ -249,18 +223,14 @@ def open_dume(moe_dir: str | Path) -> DumeModel:
     moe_dir, config, _ = open_moe(moe_dir)  # any MoE architecture of dume.arch.table
     recipe = read_recipe(moe_dir)
     if len(recipe["domains"]) != num_experts(config):
-        raise DumeError(
-            f"{moe_dir}: the recipe names {len(recipe['domains'])} domains, the checkpoint has "
-            f"{num_experts(config)} experts"
-        )
+        raise DumeError(f"{moe_dir}: the recipe names {len(recipe['domains'])} domains, the checkpoint has "
+                        f"{num_experts(config)} experts")
     stats = RidgeStats.load(moe_dir / STATS_SUBDIR)
     if stats.domains != recipe["domains"]:
         raise DumeError(f"{moe_dir}: statistics hold domains {stats.domains}, the recipe {recipe['domains']}")
     if (stats.num_layers, stats.hidden_size) != (config.num_hidden_layers, config.hidden_size):
-        raise DumeError(
-            f"{moe_dir}: statistics are for {stats.num_layers} layers × hidden {stats.hidden_size}, the model has "
-            f"{config.num_hidden_layers} × {config.hidden_size}"
-        )
+        raise DumeError(f"{moe_dir}: statistics are for {stats.num_layers} layers × hidden {stats.hidden_size}, "
+                        f"the model has {config.num_hidden_layers} × {config.hidden_size}")
     fingerprint = shared_weights_fingerprint(moe_dir)
     check_fingerprint(stats, fingerprint, f"{moe_dir / STATS_SUBDIR}", str(moe_dir))
     return DumeModel(moe_dir, config, recipe, stats, fingerprint)
@@ -268,10 +238,9 @@ def open_dume(moe_dir: str | Path) -> DumeModel:
 
 def check_fingerprint(stats: RidgeStats, fingerprint: str, what: str, model: str) -> None:
     if stats.model_fingerprint != fingerprint:
-        raise DumeError(
-            f"the statistics in {what} were collected on another model (fingerprint {stats.model_fingerprint}) "
-            f"than {model} ({fingerprint}): their sums cannot be combined with this model's"
-        )
+        raise DumeError(f"the statistics in {what} were collected on another model (fingerprint "
+                        f"{stats.model_fingerprint}) than {model} ({fingerprint}): their sums cannot be combined "
+                        "with this model's")
 
 
 def solve_gates(stats: RidgeStats, recipe: dict) -> list[torch.Tensor]:
@@ -285,8 +254,8 @@ def solve_gates(stats: RidgeStats, recipe: dict) -> list[torch.Tensor]:
 
 
 def check_output(out_dir: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> Path:
-    """Refuse an output that is, contains or lies inside an input, or exists (without
-    `overwrite`): edits always write a new model and keep the old one."""
+    """Refuse an output that is, contains or lies inside an input, or exists (without `overwrite`): edits always
+    write a new model and keep the old one."""
     from dume.checkpoint.outputs import check_output_path, check_writable_location
 
     out = check_output_path(out_dir, inputs, "output")
@@ -296,17 +265,14 @@ def check_output(out_dir: str | Path, inputs: Sequence[str | Path], overwrite: b
     return out
 
 
-# ------------------------------------------------------------------------- collection
-
-
 def collect_into(model, stats: RidgeStats, domain: str, docs: Sequence[str], tokenizer, settings: DataSettings,
                  shard: Shard = Shard()) -> int:
-    """Add this process's share of `domain`'s documents into `stats`, then sum the
-    statistics of all processes. Returns the tokens counted per layer, over all processes.
+    """Add this process's share of `domain`'s documents into `stats`, then sum the statistics of all processes.
+    Returns the tokens counted per layer, over all processes.
 
-    With several processes the whole of `stats` is summed, so it must hold nothing but
-    this collection. A failure in one process must not leave the others waiting in the
-    all-reduce, so each process reports success first and all of them raise if any failed."""
+    With several processes the whole of `stats` is summed, so it must hold nothing but this collection. A failure
+    in one process must not leave the others waiting in the all-reduce, so each process reports success first
+    and all of them raise if any failed."""
     from dume.stats.oracle import collect_domain
     from dume.text.batches import document_batches
 
@@ -365,9 +331,9 @@ class CollectPlan:
 
 def plan_collect(moe_dir: str | Path, domain: str, expert_dir: str | Path | None = None,
                  num_dume_tokens: int | None = None, **given) -> CollectPlan:
-    """Check a collection of one domain's statistics: the MoE, the expert (its own slot,
-    or a new checkpoint that must fit the MoE), the tokenizer and the data. The settings
-    default to those of the MoE's stored statistics, so the sums are comparable."""
+    """Check a collection of one domain's statistics: the MoE, the expert (its own slot, or a new checkpoint that
+    must fit the MoE), the tokenizer and the data. The settings default to those of the MoE's stored
+    statistics, so the sums are comparable."""
     from dume.checkpoint.experts import shared_weights_fingerprint
     from dume.moe.edit import check_expert_fits_moe, open_moe
     from dume.train.models import check_tokenizer_matches
@@ -404,9 +370,9 @@ def plan_collect(moe_dir: str | Path, domain: str, expert_dir: str | Path | None
 
 
 def collect_stats(plan: CollectPlan, shard: Shard | None = None) -> RidgeStats:
-    """One domain's statistics through "the MoE's shared weights + that expert's MLPs",
-    with only the MoE (and the new expert) and the domain's data: what an owner computes
-    alone. Under `accelerate launch` every process gets the summed result."""
+    """One domain's statistics through "the MoE's shared weights + that expert's MLPs", from only the MoE (and the
+    new expert) and the domain's data: what an owner computes alone. Under `accelerate launch` every process
+    gets the summed result."""
     from dume.moe.edit import build_dense_from_moe
 
     shard = shard or current_shard()
@@ -417,13 +383,9 @@ def collect_stats(plan: CollectPlan, shard: Shard | None = None) -> RidgeStats:
     stats = RidgeStats(cfg.num_hidden_layers, cfg.hidden_size, [plan.domain], model_fingerprint=plan.fingerprint,
                        num_dume_tokens=plan.num_dume_tokens, data_source=f"{plan.settings.source}:train",
                        extra_meta={**provenance, "per_domain": {plan.domain: {
-                           **provenance, "expert_mlp": mlp, "processes": shard.world}}},
-                       device=shard.device)
+                           **provenance, "expert_mlp": mlp, "processes": shard.world}}}, device=shard.device)
     collect_into(model, stats, plan.domain, plan.docs, plan.tokenizer, plan.settings, shard)
     return stats
-
-
-# ------------------------------------------------------------------------- operations
 
 
 def _history(recipe: dict, entry: dict) -> list[dict]:
@@ -446,8 +408,8 @@ def _with_experts(stats: RidgeStats, recipe: dict) -> RidgeStats:
 
 
 def shared_drift(moe_dir: str | Path, expert_dir: str | Path) -> float:
-    """‖expert's non-MLP weights − the MoE's shared ones‖ / ‖the MoE's shared ones‖ (all
-    tensors together): how much of the new expert keep-shared mode leaves out."""
+    """‖expert's non-MLP weights − the MoE's shared ones‖ / ‖the MoE's shared ones‖ (all tensors together): how
+    much of the new expert keep-shared mode leaves out."""
     from dume.arch.table import is_routed
     from dume.checkpoint.reader import CheckpointReader
 
@@ -473,8 +435,8 @@ def _check_new_domain(old: DumeModel, domain: str, expert_dir: str | Path) -> li
 
 
 def _check_given_stats(stats: RidgeStats, old: DumeModel, domain: str, expert_dir: Path, where: str) -> None:
-    """Statistics computed apart must be of this domain, through this MoE's shared weights
-    and the new expert's MLPs, with the stored statistics' token rule and tokenizer."""
+    """Statistics computed apart must be of this domain, through this MoE's shared weights and the new expert's
+    MLPs, with the stored statistics' token rule and tokenizer."""
     if stats.domains != [domain]:
         raise DumeError(f"{where} holds domains {stats.domains}, expected only [{domain!r}]")
     check_fingerprint(stats, old.fingerprint, where, str(old.path))
@@ -489,8 +451,8 @@ def _check_given_stats(stats: RidgeStats, old: DumeModel, domain: str, expert_di
 
 def add_keep_shared(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, new_stats: RidgeStats,
                     notes: list[str]) -> dict:
-    """New MoE = the old one's tensors + the new expert's MLPs as expert D; statistics =
-    stored + new; routers re-solved. Shared weights stay the old average."""
+    """New MoE = the old one's tensors + the new expert's MLPs as expert D; statistics = stored + new; routers
+    re-solved. Shared weights stay the old average."""
     from dume.moe.edit import write_moe_experts
 
     stats, more = combine_stats([old.stats, new_stats])
@@ -510,9 +472,9 @@ def add_keep_shared(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path
 
 def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, new_settings: DataSettings,
                   log: Callable[[str], None] = print) -> dict:
-    """MoErge all D+1 experts from scratch (shared weights re-averaged) and re-collect every
-    domain: what building DUME from all of them at once gives. Needs every expert's
-    checkpoint and every domain's data, with the settings their statistics were made with."""
+    """MoErge all D+1 experts from scratch (shared weights re-averaged) and re-collect every domain: what building
+    DUME from all of them at once gives. Needs every expert's checkpoint and every domain's data, with the
+    settings their statistics were made with."""
     from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.moe.merge import build_oracle_model, moerge_experts, shared_state_dict
     from dume.train.models import check_tokenizer_matches
@@ -529,9 +491,9 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
                             f"expert {i} of {old.path}: was it retrained or replaced?")
     domains = [*old.domains, domain]
     provs = domain_provenance(old.stats)
-    # A domain whose statistics record no corpus source (a `dume build` MoE: its documents
-    # came from the files its YAML named) is read with the settings given for this call,
-    # so `--source local --data-dir DIR` holding every domain re-collects them all.
+    # A domain whose statistics record no corpus source (a `dume build` MoE: its documents came from the files its
+    # YAML named) is read with the settings given for this call, so `--source local --data-dir DIR` holding every
+    # domain re-collects them all.
     settings = {d: settings_from(provs[d], tokenizer=new_settings.tokenizer) if provs[d].get("source")
                 else new_settings for d in old.domains}
     settings[domain] = new_settings
@@ -561,8 +523,8 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
     stats = _with_experts(stats, recipe)
     gates = solve_gates(stats, recipe)
     with atomic_dir(out_dir) as tmp:
-        # moerge_experts writes atomically to a path; here the path is the empty staging
-        # directory, which it replaces, so stats and recipe still land in the same rename.
+        # moerge_experts writes atomically to a path, here the empty staging directory, which it replaces, so
+        # stats and recipe still land in the same rename.
         moerge_experts(experts, tmp, gates=gates, num_experts_per_tok=recipe["k"], extra_config=_moe_extra(recipe))
         _write_dume(tmp, stats, recipe)
     return {"mode": "reaverage", "out": str(out_dir), "domains": domains,
@@ -572,9 +534,9 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
 def add_expert(moe_dir: str | Path, expert_dir: str | Path, domain: str, out_dir: str | Path, mode: str, *,
                stats_dir: str | Path | None = None, overwrite: bool = False,
                log: Callable[[str], None] = print, **given) -> dict:
-    """Add `expert_dir` (a dense Llama) as the expert of `domain`; see the module docstring
-    for the two modes. `stats_dir`: the new domain's statistics computed apart
-    (keep-shared only). `given`: data settings (DataSettings fields) for the new domain."""
+    """Add `expert_dir` (a dense Llama) as the expert of `domain`; the two modes are the module docstring's.
+    `stats_dir`: the new domain's statistics computed apart (keep-shared only). `given`: data settings
+    (DataSettings fields) for the new domain."""
     if mode not in MODES:
         raise DumeError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
     old = open_dume(moe_dir)
@@ -599,8 +561,8 @@ def add_expert(moe_dir: str | Path, expert_dir: str | Path, domain: str, out_dir
 
 
 def remove_expert(moe_dir: str | Path, domain: str, out_dir: str | Path, *, overwrite: bool = False) -> dict:
-    """The MoE without `domain`'s expert and statistics, routers re-solved: exactly DUME
-    built from the other experts' statistics with the same shared weights. No forward."""
+    """The MoE without `domain`'s expert and statistics, routers re-solved: exactly DUME built from the other
+    experts' statistics with the same shared weights. No forward."""
     from dume.moe.edit import write_moe_experts
 
     old = open_dume(moe_dir)
@@ -700,9 +662,7 @@ def describe(summary: dict) -> list[str]:
     return lines
 
 
-__all__ = [
-    "DataSettings", "DumeModel", "Shard", "CollectPlan", "MODES", "RECIPE_FILE", "STATS_SUBDIR",
-    "add_expert", "remove_expert", "reweight_domains", "combine_stats", "plan_collect", "collect_stats",
-    "collect_into", "open_dume", "solve_gates", "mlp_fingerprint", "domain_provenance", "parse_weights",
-    "settings_from", "current_shard", "describe", "shared_drift",
-]
+__all__ = ["DataSettings", "DumeModel", "Shard", "CollectPlan", "MODES", "RECIPE_FILE", "STATS_SUBDIR",
+           "add_expert", "remove_expert", "reweight_domains", "combine_stats", "plan_collect", "collect_stats",
+           "collect_into", "open_dume", "solve_gates", "mlp_fingerprint", "domain_provenance", "parse_weights",
+           "settings_from", "current_shard", "describe", "shared_drift"]
