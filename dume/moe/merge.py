@@ -1,16 +1,13 @@
-"""Building checkpoints from D dense experts: model averaging, MoErging, oracles.
+"""Building checkpoints from D dense experts: model averaging, MoErging, oracles (docs/design.md §1, §6).
 
-Everything streams tensor by tensor (mergekit style): the experts are opened lazily and
-each output tensor is computed from the D inputs read one at a time (float32
-accumulation for averages, cast back to the experts' dtype), then written and dropped
-(`dume.checkpoint.shards`). The original code loaded all experts at once.
+Everything streams tensor by tensor (mergekit style): the experts are opened lazily and each output tensor is
+computed from the D inputs read one at a time (float32 accumulation for averages, cast back to the experts'
+dtype), then written and dropped (`dume.checkpoint.shards`).
 
-A merge is a plan of output tensors (`dume.checkpoint.shards.OutTensor`); which tensor is averaged,
-taken from one expert or set to a router, and under which name, comes from the experts'
-architecture record (`dume.arch.table`), not from if-chains. The MoE is written
-under the names its class's `save_pretrained` writes, so `AutoModelForCausalLM` and the
-tools built on it load it with no custom code. Editing an existing MoE (routers,
-experts) lives in `dume.moe.edit`. See docs/design.md.
+A merge is a plan of output tensors (`dume.checkpoint.shards.OutTensor`); which tensor is averaged, taken from one
+expert or set to a router, and under which name, comes from the experts' architecture record (`dume.arch.table`),
+not from if-chains. The MoE is written under the names its class's `save_pretrained` writes, so
+`AutoModelForCausalLM` and the tools built on it load it with no custom code.
 """
 
 from __future__ import annotations
@@ -65,10 +62,8 @@ def _average(readers: list[CheckpointReader], name: str, weights: list[float] | 
 
 
 def _plan_average(es: ExpertSet, readers, weights) -> list[OutTensor]:
-    return [
-        OutTensor(n, shape, dtype, _average(readers, n, weights, dtype))
-        for n, (shape, dtype) in es.tensors.items()
-    ]
+    return [OutTensor(n, shape, dtype, _average(readers, n, weights, dtype))
+            for n, (shape, dtype) in es.tensors.items()]
 
 
 def _plan_oracle(es: ExpertSet, readers, domain_index: int, weights) -> list[OutTensor]:
@@ -116,17 +111,14 @@ def _plan_moe(es: ExpertSet, readers, gates: list[torch.Tensor], weights) -> lis
     return out
 
 
-# ------------------------------------------------------------------------- small helpers
-
-
 def check_out_dir(out_dir: str | Path, protected: Iterable[Path]) -> Path:
     """Refuse an output directory that is, contains or lies inside an input checkpoint."""
     return check_output_path(out_dir, protected, "output directory")
 
 
 def moe_size_bytes(es: ExpertSet) -> int:
-    """Bytes of the MoE these experts make: shared tensors once, MLP tensors once per
-    expert, plus the routers (for the free-space check before writing it)."""
+    """Bytes of the MoE these experts make: shared tensors once, MLP tensors once per expert, plus the routers
+    (for the free-space check before writing it)."""
     copies = {"mlp": es.num_experts, "shared": 1}  # routers are added below, unknown tensors are not written
     total = sum(math.prod(shape) * dtype.itemsize * copies.get(es.arch.kind_of(name), 0)
                 for name, (shape, dtype) in es.tensors.items())
@@ -148,12 +140,10 @@ def _copy_side_files(es: ExpertSet, dst: Path) -> None:
             break
 
 
-# Config keys `extra_config` may not set: they describe the weights (or have their own
-# argument), so overriding them would make config and tensors disagree.
-PROTECTED_CONFIG_KEYS = frozenset(
-    (*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS, "model_type", "architectures", "num_local_experts",
-     "num_experts", "num_experts_per_tok")
-)
+# Config keys `extra_config` may not set: they describe the weights (or have their own argument), so overriding
+# them would make config and tensors disagree.
+PROTECTED_CONFIG_KEYS = frozenset((*MUST_MATCH_FIELDS, *MAY_DIFFER_FIELDS, *RUNTIME_FIELDS, "model_type",
+                                   "architectures", "num_local_experts", "num_experts", "num_experts_per_tok"))
 
 
 def check_extra_config(extra_config: dict | None) -> dict:
@@ -231,16 +221,11 @@ def validate_k(k: int, num_experts: int) -> int:
     return k
 
 
-# ------------------------------------------------------------------------- public API
-
-
 def moe_config(dense_config, num_experts: int, num_experts_per_tok: int = 1, extra_config: dict | None = None):
-    """The MoE config (Mixtral, Qwen3-MoE) whose model computes what the MoErged experts
-    compute: every architectural field copied from the dense config (notably
-    `rope_parameters`: Mixtral's default rope theta is 1e6, Llama's 1e4), plus the MoE
-    fields (`dume.arch.table`). `extra_config` entries (e.g. `dume={"domains": [...]}`)
-    become config attributes and round-trip through save/load.
-    """
+    """The MoE config (Mixtral, Qwen3-MoE) whose model computes what the MoErged experts compute: every
+    architectural field copied from the dense config (notably `rope_parameters`: Mixtral's default rope theta is
+    1e6, Llama's 1e4), plus the MoE fields (`dume.arch.table`). `extra_config` entries become config attributes
+    and round-trip through save/load."""
     validate_k(num_experts_per_tok, num_experts)
     cfg = architecture(dense_config.model_type).moe_config(dense_config, num_experts, num_experts_per_tok)
     _apply_extra(cfg, extra_config)
@@ -264,10 +249,8 @@ def moerge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, gates
                    overwrite: bool = True) -> Path:
     """MoErging: shared tensors averaged, layer l's D MLPs -> layer l's D experts.
 
-    Expert e of every layer is `expert_dirs[e]`'s MLP. `gates` are the L router weights
-    [D, H] (zeros when None: the caller sets them later with `set_gates`). `weights`
-    re-weights the averaging of the shared tensors (plain mean by default).
-    """
+    Expert e of every layer is `expert_dirs[e]`'s MLP. `gates` are the L router weights [D, H] (zeros when None:
+    the caller sets them later with `set_gates`). `weights` re-weights the averaging of the shared tensors."""
     es = check_experts(expert_dirs, require_moe_compatible=True).split_fused()
     _check_moe_layout(es)
     w = _normalised_weights(weights, es.num_experts)
@@ -290,21 +273,16 @@ def shared_state_dict(expert_dirs: Sequence[str | Path], weights: Sequence[float
     es = check_experts(expert_dirs)
     w = _normalised_weights(weights, es.num_experts)
     with _open_all(es) as readers:
-        return {
-            n: _average(readers, n, w, dtype)()
-            for n, (shape, dtype) in es.tensors.items()
-            if not es.arch.mlp_match(n)
-        }
+        return {n: _average(readers, n, w, dtype)() for n, (shape, dtype) in es.tensors.items()
+                if not es.arch.mlp_match(n)}
 
 
 def oracle_state_dict(expert_dirs: Sequence[str | Path], domain_index: int, weights: Sequence[float] | None = None,
                       shared: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Averaged non-MLP tensors + expert `domain_index`'s MLPs, as a Llama state dict.
 
-    This dense model is exactly the MoE with every token routed to that expert, which
-    is what DUME's statistics collection forwards domain d's text through. Pass
-    `shared` (from `shared_state_dict`) to avoid re-averaging for every domain.
-    """
+    This dense model is exactly the MoE with every token routed to that expert, which is what DUME's statistics
+    collection forwards domain d's text through. Pass `shared` (from `shared_state_dict`) to average only once."""
     es = check_experts(expert_dirs)
     _check_domain_index(es, domain_index)
     if shared is None:
