@@ -1,16 +1,14 @@
 """Editing an existing MoE checkpoint: its routers, and which experts it holds.
 
-A MoE built by `dume.moe.merge` (Mixtral or Qwen3-MoE) is edited without its source
-experts: routers are replaced in the files that hold them (`set_gates`), experts are
-kept, renumbered, dropped or taken from a new dense checkpoint (`write_moe_experts`,
-`extend_moe`, `drop_experts`), and "shared weights + one expert" is rebuilt as a dense
-model (`build_dense_from_moe`), the model DUME's statistics of that expert's domain are
-collected through.
+A MoE built by `dume.moe.merge` is edited without its source experts: routers are replaced in the files that
+hold them (`set_gates`), experts are kept, renumbered, dropped or taken from a new dense checkpoint
+(`write_moe_experts`, `extend_moe`, `drop_experts`), and "shared weights + one expert" is rebuilt as a dense
+model (`build_dense_from_moe`). An edit is a list of expert "slots": an int keeps that expert of the MoE
+(renumbered by its place in the list), a path takes a dense checkpoint's MLPs as a new expert.
 
-Adding or removing an expert leaves every shared tensor where it is: the router is a
-closed-form function of statistics collected *through* those shared weights, so keeping
-them is what makes the edit exact (docs/design.md §5). Tensor names and config fields
-come from the MoE's architecture record (`dume.arch.table.moe_architecture`).
+Adding or removing an expert leaves every shared tensor where it is: the router is a closed-form function of
+statistics collected *through* those shared weights, so keeping them is what makes the edit exact (docs/design.md
+§5). Tensor names and config fields come from the MoE's architecture record (`dume.arch.table.moe_architecture`).
 """
 
 from __future__ import annotations
@@ -82,19 +80,16 @@ _IN_MEMORY_ROUTER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.gate\.weig
 
 
 def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
-    """The MoE model (eval mode, on the CPU) with its weights copied in one checkpoint
-    tensor at a time; `dtype` defaults to the stored one.
+    """The MoE model (eval mode, on the CPU) with its weights copied in one checkpoint tensor at a time; `dtype`
+    defaults to the stored one.
 
-    Why not `from_pretrained`: on the CPU, transformers fuses the per-expert matrices
-    while the checkpoint is memory-mapped and peaks at about twice the MoE's size
-    (measured: 797 MB for a 377 MB Mixtral, while a 146 MB dense checkpoint loads in
-    148 MB). Here the model is made on the meta device, given uninitialised storage, and
-    each parameter is filled from the checkpoint -- the fused expert parameters
-    (`gate_up_proj[e]` = expert e's gate then up projection, `down_proj[e]`) expert by
-    expert -- so the peak is the model plus one tensor. `tests/test_architectures.py`
-    checks that the state dict equals `from_pretrained`'s exactly, for every
-    architecture, so a change of transformers' in-memory layout cannot pass unnoticed.
-    """
+    Why not `from_pretrained`: on the CPU, transformers fuses the per-expert matrices while the checkpoint is
+    memory-mapped and peaks at about twice the MoE's size (measured: 797 MB for a 377 MB Mixtral, while a 146 MB
+    dense checkpoint loads in 148 MB). Here the model is made on the meta device, given uninitialised storage,
+    and each parameter is filled from the checkpoint -- the fused expert parameters (`gate_up_proj[e]` = expert
+    e's gate then up projection, `down_proj[e]`) expert by expert -- so the peak is the model plus one tensor.
+    `tests/test_architectures.py` checks that the state dict equals `from_pretrained`'s exactly, for every
+    architecture, so a change of transformers' in-memory layout cannot pass unnoticed."""
     from transformers import AutoModelForCausalLM
 
     moe_dir, cfg, arch = open_moe(moe_dir)
@@ -137,8 +132,8 @@ def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
 
 
 def _rewrite_file(rd: CheckpointReader, fname: str, replace: dict[str, torch.Tensor], dst: Path) -> None:
-    """Write `fname`'s tensors with some replaced to `dst` (one file in memory: only the
-    files that hold routers are rewritten, and routers sit with their layer's tensors)."""
+    """Write `fname`'s tensors with some replaced to `dst` (one file in memory: only the files that hold routers
+    are rewritten, and routers sit with their layer's tensors)."""
     tensors = {n: rd.get(n) for n in rd.keys() if rd.file_of(n) == fname}
     tensors.update(replace)
     meta = rd.metadata(fname)
@@ -155,12 +150,10 @@ def set_gates(moe_dir: str | Path, gates: Sequence[torch.Tensor], out_dir: str |
               num_experts_per_tok: int | None = None) -> Path:
     """Replace the routers (and optionally k) of a MoE checkpoint.
 
-    Only the files holding router weights are rewritten, each to a temporary sibling
-    renamed into place, so an interrupted call leaves the old file. With `out_dir` the
-    checkpoint is copied there (atomically) and `moe_dir` is left untouched. Gates are
-    cast to the stored routers' dtype. Shapes ([D, H] per layer, L layers) are checked
-    before anything is written.
-    """
+    Only the files holding router weights are rewritten, each to a temporary sibling renamed into place, so an
+    interrupted call leaves the old file. With `out_dir` the checkpoint is copied there (atomically) and `moe_dir`
+    is left untouched. Gates are cast to the stored routers' dtype. Shapes ([D, H] per layer, L layers) are
+    checked before anything is written."""
     moe_dir, cfg, _ = open_moe(moe_dir)
     D, H, L = num_experts(cfg), cfg.hidden_size, cfg.num_hidden_layers
     gates = validate_gates(gates, L, D, H, f"set_gates({moe_dir})")
@@ -196,7 +189,6 @@ def set_gates(moe_dir: str | Path, gates: Sequence[torch.Tensor], out_dir: str |
         if num_experts_per_tok is not None:
             atomic_write_json(moe_dir / CONFIG_NAME, raw_config)
         return moe_dir
-
     out_dir = Path(out_dir)
     require_free_space(out_dir.parent, dir_bytes(moe_dir), f"the copy {out_dir} of {moe_dir}")
     with atomic_dir(out_dir) as tmp_dir:
@@ -210,12 +202,6 @@ def set_gates(moe_dir: str | Path, gates: Sequence[torch.Tensor], out_dir: str |
         atomic_write_json(tmp_dir / CONFIG_NAME, raw_config)
     rd.close()
     return out_dir
-
-
-# ------------------------------------------------------- the experts of an existing MoE
-#
-# An edit is a list of expert "slots": an int keeps that expert of the MoE (renumbered by
-# its place in the list), a path takes a dense checkpoint's MLPs as a new expert.
 
 
 def _check_expert_names(reader: CheckpointReader, arch: Architecture, num_layers: int, num_exp: int) -> None:
@@ -232,9 +218,8 @@ def _check_expert_names(reader: CheckpointReader, arch: Architecture, num_layers
 def expert_mlp_state_dict(source: str | Path, expert: int | None = None) -> dict[str, torch.Tensor]:
     """One expert's MLPs under dense names (`model.layers.L.mlp.gate_proj.weight`, ...).
 
-    `source` is a dense checkpoint (expert=None) or a MoE checkpoint (expert = the slot
-    index). The same names either way, so an expert can be compared, hashed or put into a
-    dense model whatever checkpoint it lives in."""
+    `source` is a dense checkpoint (expert=None) or a MoE checkpoint (expert = the slot index). The same names
+    either way, so an expert can be compared, hashed or put into a dense model whatever checkpoint it lives in."""
     source = Path(source)
     with (open_dense(source) if expert is None else CheckpointReader(source)) as rd:
         if expert is None:
@@ -264,13 +249,11 @@ def moe_shared_state_dict(moe_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_dense_from_moe(moe_dir: str | Path, expert: int | str | Path, shared: dict[str, torch.Tensor] | None = None):
-    """The MoE with every token routed to one expert, as an in-memory dense model of the
-    experts' class (eval mode).
+    """The MoE with every token routed to one expert, as an in-memory dense model (experts' class, eval mode).
 
-    `expert` is a slot of the MoE (int) or a dense checkpoint whose MLPs stand in for a
-    new expert. This is the model DUME's statistics of that domain are collected through;
-    it needs the MoE only (plus the new expert's checkpoint), not the experts it was built
-    from. Pass `shared` (from `moe_shared_state_dict`) to read the shared tensors once."""
+    `expert` is a slot of the MoE (int) or a dense checkpoint whose MLPs stand in for a new expert. This is the
+    model DUME's statistics of that domain are collected through; it needs the MoE only (plus the new expert's
+    checkpoint), not the experts it was built from. Pass `shared` (`moe_shared_state_dict`) to read them once."""
     moe_dir, mcfg, arch = open_moe(moe_dir)
     if shared is None:
         shared = moe_shared_state_dict(moe_dir)
@@ -284,10 +267,9 @@ def build_dense_from_moe(moe_dir: str | Path, expert: int | str | Path, shared: 
 def check_expert_fits_moe(moe_dir: str | Path, expert_dir: str | Path) -> list[str]:
     """Refuse a dense checkpoint that cannot become one more expert of this MoE; return notes.
 
-    `check_experts` compares dense checkpoints with each other; here one side is a MoE, so
-    the new expert's config is compared with the dense config the MoE reads back as
-    (`Architecture.dense_config`), then the tokenizers, then the MLP tensors' shapes
-    (headers only). Every error names the field and both values."""
+    `check_experts` compares dense checkpoints with each other; here one side is a MoE, so the new expert's config
+    is compared with the dense config the MoE reads back as (`Architecture.dense_config`), then the tokenizers,
+    then the MLP tensors' shapes (headers only). Every error names the field and both values."""
     from dume.checkpoint.reader import canonical, tokenizer_fingerprints
 
     moe_dir, mcfg, arch = open_moe(moe_dir)
@@ -373,12 +355,11 @@ def write_moe_experts(moe_dir: str | Path, slots: Sequence, dst: str | Path,
                       extra_config: dict | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a MoE checkpoint into the existing directory `dst` whose experts are `slots`.
 
-    An int slot keeps that expert of `moe_dir`; a path takes that dense checkpoint's MLPs
-    (check it first with `check_expert_fits_moe`). Shared tensors are copied bit for bit,
-    gates are `gates` (zeros if None, cast to the stored routers' dtype), config.json is
-    the MoE's with the number of experts, k and `extra_config` updated. Not atomic by
-    itself: `extend_moe` / `drop_experts`, or a caller writing more files beside it, wrap
-    it in `atomic_dir`."""
+    An int slot keeps that expert of `moe_dir`; a path takes that dense checkpoint's MLPs (check it first with
+    `check_expert_fits_moe`). Shared tensors are copied bit for bit, gates are `gates` (zeros if None, cast to the
+    stored routers' dtype), config.json is the MoE's with the number of experts, k and `extra_config` updated.
+    Not atomic by itself: `extend_moe` / `drop_experts`, or a caller writing more files beside it, wrap it in
+    `atomic_dir`."""
     moe_dir, mcfg, arch = open_moe(moe_dir)
     slots = _check_slots(slots, num_experts(mcfg))
     D, H, L = len(slots), mcfg.hidden_size, mcfg.num_hidden_layers
@@ -399,8 +380,8 @@ def write_moe_experts(moe_dir: str | Path, slots: Sequence, dst: str | Path,
         write_safetensors(_plan_moe_edit(moe, arch, L, slots, new_readers, gates), dst, max_shard_size)
     raw = read_json(moe_dir / CONFIG_NAME)
     raw.update(extra)
-    # the count is saved under the config class's own key (Qwen3-MoE's `num_experts` is
-    # stored as `num_local_experts` in transformers 5): update the key(s) present
+    # the count is saved under the config class's own key (Qwen3-MoE's `num_experts` is stored as
+    # `num_local_experts` in transformers 5): update the key(s) present
     keys = [key for key in ("num_local_experts", arch.num_experts_field) if key in raw] or [arch.num_experts_field]
     raw.update({**{key: D for key in keys}, "num_experts_per_tok": k})
     atomic_write_json(dst / CONFIG_NAME, raw)
@@ -414,8 +395,8 @@ def extend_moe(moe_dir: str | Path, expert_dirs: Sequence[str | Path], out_dir: 
                gates: Sequence[torch.Tensor] | None = None, num_experts_per_tok: int | None = None,
                extra_config: dict | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
                overwrite: bool = True) -> Path:
-    """The MoE plus the dense experts' MLPs as experts D, D+1, ... (shared tensors kept as
-    they are, not re-averaged), written atomically to `out_dir`, streamed tensor by tensor."""
+    """The MoE plus the dense experts' MLPs as experts D, D+1, ... (shared tensors kept as they are, not
+    re-averaged), written atomically to `out_dir`, streamed tensor by tensor."""
     moe_dir, mcfg, _ = open_moe(moe_dir)
     if not expert_dirs:
         raise DumeError("extend_moe needs at least one new expert")
@@ -432,8 +413,8 @@ def drop_experts(moe_dir: str | Path, drop: Sequence[int], out_dir: str | Path,
                  gates: Sequence[torch.Tensor] | None = None, num_experts_per_tok: int | None = None,
                  extra_config: dict | None = None, *, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
                  overwrite: bool = True) -> Path:
-    """The MoE without the experts `drop` (the others renumbered in order, shared tensors
-    kept), written atomically to `out_dir`. Dropping every expert is refused."""
+    """The MoE without the experts `drop` (the others renumbered in order, shared tensors kept), written
+    atomically to `out_dir`. Dropping every expert is refused."""
     moe_dir, mcfg, _ = open_moe(moe_dir)
     D = num_experts(mcfg)
     bad = [e for e in drop if not isinstance(e, int) or not 0 <= e < D]
