@@ -1,23 +1,20 @@
-"""Context-aware routing (a research row of the routers study): a Mixtral whose routers
-decide from the running mean of their logits over the sequence so far.
+"""Context-aware routing (a research row of the routers study): a Mixtral whose routers decide from the running
+mean of their logits over the sequence so far.
 
-A per-token router must tell a math token from a physics token by that token's hidden
-state alone; a document's topic is better seen over its prefix. Here layer l routes token
-t by  mean_{s<=t} W_l x_s  (the router logits averaged causally over the positions
-before it), then the usual softmax, top-k and renormalisation. With the same gates, the
-first token of a sequence routes exactly as in stock Mixtral. The logits are linear in x,
-so this is also the stock router applied to the prefix-mean hidden state.
+A per-token router must tell a math token from a physics token by that token's hidden state alone; a document's
+topic is better seen over its prefix. Here layer l routes token t by  mean_{s<=t} W_l x_s  (the router logits
+averaged causally over the positions before it), then the usual softmax, top-k and renormalisation. With the
+same gates, the first token of a sequence routes exactly as in stock Mixtral. The logits are linear in x, so
+this is also the stock router applied to the prefix-mean hidden state.
 
-This is not a stock architecture, so it is a small subclass registered with transformers'
-Auto classes when `dume.moe.context_moe` is imported (never remote code): model_type
-`dume_context_mixtral`, the same tensors and on-disk names as Mixtral (its checkpoint
-conversion is registered for the new type), so a DUME MoE becomes one by rewriting its
-config.json (`make_context_moe`).
+This is not a stock architecture, so it is a small subclass registered with transformers' Auto classes when
+`dume.moe.context_moe` is imported (never remote code): model_type `dume_context_mixtral`, the same tensors and
+on-disk names as Mixtral (its checkpoint conversion is registered for the new type), so a DUME MoE becomes one
+by rewriting its config.json (`make_context_moe`).
 
-Limits, on purpose (a research prototype): the mean runs over every position of the
-forward call, padding included -- right padding does not matter (it comes after the real
-tokens), left padding does; and with a KV cache a new token sees only itself, so the
-saved generation config turns the cache off (`use_cache: false`).
+Limits, on purpose (a research prototype): the mean runs over every position of the forward call, padding
+included -- right padding does not matter (it comes after the real tokens), left padding does; and with a KV
+cache a new token sees only itself, so the saved generation config turns the cache off (`use_cache: false`).
 """
 
 from __future__ import annotations
@@ -71,10 +68,8 @@ class ContextMixtralForCausalLM(MixtralForCausalLM):
 
 
 def _register() -> None:
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
+    from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                 register_checkpoint_conversion_mapping)
 
     AutoConfig.register(MODEL_TYPE, ContextMixtralConfig, exist_ok=True)
     AutoModelForCausalLM.register(ContextMixtralConfig, ContextMixtralForCausalLM, exist_ok=True)
@@ -86,9 +81,8 @@ _register()
 
 
 def make_context_moe(moe_dir) -> None:
-    """Turn a Mixtral checkpoint directory (a DUME MoE) into a context-routed one in
-    place: the weights stay, config.json names the subclass, generation runs without the
-    KV cache."""
+    """Turn a Mixtral checkpoint directory (a DUME MoE) into a context-routed one in place: the weights stay,
+    config.json names the subclass, generation runs without the KV cache."""
     from pathlib import Path
 
     from dume.checkpoint.io import atomic_write_json, read_json

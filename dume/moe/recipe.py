@@ -1,11 +1,10 @@
-"""The router recipe (`dume_router.json`): what re-solves or describes a MoE's router --
-method, domains, the experts' checkpoints, λ, temperature, k, trained steps, ... --
-written beside every routed checkpoint by every recipe, read by `dume.upcycle.dynamic`.
+"""The router recipe (`dume_router.json`): what re-solves or describes a MoE's router -- method, domains, the
+experts' checkpoints, λ, temperature, k, trained steps, ... -- written beside every routed checkpoint by every
+recipe, read by `dume.upcycle.dynamic`.
 
-Path lists are stored relative to the recipe's directory (plus an absolute fallback under
-`<key>_absolute`), so a run directory moved or copied as a whole keeps working; in memory
-they are resolved paths. Writing into a staging directory that will be renamed to its
-final place gives the same relative paths as long as both are siblings.
+Path lists are stored relative to the recipe's directory (plus an absolute fallback under `<key>_absolute`), so a
+run directory moved or copied as a whole keeps working; in memory they are resolved paths. Writing into a staging
+directory that will be renamed to its final place gives the same relative paths as long as both are siblings.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Where tokens go: per layer, the share of each domain's tokens that each expert
-receives as its top-1 choice. The diagonal share is the per-token routing accuracy, the
-diagnostic that says why a router wins or loses (docs/design.md §4).
+"""Where tokens go: per layer, the share of each domain's tokens that each expert receives as its top-1 choice.
+The diagonal share is the per-token routing accuracy, the diagnostic that says why a router wins or loses
+(docs/design.md §4).
 
-The routers' logits come from the MoE model itself (`output_router_logits=True`, which
-Mixtral and Qwen3-MoE return per layer); the top-1 expert is chosen exactly as their
-routers choose: top-k of the float32 softmax, first index.
+The routers' logits come from the MoE model itself (`output_router_logits=True`, which Mixtral and Qwen3-MoE
+return per layer); the top-1 expert is chosen exactly as their routers choose: top-k of the float32 softmax,
+first index.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 @torch.no_grad()
 def routing_shares(model, blocks_by_domain: dict, batch_size: int = 32) -> dict:
-    """{domain: [layer][expert] share of that domain's real (non-padding) tokens} on the
-    given (input_ids, attention_mask) blocks."""
+    """{domain: [layer][expert] share of that domain's real (non-padding) tokens} on the given (input_ids,
+    attention_mask) blocks."""
     model.eval()
     device = next(model.parameters()).device
     cfg = model.config
