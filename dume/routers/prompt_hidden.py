@@ -1,20 +1,16 @@
 """mergekit's prompt-based "hidden" gate, reproduced as an ecosystem baseline.
 
-What `mergekit-moe` does with `gate_mode: hidden` (read from arcee-ai/mergekit,
-`mergekit/moe/router.py`): each expert comes with a few positive prompts; every prompt
-is run through the *base model* with the BOS token prepended; the residual stream
-entering each layer (`hidden_states[l]`, l = 0 .. L-1, so layer 0 sees the embeddings)
-at the prompt's last token is averaged over the expert's prompts and normalised to unit
-length; that vector is the expert's router row at that layer. No temperature, no data
-beyond the prompts.
+What `mergekit-moe` does with `gate_mode: hidden` (read from arcee-ai/mergekit, `mergekit/moe/router.py`): each
+expert comes with a few positive prompts; every prompt is run through the *base model* with the BOS token
+prepended; the residual stream entering each layer (`hidden_states[l]`, l = 0 .. L-1, so layer 0 sees the
+embeddings) at the prompt's last token is averaged over the expert's prompts and normalised to unit length; that
+vector is the expert's router row at that layer. No temperature, no data beyond the prompts.
 
-Differences from mergekit: prompts are run one at a time, so "the last token" is always
-the last real token. mergekit 0.1.5 pads a batch on the left, so its last position is a
-real token too and the two agree (our `mergekit_hidden` row equals the real tool's gates:
-cosine 0.99999, exact when mergekit's bf16 load is made fp32). Negative prompts are not
-supported. The base model is the
-model the experts were fine-tuned from when there is one (the CLM run's seed model), as
-mergekit's `base_model` is; otherwise the experts' average.
+Differences from mergekit: prompts are run one at a time, so "the last token" is always the last real token.
+mergekit 0.1.5 pads a batch on the left, so its last position is a real token too and the two agree (our
+`mergekit_hidden` row equals the real tool's gates: cosine 0.99999, exact when mergekit's bf16 load is made
+fp32). Negative prompts are not supported. The base model is the model the experts were fine-tuned from when
+there is one (the CLM run's seed model), as mergekit's `base_model` is; otherwise the experts' average.
 """
 
 from __future__ import annotations
@@ -51,8 +47,8 @@ def prompt_hidden_gates(base_model_dir, tokenizer, prompts: dict[str, list[str]]
 
 
 def first_prompts(docs, tokenizer, count: int = 8, max_tokens: int = 64) -> list[str]:
-    """A user's handful of prompts, stood in for by the first `count` documents of the
-    domain's training text, each cut to its first `max_tokens` tokens."""
+    """A user's handful of prompts, stood in for by the first `count` documents of the domain's training text,
+    each cut to its first `max_tokens` tokens."""
     out = []
     for text in docs:
         ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]

@@ -1,14 +1,12 @@
-"""Router fine-tuning for BTX and DUME+: only the gates train, on the shuffled union of
-the domains' training data, through the shared training loop.
+"""Router fine-tuning for BTX and DUME+: only the gates train, on the shuffled union of the domains' training
+data, through the shared training loop.
 
-A subtlety the paper does not discuss: Mixtral's router renormalises the top-k weights,
-so with k = 1 the chosen expert's weight is exactly 1 whatever the logits are, and the
-language-model loss gives the gate *no gradient* (the original code had the same
-property). For k = 1 we therefore train through a straight-through router: the forward
-is unchanged (weight 1, identical to inference) while the backward uses the chosen
-expert's softmax probability, d(p / stopgrad(p)) = dp / p. For k >= 2 the router is
-Mixtral's own and its gradient is exact. The optional load-balancing loss is Mixtral's
-own auxiliary loss (`router_aux_loss_coef`), off by default as in the paper.
+A subtlety the paper does not discuss: Mixtral's router renormalises the top-k weights, so with k = 1 the chosen
+expert's weight is exactly 1 whatever the logits are, and the language-model loss gives the gate *no gradient*
+(the original code had the same property). For k = 1 we therefore train through a straight-through router: the
+forward is unchanged (weight 1, identical to inference) while the backward uses the chosen expert's softmax
+probability, d(p / stopgrad(p)) = dp / p. For k >= 2 the router is Mixtral's own and its gradient is exact. The
+optional load-balancing loss is Mixtral's own auxiliary loss (`router_aux_loss_coef`), off as in the paper.
 """
 
 from __future__ import annotations
@@ -46,10 +44,9 @@ def _swap_routers(model, cls):
 
 
 def set_load_balancing(model, alpha: float) -> None:
-    """Add (alpha > 0) or remove Mixtral's load-balancing loss. `MixtralForCausalLM` copies
-    `router_aux_loss_coef` from its config at construction and its forward reads the copy,
-    so setting only the config -- as this project once did -- leaves the loss unweighted
-    by alpha (0): the attribute is set too."""
+    """Add (alpha > 0) or remove Mixtral's load-balancing loss. `MixtralForCausalLM` copies `router_aux_loss_coef`
+    from its config at construction and its forward reads the copy, so setting only the config -- as this project
+    once did -- leaves the loss unweighted by alpha (0): the attribute is set too."""
     model.config.output_router_logits = alpha > 0
     model.config.router_aux_loss_coef = alpha
     model.router_aux_loss_coef = alpha
@@ -77,8 +74,8 @@ def train_routers(model, train_data, val_data, cfg: TrainConfig, *, alpha: float
 
 
 def mixed_blocks(blocks: list):
-    """The union of several domains' blocks (the loader shuffles them): tensors pairs are
-    concatenated, lazy window datasets chained (same indices either way)."""
+    """The union of several domains' blocks (the loader shuffles them): tensors pairs are concatenated, lazy window
+    datasets chained (same indices either way)."""
     if all(isinstance(b, (tuple, list)) for b in blocks):
         return torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
     from torch.utils.data import ConcatDataset, TensorDataset
