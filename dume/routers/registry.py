@@ -1,12 +1,8 @@
-"""The strategy registry: one record per way of combining the experts.
+"""The strategy registry: one record per way of combining the experts (docs/design.md §8).
 
-Every recipe (the CLM strategies script, the reasoning recipes, `dume build`, the
-dynamic-experts tools, the reports) asks this module what a strategy is: whether it is a
-routed MoE, how its gates are made, whether it needs DUME's statistics or router
-training, its k / lr defaults, whether its checkpoint depends on the seed, whether its
-router can be re-solved from the statistics, and where its row goes in the tables.
-Adding a strategy is adding one `Strategy` here (and its gate function); see
-docs/design.md §8.
+Every recipe (the CLM strategies script, the reasoning recipes, `dume build`, the dynamic-experts tools, the
+reports) asks this module what a strategy is; adding a strategy is adding one `Strategy` here (and its gate
+function).
 """
 
 from __future__ import annotations
@@ -43,16 +39,14 @@ class Strategy:
     routed: bool = True                      # a MoE with routers (else a dense model: the oracle)
     gates: Callable | None = None            # (stats or None, GateContext) -> [D, H] per layer
     needs_statistics: bool = False
-    statistics: str = "dume"                 # which collector (dume.stats.collectors.collect_for): dume, loss_aware,
-                                             # sequential
+    statistics: str = "dume"                 # collector: dume, loss_aware or sequential (collectors.collect_for)
     trains_router: bool = False              # BTX / DUME+: the gates are then trained
     k: int = 1                               # experts per token (the paper's default)
     lr: float | None = None                  # router-training lr (the paper's)
     steps: int | None = None                 # router-training steps (the paper's)
     seeded: bool = False                     # the checkpoint depends on the seed
     closed_form: bool = False                # re-solvable from the statistics (dume.upcycle.dynamic)
-    paper: bool = True                       # a row of the paper's Table 2 (run by run_clm.py); else a
-                                             # row of the routers study (reproduction/clm/ROUTERS.md)
+    paper: bool = True                       # a row of Table 2 (run_clm.py); else of the routers study, ROUTERS.md
     needs_prompts: bool = False              # reads GateContext.base_model / tokenizer / prompts
     stock_checkpoint: bool = True            # loads as a stock transformers class (else a dume subclass)
     context_routing: bool = False            # routers decide from prefix-mean logits (dume.moe.context_moe)
@@ -80,8 +74,8 @@ def _random(stats, ctx: GateContext):
 
 
 def _dume_balanced(stats, ctx: GateContext):
-    """DUME on domain-balanced statistics: each domain's A and b scaled to the mean token
-    count, so a large domain does not dominate the shared A."""
+    """DUME on domain-balanced statistics: each domain's A and b scaled to the mean token count, so a large domain
+    does not dominate the shared A."""
     from dume.routers.closed_form import dume_gates
 
     counts = stats.n[0].double()
@@ -130,9 +124,9 @@ REGISTRY: dict[str, Strategy] = {s.name: s for s in (
              gates=_dume_balanced, needs_statistics=True, statistics="loss_aware", paper=False),
     Strategy("DUME_sequential", "DUME with layer l's statistics collected through layers < l routed",
              gates=_dume, needs_statistics=True, statistics="sequential", paper=False),
-    # `dume build`'s sequential_balanced: the routers study's verdict (reproduction/clm/ROUTERS.md),
-    # the one stock-checkpoint router that beat DUME on every seed of both domain sets. DUME
-    # stays the default: the margin on the held-out set was 0.1 points (1 % of the gap).
+    # `dume build`'s sequential_balanced: the routers study's verdict (reproduction/clm/ROUTERS.md), the one
+    # stock-checkpoint router that beat DUME on every seed of both domain sets. DUME stays the default: the
+    # margin on the held-out set was 0.1 points (1 % of the gap).
     Strategy("DUME_sequential_balanced", "layer-sequential statistics, domain-balanced",
              gates=_dume_balanced, needs_statistics=True, statistics="sequential", paper=False,
              build_gate="sequential_balanced",

@@ -1,4 +1,4 @@
-"""A data-free router from the experts' weights alone (after Arrow routing, Ostapenko et al. 2024).
+"""A data-free router from the experts' weights (after Arrow routing for LoRA libraries, Ostapenko et al. 2024).
 
 What fine-tuning changed in expert e's MLP at layer l is ΔW_e = W_e − mean_j W_j, taken over its input-side
 projections (gate and up, stacked: [2I, H]). The input direction that change responds to most is ΔW_e's top
