@@ -15,18 +15,16 @@
     # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto),
     #           max_shard_size (5GB: the largest safetensors file written)
 
-Everything is checked before heavy work (keys and values, the experts' compatibility,
-each expert's data). Then each domain's documents go through its oracle (averaged shared
-weights + that expert's MLPs) to collect the ridge statistics (`dume.stats.oracle`), the
-routers are solved (`dume.routers.registry`), the experts are MoErged with them in one streamed
-pass (`dume.moe.merge`), and `out` receives -- in one atomic rename -- a standard checkpoint of the experts' MoE class, the
-statistics (`dume_stats/`), the recipe (`dume_router.json`, so `dume_experts.py
-add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain
-routing shares measured on held-out documents.
+Everything is checked before heavy work (keys and values, the experts' compatibility, each expert's data). Then
+each domain's documents go through its oracle (averaged shared weights + that expert's MLPs) to collect the ridge
+statistics (`dume.stats.oracle`), the routers are solved (`dume.routers.registry`), the experts are MoErged with
+them in one streamed pass (`dume.moe.merge`), and `out` receives -- in one atomic rename -- a standard checkpoint
+of the experts' MoE class, the statistics (`dume_stats/`), the recipe (`dume_router.json`, so `dume_experts.py
+add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain routing shares measured on
+held-out documents.
 
-Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON /
-Parquet records give their `field`. A domain's held-out documents (the last `held_out`
-fraction, at most 64) are not used for the statistics.
+Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON / Parquet records give their
+`field`. A domain's held-out documents (the last `held_out` fraction, at most 64) are not used for the statistics.
 """
 
 from __future__ import annotations
@@ -40,24 +38,19 @@ from dume.upcycle.card import model_card
 from dume.upcycle.pipeline import build_moe
 from dume.upcycle.spec import GATES, MAX_HELD_OUT, BuildSpec
 
-# --------------------------------------------------------------------------- documents
-
 
 def split_held_out(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(statistics documents, held-out documents): the last `fraction` (at most 64), and
-    none when that would leave no statistics document."""
+    """(statistics documents, held-out documents): the last `fraction` (at most 64), and none when that would leave
+    no statistics document."""
     n = min(MAX_HELD_OUT, int(len(texts) * fraction))
     if n == 0 or n >= len(texts):
         return texts, []
     return texts[:-n], texts[-n:]
 
 
-# ------------------------------------------------------------------------------- build
-
-
 def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
-    """Run the whole build; return the summary written into the model card. `out` is
-    locked against a second writer for the whole build (`dume.checkpoint.outputs.output_lock`)."""
+    """Run the whole build; return the summary written into the model card. `out` is locked against a second
+    writer for the whole build (`dume.checkpoint.outputs.output_lock`)."""
     from dume.checkpoint.outputs import output_lock
 
     out = Path(spec.out)
@@ -127,12 +120,11 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
 
 def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_len: int, batch_size: int,
                      device: str, dtype) -> dict | None:
-    """{domain: {"own": share of its held-out tokens routed to its own expert (mean over
-    layers), "per_layer": [[share per expert] per layer]}}; None without held-out text.
+    """{domain: {"own": share of its held-out tokens routed to its own expert (mean over layers), "per_layer":
+    [[share per expert] per layer]}}; None without held-out text.
 
-    The only step that holds the whole MoE in memory, filled one tensor at a time
-    (`moe_edit.load_moe_streamed`: transformers' own loading peaks at twice the MoE);
-    `held_out: 0` skips it."""
+    The only step that holds the whole MoE in memory: `dume.moe.edit.load_moe_streamed` fills it one tensor at a
+    time (transformers' own loading peaks at twice the MoE). `held_out: 0` skips it."""
     import torch
 
     from dume.moe.edit import load_moe_streamed
