@@ -1,20 +1,19 @@
 """The one pipeline that builds a routed checkpoint from dense experts.
 
-Every recipe that makes a MoE with routers comes here -- `dume build`, the CLM strategies
-script (Table 2's routed rows), the reasoning strategies (Table 3) -- so that a change to
-the build (devices, memory, multi-process safety) is made once:
+Every recipe that makes a MoE with routers comes here -- `dume build`, the CLM strategies script (Table 2's
+routed rows), the reasoning strategies (Table 3) -- so that a change to the build (devices, memory,
+multi-process safety) is made once:
 
     statistics (given, or collected by the strategy's collector, `dume.stats.collectors`)
     -> the strategy's initial gates (`dume.routers.registry`)
-    -> the MoE written once with them: MoErged from the experts, or copied from a
-       zero-gate MoE built once per expert set and shared (`shared_zero_gate_base`)
+    -> the MoE written once with them: MoErged from the experts, or copied from a zero-gate MoE built once per
+       expert set and shared (`shared_zero_gate_base`)
     -> the context-routed class, if the strategy routes by context
     -> router training (BTX, DUME+), the trained gates written back
     -> the statistics (`dume_stats/`) and the router recipe (`dume_router.json`).
 
-`build_routed` writes into `out` in place: callers wrap it in `dume.checkpoint.io.atomic_dir`
-(and hold `dume.checkpoint.outputs.output_lock`), so a run killed halfway leaves the
-previous model as it was.
+`build_routed` writes into `out` in place: callers wrap it in `dume.checkpoint.io.atomic_dir` (and hold
+`dume.checkpoint.outputs.output_lock`), so a run killed halfway leaves the previous model as it was.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ class RouterSettings:
 
 @dataclass
 class Collection:
-    """How to collect the statistics when they are not given: each domain's documents
-    (any iterable of texts, read once) through the strategy's collector."""
+    """How to collect the statistics when they are not given: each domain's documents (any iterable of texts,
+    read once) through the strategy's collector."""
 
     docs: Mapping[str, Iterable[str]]
     tokenizer: Any
@@ -91,9 +90,9 @@ def strategy_for_build(name: str):
 
 def collect_statistics_for(strategy: str, expert_dirs, domains, collection: Collection, settings: RouterSettings,
                            moe_dir=None):
-    """The statistics `strategy` needs, from its collector (`statistics=` in the registry).
-    Layer-sequential statistics are collected through the MoE at `moe_dir`, its earlier
-    layers routed by DUME's gates of the settings' λ, T. Returns (RidgeStats, counts)."""
+    """The statistics `strategy` needs, from its collector (`statistics=` in the registry). Layer-sequential
+    statistics are collected through the MoE at `moe_dir`, its earlier layers routed by DUME's gates of the
+    settings' λ, T. Returns (RidgeStats, counts)."""
     from dume.routers.closed_form import layer_solver
     from dume.stats.collectors import collect_for
 
@@ -111,12 +110,10 @@ def collect_statistics_for(strategy: str, expert_dirs, domains, collection: Coll
 @contextlib.contextmanager
 def shared_zero_gate_base(expert_dirs, base_dir, made_from: dict, *, redo: bool = False,
                           extra_config: dict | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_BYTES):
-    """The MoErged experts with zero gates at `base_dir`, built once per expert set and
-    reused by every strategy (rebuilt when `made_from` -- the experts' content
-    fingerprints, the domains -- differs from what it was built from). Read under a shared
-    lock, so strategies built in parallel use it together; checked again and rebuilt
-    under the exclusive lock only when it is missing or stale, and a rebuild waits for
-    every reader."""
+    """The MoErged experts with zero gates at `base_dir`, built once per expert set and reused by every strategy
+    (rebuilt when `made_from` -- the experts' content fingerprints, the domains -- differs from what it was built
+    from). Read under a shared lock, so strategies built in parallel use it together; checked again and rebuilt
+    under the exclusive lock only when it is missing or stale, and a rebuild waits for every reader."""
     from dume.checkpoint.fingerprint import built_from
     from dume.checkpoint.outputs import output_lock, reading_lock, share_lock
     from dume.moe.merge import moerge_experts
@@ -142,14 +139,13 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
                  expert_set=None) -> Built:
     """`strategy`'s routed checkpoint of `expert_dirs` (expert j = `domains[j]`) in `out`.
 
-    `stats`: the statistics when the caller has them (a cache); else `collection` says how
-    to collect them. `base_dir`: a zero-gate MoE of these experts to copy the weights
-    from (`shared_zero_gate_base`); without it the experts are MoErged straight into
-    `out` with their gates, one streamed pass -- except for layer-sequential statistics,
-    collected through the MoE itself, so it is written with zero routers first.
-    `training`: the data and settings of router training (required when the strategy
-    trains its router). `gate_inputs`: extra `GateContext` fields (a prompt gate's base
-    model, tokenizer and prompts). `recipe`: entries added to (or replacing) the recipe."""
+    `stats`: the statistics when the caller has them (a cache); else `collection` says how to collect them.
+    `base_dir`: a zero-gate MoE of these experts to copy the weights from (`shared_zero_gate_base`); without it
+    the experts are MoErged straight into `out` with their gates, one streamed pass -- except for layer-sequential
+    statistics, collected through the MoE itself, so it is written with zero routers first. `training`: the data
+    and settings of router training (required when the strategy trains its router). `gate_inputs`: extra
+    `GateContext` fields (a prompt gate's base model, tokenizer and prompts). `recipe`: entries added to (or
+    replacing) the recipe."""
     from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.moe.edit import set_gates
     from dume.moe.merge import moerge_experts
@@ -213,12 +209,11 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
 
 
 def train_gates(moe_dir, training: RouterTraining, k: int) -> dict:
-    """Train the routers of the MoE at `moe_dir` and write the trained gates back in place
-    (in the checkpoint's dtype). The model is loaded in float32 whatever the checkpoint
-    stores: float32 master weights, so that small updates are not rounded away
-    (`TrainConfig.param_dtype` = bfloat16, `--pure-bf16`, casts it for the original's
-    pure-bf16 training). The model is dropped before returning, so the memory it held is
-    free for whatever is evaluated next."""
+    """Train the routers of the MoE at `moe_dir` and write the trained gates back in place (in the checkpoint's
+    dtype). The model is loaded in float32 whatever the checkpoint stores: float32 master weights, so that small
+    updates are not rounded away (`TrainConfig.param_dtype` = bfloat16, `--pure-bf16`, casts it for the
+    original's pure-bf16 training). The model is dropped before returning, so the memory it held is free for
+    whatever is evaluated next."""
     import gc
 
     import torch
@@ -243,11 +238,10 @@ def build_moe(expert_dirs, domains, docs, out, tokenizer, *, strategy: str = "DU
               batch_size: int = 8, device: str = "cpu", dtype=None, seed: int = 0, relative_lambda: bool = False,
               max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, data_source: str = "", extra_meta: dict | None = None,
               expert_set=None, log=print):
-    """A training-free stock-checkpoint MoE from experts + text (the library call under
-    `dume build`): `build_routed` with the statistics collected from `docs`, the experts
-    MoErged straight into `out` with their gates, and the statistics stamped with the
-    MoE's shared-weight fingerprint, so `dume.upcycle.dynamic` can edit it. Returns
-    (RidgeStats or None, {domain: tokens})."""
+    """A training-free stock-checkpoint MoE from experts + text (the library call under `dume build`):
+    `build_routed` with the statistics collected from `docs`, the experts MoErged straight into `out` with their
+    gates, and the statistics stamped with the MoE's shared-weight fingerprint, so `dume.upcycle.dynamic` can
+    edit it. Returns (RidgeStats or None, {domain: tokens})."""
     from dume.checkpoint.experts import check_experts
 
     entry = strategy_for_build(strategy)
