@@ -14,14 +14,10 @@ from dume.runtime.devices import check_device
 
 # `gate:` values -> registered strategies: the registry's `build_gate` (dume.routers.registry).
 GATES = build_gates()
-
 DTYPES = ("auto", "float32", "bfloat16")
-
 TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
             "batch_size", "held_out", "seed", "device", "max_shard_size"}
-
 EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs"}
-
 MAX_HELD_OUT = 64
 
 
@@ -55,16 +51,15 @@ class BuildSpec:
 
 
 def _local(value: str, base: Path) -> str:
-    """A path relative to the config file's folder when it exists there; else as given
-    (an absolute path, or a hub id)."""
+    """A path relative to the config file's folder when it exists there; else as given (an absolute path, or a
+    hub id)."""
     p = Path(value).expanduser()
     q = p if p.is_absolute() else base / p
     return str(q) if q.exists() else value
 
 
 def parse_spec(raw, source: Path | None = None) -> BuildSpec:
-    """A checked BuildSpec from the YAML's mapping: unknown keys and bad values are one
-    clear error each."""
+    """A checked BuildSpec from the YAML's mapping: unknown keys and bad values are one clear error each."""
     where = str(source) if source else "the build config"
     if not isinstance(raw, dict):
         raise DumeError(f"{where}: expected a mapping of settings, got {type(raw).__name__}")
@@ -136,21 +131,20 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
         num_dume_tokens=positive_int(f"{where}: num_dume_tokens", raw.get("num_dume_tokens"), allow_none=True),
         dtype=dtype, seq_len=positive_int(f"{where}: seq_len", raw.get("seq_len", 1024)),
         batch_size=positive_int(f"{where}: batch_size", raw.get("batch_size", 8)), held_out=float(held),
-        seed=seed, device=device, max_shard_size=max_shard_size,
-        source=source)
+        seed=seed, device=device, max_shard_size=max_shard_size, source=source)
 
 
 def check_name(where: str, name: str) -> None:
-    """An expert name becomes a domain name (statistics, recipe, config, later edits by
-    name): no path separators, no leading dot, no control characters."""
+    """An expert name becomes a domain name (statistics, recipe, config, later edits by name): no path separators,
+    no leading dot, no control characters."""
     if "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
         raise DumeError(f"{where}: name {name!r} must not contain '/', '\\' or control characters, nor start "
                         "with '.'; use letters, digits, '-' or '_'")
 
 
 def check_out(where: str, out: Path, experts, source: Path | None) -> None:
-    """`out` must be creatable, and must not be, contain or lie inside anything the build
-    reads (a local expert, a data file or folder, the config file itself)."""
+    """`out` must be creatable, and must not be, contain or lie inside anything the build reads (a local expert,
+    a data file or folder, the config file itself)."""
     from dume.checkpoint.outputs import check_output_path, check_writable_location
 
     inputs = [Path(v) for e in experts for v in (e.model, e.data) if Path(v).exists()]
