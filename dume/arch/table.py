@@ -56,9 +56,8 @@ class Architecture:
     expert_size_field: str = "intermediate_size"   # the MoE config field holding one expert's width
     mlp_pattern: str = _DENSE_MLP
     dropped: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
-    # Fused projections a dense checkpoint stores as one tensor (Phi-3's qkv_proj and gate_up_proj): config ->
-    # {name after "model.layers.N.": ((part, rows), ...)}. The MoE is built from the parts (`row_views`);
-    # averages and oracles keep the fused tensor.
+    # Fused projections stored as one tensor (Phi-3's qkv_proj, gate_up_proj): config -> {name after
+    # "model.layers.N.": ((part, rows), ...)}; the MoE is built from the parts (docs/design.md §8).
     split: Callable[[Any], dict[str, tuple[tuple[str, int], ...]]] | None = None
     # Why experts with this config cannot become the MoE, beyond biases (or None).
     refuse: Callable[[Any], str | None] | None = None

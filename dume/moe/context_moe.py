@@ -3,14 +3,13 @@ mean of their logits over the sequence so far.
 
 A per-token router must tell a math token from a physics token by that token's hidden state alone; a document's
 topic is better seen over its prefix. Here layer l routes token t by  mean_{s<=t} W_l x_s  (the router logits
-averaged causally over the positions before it), then the usual softmax, top-k and renormalisation. With the
-same gates, the first token of a sequence routes exactly as in stock Mixtral. The logits are linear in x, so
-this is also the stock router applied to the prefix-mean hidden state.
+averaged causally over the positions up to t), then the usual softmax, top-k and renormalisation: the first
+token routes exactly as in stock Mixtral, and (logits being linear in x) this is the stock router applied to
+the prefix-mean hidden state.
 
-This is not a stock architecture, so it is a small subclass registered with transformers' Auto classes when
-`dume.moe.context_moe` is imported (never remote code): model_type `dume_context_mixtral`, the same tensors and
-on-disk names as Mixtral (its checkpoint conversion is registered for the new type), so a DUME MoE becomes one
-by rewriting its config.json (`make_context_moe`).
+A small subclass registered with transformers' Auto classes when this module is imported (never remote code):
+model_type `dume_context_mixtral`, Mixtral's tensors and on-disk names (its checkpoint conversion registered
+for the new type), so a DUME MoE becomes one by rewriting its config.json (`make_context_moe`).
 
 Limits, on purpose (a research prototype): the mean runs over every position of the forward call, padding
 included -- right padding does not matter (it comes after the real tokens), left padding does; and with a KV

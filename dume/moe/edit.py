@@ -84,12 +84,11 @@ def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
     defaults to the stored one.
 
     Why not `from_pretrained`: on the CPU, transformers fuses the per-expert matrices while the checkpoint is
-    memory-mapped and peaks at about twice the MoE's size (measured: 797 MB for a 377 MB Mixtral, while a 146 MB
-    dense checkpoint loads in 148 MB). Here the model is made on the meta device, given uninitialised storage,
-    and each parameter is filled from the checkpoint -- the fused expert parameters (`gate_up_proj[e]` = expert
-    e's gate then up projection, `down_proj[e]`) expert by expert -- so the peak is the model plus one tensor.
-    `tests/test_architectures.py` checks that the state dict equals `from_pretrained`'s exactly, for every
-    architecture, so a change of transformers' in-memory layout cannot pass unnoticed."""
+    memory-mapped and peaks at about twice the MoE's size (797 MB for a 377 MB Mixtral; a 146 MB dense checkpoint
+    loads in 148 MB). Here the model is made on the meta device, given uninitialised storage, and each parameter
+    is filled from the checkpoint, the fused experts (`gate_up_proj[e]` = expert e's gate then up projection,
+    `down_proj[e]`) expert by expert: the peak is the model plus one tensor. `tests/test_architectures.py` checks
+    the state dict equals `from_pretrained`'s for every architecture, so a layout change cannot pass unnoticed."""
     from transformers import AutoModelForCausalLM
 
     moe_dir, cfg, arch = open_moe(moe_dir)

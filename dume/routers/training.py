@@ -5,8 +5,8 @@ A subtlety the paper does not discuss: Mixtral's router renormalises the top-k w
 expert's weight is exactly 1 whatever the logits are, and the language-model loss gives the gate *no gradient*
 (the original code had the same property). For k = 1 we therefore train through a straight-through router: the
 forward is unchanged (weight 1, identical to inference) while the backward uses the chosen expert's softmax
-probability, d(p / stopgrad(p)) = dp / p. For k >= 2 the router is Mixtral's own and its gradient is exact. The
-optional load-balancing loss is Mixtral's own auxiliary loss (`router_aux_loss_coef`), off as in the paper.
+probability, d(p / stopgrad(p)) = dp / p. For k >= 2 the router is Mixtral's own and its gradient is exact.
+The optional load-balancing loss is Mixtral's `router_aux_loss_coef`, off by default as in the paper.
 """
 
 from __future__ import annotations

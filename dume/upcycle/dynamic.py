@@ -6,8 +6,7 @@ The router is a closed-form function of per-domain sums kept beside the model (`
 them to the stored ones and re-solves -- exactly building from scratch *with the same shared weights*;
 ``reaverage`` MoErges all experts again (the shared weights become the average over all of them, as building
 from scratch does), which changes the features every stored sum came from, so every domain is re-collected.
-One domain's sums need only the MoE (plus a new expert's checkpoint) and that domain's data, so they can be
-collected apart and shipped; under ``accelerate launch`` the processes split the documents and all-reduce.
+Sums collected apart (`collect_stats`: other owners, processes) combine by addition (`combine_stats`).
 
 Every output is one directory written atomically (checkpoint + ``dume_stats/`` + recipe), and every input is
 checked before any heavy work, so a failing command leaves existing models exactly as they were.
@@ -32,8 +31,7 @@ from dume.runtime.distributed import Shard, all_reduce_sum, current_shard, my_sh
 from dume.stats.ridge import STATS_SUBDIR, RidgeStats
 
 MODES = ("keep-shared", "reaverage")
-# Routers that are a closed-form function of the statistics (a trained router is not):
-# the registry's closed-form strategies.
+# The registry's closed-form strategies: routers that are a function of the statistics (a trained one is not).
 SOLVERS = strategy_names(closed_form=True)
 # What decides the content of one domain's statistics, besides the model and the token rule.
 PROVENANCE_KEYS = ("source", "data_dir", "seq_len", "stats_batch_size", "num_dume_stats_steps", "tokenizer")

@@ -142,10 +142,9 @@ def build_routed(strategy: str, expert_dirs, domains, out, *, settings: RouterSe
     `stats`: the statistics when the caller has them (a cache); else `collection` says how to collect them.
     `base_dir`: a zero-gate MoE of these experts to copy the weights from (`shared_zero_gate_base`); without it
     the experts are MoErged straight into `out` with their gates, one streamed pass -- except for layer-sequential
-    statistics, collected through the MoE itself, so it is written with zero routers first. `training`: the data
-    and settings of router training (required when the strategy trains its router). `gate_inputs`: extra
-    `GateContext` fields (a prompt gate's base model, tokenizer and prompts). `recipe`: entries added to (or
-    replacing) the recipe."""
+    statistics, collected through the MoE itself, so it is written with zero routers first. `training`: router
+    training's data and settings (required when the strategy trains). `gate_inputs`: extra `GateContext` fields
+    (a prompt gate's base model, tokenizer, prompts). `recipe`: entries added to (or replacing) the recipe."""
     from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.moe.edit import set_gates
     from dume.moe.merge import moerge_experts
