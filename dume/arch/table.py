@@ -12,8 +12,7 @@ how the MoE config is derived from the dense one. Nothing else in `dume` branche
 | phi3 (fused qkv, gate_up) | MixtralForCausalLM | as llama, from the split parts                 | as llama          |
 
 Routing: Mixtral takes the top-k router logits and softmaxes over them; Qwen3-MoE softmaxes over all experts,
-takes the top-k and (with `norm_topk_prob`, set here) renormalises them -- the same weights, so DUME's gates
-mean the same in both.
+takes the top-k and (with `norm_topk_prob`, set here) renormalises them: the same routing for the same gates.
 """
 
 from __future__ import annotations

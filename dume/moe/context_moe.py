@@ -4,8 +4,7 @@ mean of their logits over the sequence so far.
 A per-token router must tell a math token from a physics token by that token's hidden state alone; a document's
 topic is better seen over its prefix. Here layer l routes token t by  mean_{s<=t} W_l x_s  (the router logits
 averaged causally over the positions up to t), then the usual softmax, top-k and renormalisation: the first
-token routes exactly as in stock Mixtral, and (logits being linear in x) this is the stock router applied to
-the prefix-mean hidden state.
+token routes as in stock Mixtral, and (logits being linear in x) this is the stock router on the prefix mean.
 
 A small subclass registered with transformers' Auto classes when this module is imported (never remote code):
 model_type `dume_context_mixtral`, Mixtral's tensors and on-disk names (its checkpoint conversion registered

@@ -80,8 +80,7 @@ _IN_MEMORY_ROUTER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.gate\.weig
 
 
 def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
-    """The MoE model (eval mode, on the CPU) with its weights copied in one checkpoint tensor at a time; `dtype`
-    defaults to the stored one.
+    """The MoE model (eval mode, CPU) filled one checkpoint tensor at a time; `dtype` defaults to the stored one.
 
     Why not `from_pretrained`: on the CPU, transformers fuses the per-expert matrices while the checkpoint is
     memory-mapped and peaks at about twice the MoE's size (797 MB for a 377 MB Mixtral; a 146 MB dense checkpoint

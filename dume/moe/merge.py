@@ -5,9 +5,8 @@ computed from the D inputs read one at a time (float32 accumulation for averages
 dtype), then written and dropped (`dume.checkpoint.shards`).
 
 A merge is a plan of output tensors (`dume.checkpoint.shards.OutTensor`); which tensor is averaged, taken from one
-expert or set to a router, and under which name, comes from the experts' architecture record (`dume.arch.table`),
-not from if-chains. The MoE is written under the names its class's `save_pretrained` writes, so
-`AutoModelForCausalLM` and the tools built on it load it with no custom code.
+expert or set to a router, and under which name, comes from the experts' architecture record (`dume.arch.table`).
+The MoE has the names its class's `save_pretrained` writes, so `AutoModelForCausalLM` loads it with no custom code.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The router recipe (`dume_router.json`): what re-solves or describes a MoE's router -- method, domains, the
-experts' checkpoints, λ, temperature, k, trained steps, ... -- written beside every routed checkpoint by every
-recipe, read by `dume.upcycle.dynamic`.
+"""The router recipe (`dume_router.json`) beside every routed checkpoint: what re-solves or describes its router
+(method, domains, experts' checkpoints, λ, temperature, k, trained steps, ...); read by `dume.upcycle.dynamic`.
 
 Path lists are stored relative to the recipe's directory (plus an absolute fallback under `<key>_absolute`), so a
 run directory moved or copied as a whole keeps working; in memory they are resolved paths. Writing into a staging

@@ -1,10 +1,8 @@
 """Where tokens go: per layer, the share of each domain's tokens that each expert receives as its top-1 choice.
-The diagonal share is the per-token routing accuracy, the diagnostic that says why a router wins or loses
-(docs/design.md §4).
+The diagonal is the per-token routing accuracy, which says why a router wins or loses (docs/design.md §4).
 
-The routers' logits come from the MoE model itself (`output_router_logits=True`, which Mixtral and Qwen3-MoE
-return per layer); the top-1 expert is chosen exactly as their routers choose: top-k of the float32 softmax,
-first index.
+The routers' logits come from the MoE model itself (`output_router_logits=True`, per layer in Mixtral and
+Qwen3-MoE); the top-1 expert is chosen as their routers choose it: top-k of the float32 softmax, first index.
 """
 
 from __future__ import annotations

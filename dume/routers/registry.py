@@ -1,8 +1,7 @@
 """The strategy registry: one record per way of combining the experts (docs/design.md §8).
 
 Every recipe (the CLM strategies script, the reasoning recipes, `dume build`, the dynamic-experts tools, the
-reports) asks this module what a strategy is; adding a strategy is adding one `Strategy` here (and its gate
-function).
+reports) asks this module what a strategy is; adding one is adding a `Strategy` here (and its gate function).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The one pipeline that builds a routed checkpoint from dense experts.
 
-Every recipe that makes a MoE with routers comes here -- `dume build`, the CLM strategies script (Table 2's
-routed rows), the reasoning strategies (Table 3) -- so that a change to the build (devices, memory,
-multi-process safety) is made once:
+Every recipe that makes a MoE with routers comes here (`dume build`, the CLM strategies script for Table 2, the
+reasoning strategies for Table 3), so a change to the build (devices, memory, multi-process safety) is made once:
 
     statistics (given, or collected by the strategy's collector, `dume.stats.collectors`)
     -> the strategy's initial gates (`dume.routers.registry`)
