@@ -6,11 +6,10 @@ prepended; the residual stream entering each layer (`hidden_states[l]`, l = 0 ..
 embeddings) at the prompt's last token is averaged over the expert's prompts and normalised to unit length; that
 vector is the expert's router row at that layer. No temperature, no data beyond the prompts.
 
-Differences from mergekit: prompts are run one at a time, so "the last token" is always the last real token.
-mergekit 0.1.5 pads a batch on the left, so its last position is a real token too and the two agree (our
-`mergekit_hidden` row equals the real tool's gates: cosine 0.99999, exact when mergekit's bf16 load is made
-fp32). Negative prompts are not supported. The base model is the model the experts were fine-tuned from when
-there is one (the CLM run's seed model), as mergekit's `base_model` is; otherwise the experts' average.
+Differences from mergekit: prompts are run one at a time, so "the last token" is the last real one; mergekit
+0.1.5 pads a batch on the left, so its last position is real too and the two agree (our gates equal the real
+tool's: cosine 0.99999, exact when its bf16 load is made fp32). No negative prompts. The base model is the one
+the experts were fine-tuned from (the CLM run's seed model), like mergekit's `base_model`; else their average.
 """
 
 from __future__ import annotations

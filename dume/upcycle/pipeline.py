@@ -89,9 +89,8 @@ def strategy_for_build(name: str):
 
 def collect_statistics_for(strategy: str, expert_dirs, domains, collection: Collection, settings: RouterSettings,
                            moe_dir=None):
-    """The statistics `strategy` needs, from its collector (`statistics=` in the registry). Layer-sequential
-    statistics are collected through the MoE at `moe_dir`, its earlier layers routed by DUME's gates of the
-    settings' λ, T. Returns (RidgeStats, counts)."""
+    """The (RidgeStats, counts) `strategy` needs, from its collector (`statistics=` in the registry). Sequential
+    statistics are collected through the MoE at `moe_dir`, earlier layers routed by DUME's gates (λ, T)."""
     from dume.routers.closed_form import layer_solver
     from dume.stats.collectors import collect_for
 
@@ -210,8 +209,7 @@ def train_gates(moe_dir, training: RouterTraining, k: int) -> dict:
     """Train the routers of the MoE at `moe_dir` and write the trained gates back in place (in the checkpoint's
     dtype). The model is loaded in float32 whatever the checkpoint stores: float32 master weights, so that small
     updates are not rounded away (`TrainConfig.param_dtype` = bfloat16, `--pure-bf16`, casts it for the
-    original's pure-bf16 training). The model is dropped before returning, so the memory it held is free for
-    whatever is evaluated next."""
+    original's pure-bf16 training). It is dropped before returning, so its memory is free for what comes next."""
     import gc
 
     import torch
