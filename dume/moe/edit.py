@@ -7,8 +7,8 @@ model (`build_dense_from_moe`). An edit is a list of expert "slots": an int keep
 (renumbered by its place in the list), a path takes a dense checkpoint's MLPs as a new expert.
 
 Adding or removing an expert leaves every shared tensor where it is: the router is a closed-form function of
-statistics collected *through* those shared weights, so keeping them is what makes the edit exact (docs/design.md
-§5). Tensor names and config fields come from the MoE's architecture record (`dume.arch.table.moe_architecture`).
+statistics collected *through* them, which makes the edit exact (docs/design.md §5). Tensor names and config
+fields come from the MoE's architecture record (`dume.arch.table.moe_architecture`).
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ from dume.stats.ridge import RidgeStats
 
 
 def gates_from_solution(W: torch.Tensor, temperature: float) -> list[torch.Tensor]:
-    """W [L, H, D] (columns = domains) -> per-layer Mixtral gate weights Wᵀ/T, [D, H] float32.
-
-    The division by T happens in float64, before the cast, so T does not add rounding."""
+    """W [L, H, D] (columns = domains) -> per-layer Mixtral gate weights Wᵀ/T, [D, H] float32. The division by T
+    happens in float64, before the cast, so T does not add rounding."""
     if W.dim() != 3:
         raise DumeError(f"router solution must be [L, H, D], got shape {tuple(W.shape)}")
     T = _temperature(temperature)
@@ -65,10 +64,8 @@ def random_gates(num_layers: int, num_experts: int, hidden_size: int, seed: int,
 
 
 def route(x: torch.Tensor, gate: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference TopK(Softmax(gate @ x)) with the k weights renormalised to sum to 1.
-
-    x [N, H], gate [D, H] -> (weights [N, k] float32, expert indices [N, k] int64).
-    Written out by hand so tests can check Mixtral's router against it."""
+    """Reference TopK(Softmax(gate @ x)), the k weights renormalised to sum to 1, written out by hand so tests can
+    check Mixtral's router against it: x [N, H], gate [D, H] -> (weights [N, k] float32, indices [N, k] int64)."""
     if gate.dim() != 2 or x.dim() != 2 or x.shape[1] != gate.shape[1]:
         raise DumeError(f"route needs x [N, H] and gate [D, H], got {tuple(x.shape)} and {tuple(gate.shape)}")
     D = gate.shape[0]

@@ -16,12 +16,11 @@
     #           max_shard_size (5GB: the largest safetensors file written)
 
 Everything is checked before heavy work (keys and values, the experts' compatibility, each expert's data). Then
-each domain's documents go through its oracle (averaged shared weights + that expert's MLPs) to collect the ridge
-statistics (`dume.stats.oracle`), the routers are solved (`dume.routers.registry`), the experts are MoErged with
-them in one streamed pass (`dume.moe.merge`), and `out` receives -- in one atomic rename -- a standard checkpoint
-of the experts' MoE class, the statistics (`dume_stats/`), the recipe (`dume_router.json`, so `dume_experts.py
-add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain routing shares measured on
-held-out documents.
+the ridge statistics are collected through each domain's oracle, the routers solved and the experts MoErged with
+them in one streamed pass (`dume.upcycle.pipeline.build_moe`), and `out` receives -- in one atomic rename -- a
+standard checkpoint of the experts' MoE class, the statistics (`dume_stats/`), the recipe (`dume_router.json`, so
+`dume_experts.py add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain routing
+shares measured on held-out documents.
 
 Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON / Parquet records give their
 `field`. A domain's held-out documents (the last `held_out` fraction, at most 64) are not used for the statistics.
