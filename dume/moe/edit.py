@@ -356,8 +356,7 @@ def write_moe_experts(moe_dir: str | Path, slots: Sequence, dst: str | Path,
     An int slot keeps that expert of `moe_dir`; a path takes that dense checkpoint's MLPs (check it first with
     `check_expert_fits_moe`). Shared tensors are copied bit for bit, gates are `gates` (zeros if None, cast to the
     stored routers' dtype), config.json is the MoE's with the number of experts, k and `extra_config` updated.
-    Not atomic by itself: `extend_moe` / `drop_experts`, or a caller writing more files beside it, wrap it in
-    `atomic_dir`."""
+    Not atomic by itself: `extend_moe`, `drop_experts` or a caller adding files wrap it in `atomic_dir`."""
     moe_dir, mcfg, arch = open_moe(moe_dir)
     slots = _check_slots(slots, num_experts(mcfg))
     D, H, L = len(slots), mcfg.hidden_size, mcfg.num_hidden_layers

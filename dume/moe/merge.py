@@ -221,10 +221,9 @@ def validate_k(k: int, num_experts: int) -> int:
 
 
 def moe_config(dense_config, num_experts: int, num_experts_per_tok: int = 1, extra_config: dict | None = None):
-    """The MoE config (Mixtral, Qwen3-MoE) whose model computes what the MoErged experts compute: every
-    architectural field copied from the dense config (notably `rope_parameters`: Mixtral's default rope theta is
-    1e6, Llama's 1e4), plus the MoE fields (`dume.arch.table`). `extra_config` entries become config attributes
-    and round-trip through save/load."""
+    """The MoE config whose model computes what the MoErged experts compute (`Architecture.moe_config`): every
+    architectural field copied (notably `rope_parameters`: Mixtral's default rope theta is 1e6, Llama's 1e4), plus
+    the MoE fields. `extra_config` entries become config attributes and round-trip through save/load."""
     validate_k(num_experts_per_tok, num_experts)
     cfg = architecture(dense_config.model_type).moe_config(dense_config, num_experts, num_experts_per_tok)
     _apply_extra(cfg, extra_config)

@@ -23,7 +23,6 @@ class GateContext:
     temperature: float = 1.0
     relative_lambda: bool = False
     seed: int = 0
-    # for the routers that read something other than the statistics:
     expert_dirs: tuple = ()                  # the experts, in expert order (data-free gates)
     base_model: Any = None                   # the model the experts came from (prompt gates)
     tokenizer: Any = None
