@@ -532,9 +532,8 @@ def add_reaverage(old: DumeModel, expert_dir: Path, domain: str, out_dir: Path, 
 def add_expert(moe_dir: str | Path, expert_dir: str | Path, domain: str, out_dir: str | Path, mode: str, *,
                stats_dir: str | Path | None = None, overwrite: bool = False,
                log: Callable[[str], None] = print, **given) -> dict:
-    """Add `expert_dir` (a dense Llama) as the expert of `domain`; the two modes are the module docstring's.
-    `stats_dir`: the new domain's statistics computed apart (keep-shared only). `given`: data settings
-    (DataSettings fields) for the new domain."""
+    """Add `expert_dir` (a dense Llama) as the expert of `domain` (the two modes: module docstring). `stats_dir`:
+    the new domain's statistics computed apart (keep-shared only); `given`: its DataSettings fields."""
     if mode not in MODES:
         raise DumeError(f"unknown mode {mode!r}: choose {' or '.join(MODES)}")
     old = open_dume(moe_dir)

@@ -5,8 +5,7 @@ reasoning strategies for Table 3), so a change to the build (devices, memory, mu
 
     statistics (given, or collected by the strategy's collector, `dume.stats.collectors`)
     -> the strategy's initial gates (`dume.routers.registry`)
-    -> the MoE written once with them: MoErged from the experts, or copied from a zero-gate MoE built once per
-       expert set and shared (`shared_zero_gate_base`)
+    -> the MoE written once with them: MoErged, or copied from the shared zero-gate MoE (`shared_zero_gate_base`)
     -> the context-routed class, if the strategy routes by context
     -> router training (BTX, DUME+), the trained gates written back
     -> the statistics (`dume_stats/`) and the router recipe (`dume_router.json`).
