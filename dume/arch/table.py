@@ -220,7 +220,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 # a Mixtral with a sliding window reads back as Mistral.
 MOE_TYPES = {a.moe_type: a for a in reversed(ARCHITECTURES.values())}
 
-
 _REGEX_CACHE: dict[str, re.Pattern] = {}
 
 
@@ -248,6 +247,8 @@ def is_routed(name: str) -> bool:
         if a.mlp_match(name) or a.moe_kind_of(name)[0] != "shared":
             return True
     return False
+
+
 # Names a router may be stored under when reading (written names first, then in-memory ones).
 GATE_NAMES = tuple(dict.fromkeys([a.gate_name for a in ARCHITECTURES.values()]
                                  + ["model.layers.{layer}.mlp.gate.weight"]))

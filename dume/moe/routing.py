@@ -12,8 +12,7 @@ import torch
 
 @torch.no_grad()
 def routing_shares(model, blocks_by_domain: dict, batch_size: int = 32) -> dict:
-    """{domain: [layer][expert] share of that domain's real (non-padding) tokens} on the given (input_ids,
-    attention_mask) blocks."""
+    """{domain: [layer][expert] share of its non-padding tokens} on the (input_ids, attention_mask) blocks."""
     model.eval()
     device = next(model.parameters()).device
     cfg = model.config

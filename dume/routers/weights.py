@@ -1,11 +1,10 @@
 """A data-free router from the experts' weights (after Arrow routing for LoRA libraries, Ostapenko et al. 2024).
 
 What fine-tuning changed in expert e's MLP at layer l is ΔW_e = W_e − mean_j W_j, taken over its input-side
-projections (gate and up, stacked: [2I, H]). The input direction that change responds to most is ΔW_e's top
-right singular vector v_e (unit, in the hidden space the router sees). Arrow scores a token by |v_e·x|; a stock
-Mixtral/Qwen3-MoE router is linear, so the sign is fixed instead: v_e points where expert e's gate projection
-opens more than the average expert's, i.e. sum_i (ΔW_gate,e v_e)_i > 0. Row e of layer l's router is v_e / T.
-No text, no forward pass.
+projections (gate and up, stacked: [2I, H]). The input direction that change responds to most is ΔW_e's top right
+singular vector v_e (unit, in the hidden space the router sees). Arrow scores a token by |v_e·x|; a stock Mixtral
+or Qwen3-MoE router is linear, so the sign is fixed instead: v_e points where expert e's gate projection opens
+more than the average expert's, i.e. sum_i (ΔW_gate,e v_e)_i > 0. Row e of layer l's router is v_e / T.
 """
 
 from __future__ import annotations
