@@ -149,9 +149,8 @@ def set_gates(moe_dir: str | Path, gates: Sequence[torch.Tensor], out_dir: str |
     """Replace the routers (and optionally k) of a MoE checkpoint.
 
     Only the files holding router weights are rewritten, each to a temporary sibling renamed into place, so an
-    interrupted call leaves the old file. With `out_dir` the checkpoint is copied there (atomically) and `moe_dir`
-    is left untouched. Gates are cast to the stored routers' dtype. Shapes ([D, H] per layer, L layers) are
-    checked before anything is written."""
+    interrupted call leaves the old file. With `out_dir` the checkpoint is copied there (atomically), `moe_dir`
+    untouched. Gates are cast to the stored routers' dtype; shapes ([D, H] × L layers) are checked first."""
     moe_dir, cfg, _ = open_moe(moe_dir)
     D, H, L = num_experts(cfg), cfg.hidden_size, cfg.num_hidden_layers
     gates = validate_gates(gates, L, D, H, f"set_gates({moe_dir})")

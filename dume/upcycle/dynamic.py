@@ -3,10 +3,11 @@
 The router is a closed-form function of per-domain sums kept beside the model (``dume_stats/``, with the recipe
 ``dume_router.json``: method, λ, temperature, k, domains, experts). Adding an expert has two modes:
 ``keep-shared`` collects the new domain's sums through "the MoE's shared weights + the new expert's MLPs", adds
-them to the stored ones and re-solves -- exactly building from scratch *with the same shared weights*;
-``reaverage`` MoErges all experts again (the shared weights become the average over all of them, as building
-from scratch does), which changes the features every stored sum came from, so every domain is re-collected.
-Sums collected apart (`collect_stats`: other owners, processes) combine by addition (`combine_stats`).
+them to the stored ones and re-solves -- exactly building from scratch *with the same shared weights*, as no
+stored sum depends on anything that changed; ``reaverage`` MoErges all experts again (re-averaging the shared
+weights, as building from scratch does), which changes the features every stored sum came from, so every domain
+is re-collected. Removing or re-weighting a domain drops or scales its sums and re-solves, with no forward pass;
+sums collected apart (`collect_stats`) combine by addition (`combine_stats`).
 
 Every output is one directory written atomically (checkpoint + ``dume_stats/`` + recipe), and every input is
 checked before any heavy work, so a failing command leaves existing models exactly as they were.
