@@ -1,5 +1,4 @@
-"""Context-aware routing (a research row of the routers study): a Mixtral whose routers decide from the running
-mean of their logits over the sequence so far.
+"""Context-aware routing (a routers-study row): a Mixtral whose routers decide from their logits' running mean.
 
 A per-token router must tell a math token from a physics token by that token's hidden state alone; a document's
 topic is better seen over its prefix. Here layer l routes token t by  mean_{s<=t} W_l x_s  (the router logits

@@ -1,5 +1,4 @@
-"""Router fine-tuning for BTX and DUME+: only the gates train, on the shuffled union of the domains' training
-data, through the shared training loop.
+"""Router fine-tuning for BTX and DUME+: only the gates train, on the shuffled union of the domains' training data.
 
 A subtlety the paper does not discuss: Mixtral's router renormalises the top-k weights, so with k = 1 the chosen
 expert's weight is exactly 1 whatever the logits are, and the language-model loss gives the gate *no gradient*
