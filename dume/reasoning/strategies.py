@@ -1,7 +1,5 @@
-"""The reasoning setting (paper §3.1, Table 3): four dense Llama experts (math,
-multilingual, coding, instruction following), ten strategies, four lm-eval tasks.
-
-Every strategy's model is a plain Hugging Face checkpoint built with the core:
+"""The reasoning setting's checkpoints (paper §3.1, Table 3): four dense Llama experts (math, multilingual,
+coding, instruction following), ten strategies, each a plain Hugging Face checkpoint built with the core:
 
 | strategy              | checkpoint                                                         |
 |-----------------------|--------------------------------------------------------------------|
@@ -13,10 +11,8 @@ Every strategy's model is a plain Hugging Face checkpoint built with the core:
 | `BTX`                 | random gates trained on the tasks' mixed data (k 2, lr 1e-4)       |
 | `DUMEplus`            | DUME gates trained likewise (k 1, lr 1e-5)                         |
 
-DUME's statistics come, by default, from the evaluation tasks' own data (train split
-where one exists, else test) — what the original code did for Table 3. With `ood` they
-come from the experts' training sets (Magicoder-OSS-Instruct-75K, dart-math-hard,
-aya_dataset, tulu-3-sft-personas-instruction-following): Table 3's "DUME OOD" row.
+DUME's statistics texts (the tasks' own data, or with `ood` the experts' training sets: the "DUME OOD" row)
+are chosen by `dume.reasoning.statistics`.
 """
 
 from __future__ import annotations
@@ -34,21 +30,18 @@ from dume.reasoning.statistics import statistics_documents
 from dume.reasoning.tasks import DOMAINS
 from dume.routers.registry import REGISTRY as _REGISTRY
 
-# ---------------------------------------------------------------------------- building
-
 
 def base_made_from(es) -> dict:
-    """What the shared zero-gate MoE is keyed by (`es`: the experts' `check_experts`): the
-    experts' contents (an expert replaced in place rebuilds it, a moved one does not) and
-    the domains."""
+    """What the shared zero-gate MoE is keyed by (`es`: the experts' `check_experts`): the experts' contents
+    (an expert replaced in place rebuilds it, a moved one does not) and the domains."""
     return {"dume_domains": list(DOMAINS), "dume_expert_fingerprints": list(es.fingerprints)}
 
 
 def router_training(docs: Mapping[str, list[str]], tokenizer, *, steps: int, lr: float, seq_len: int,
                     batch_size: int, seed: int = 0, mixed_precision: str | None = None, val_fraction: float = 0.1,
                     desc: str = "routers"):
-    """BTX / DUME+ training on the tasks' mixed text, as the original did it: each task's
-    prompts packed into `seq_len` blocks, the first `val_fraction` held for validation."""
+    """BTX / DUME+ training on the tasks' mixed text, as the original did it: each task's prompts packed into
+    `seq_len` blocks, the first `val_fraction` held for validation."""
     from dume.routers.training import mixed_blocks
     from dume.text.batches import pack_documents
     from dume.train.loop import TrainConfig
@@ -71,9 +64,9 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
                    k: int | None = None, seed: int = 0, train_steps: int | None = None, train_lr: float | None = None,
                    seq_len: int = 512, batch_size: int = 4, mixed_precision: str | None = None,
                    redo: bool = False) -> Path:
-    """The checkpoint directory of `strategy` (built under `work_dir` unless it is an
-    expert). `task` picks the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+
-    need `train_docs` and `tokenizer`. Existing complete checkpoints are reused."""
+    """The checkpoint directory of `strategy` (built under `work_dir` unless it is an expert). `task` picks
+    the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+ need `train_docs` and `tokenizer`. Existing
+    complete checkpoints are reused."""
     from dume.moe.merge import average_experts, write_oracle
 
     if strategy not in STRATEGIES:
@@ -102,9 +95,9 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
         return out
 
     out = work_dir / strategy / f"seed{seed}" if strategy in SEEDED_STRATEGIES else work_dir / strategy
-    # A routed model is reused only when complete (its recipe is written last) and built
-    # from these very experts; otherwise it is rebuilt in a hidden sibling that replaces
-    # `out` when finished, so a killed BTX training leaves the previous model in place.
+    # A routed model is reused only when complete (its recipe is written last) and built from these very
+    # experts; otherwise it is rebuilt in a hidden sibling that replaces `out` when finished, so a killed BTX
+    # training leaves the previous model in place.
     from dume.moe.recipe import RECIPE_FILE, write_recipe
     from dume.upcycle.pipeline import RouterSettings, build_routed, shared_zero_gate_base
 
@@ -158,9 +151,9 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
                          num_dume_tokens: int | None = PAPER["num_dume_tokens"], lam: float = PAPER["lam"],
                          k: int = PAPER["k"], temperature: float = PAPER["temperature"], batch_size: int = 8,
                          device: str = "cpu", dtype=None, languages=None, work_dir=None, log=print) -> dict:
-    """DUME's router for the four experts: statistics (tasks' data, or with `ood` the
-    experts' training sets), the solved gates, the MoE checkpoint, the statistics and a
-    metadata JSON (`dume_params.json`) in `out_dir`. Returns the metadata."""
+    """DUME's router for the four experts: statistics (tasks' data, or with `ood` the experts' training sets),
+    the solved gates, the MoE checkpoint, the statistics and a metadata JSON (`dume_params.json`) in `out_dir`.
+    Returns the metadata."""
     from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.checkpoint.io import atomic_dir
     from dume.checkpoint.reader import load_config
@@ -209,11 +202,3 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
             atomic_write_json(stage / "dume_params.json", meta)
     log(f"DUME MoE written to {out_dir} (tokens per domain: {counts})")
     return meta
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-# ------------------------------------------------------------------ shared script flags
-
-
