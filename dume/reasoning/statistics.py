@@ -10,9 +10,8 @@ from dume.errors import DumeError
 from dume.reasoning.settings import PAPER
 from dume.reasoning.tasks import DOMAINS
 
-# DUME OOD: the experts' training sets (hub id, config, fields joined into one text).
-# The first field is the prompt side, all the original used (for tulu, the first
-# message); statistics_text="full" joins them all.
+# DUME OOD: the experts' training sets (hub id, config, fields joined into one text). The first field is the
+# prompt side, all the original used (for tulu, the first message); statistics_text="full" joins them all.
 OOD_DATASETS = {
     "coding": ("ise-uiuc/Magicoder-OSS-Instruct-75K", None, ("problem", "solution")),
     "math": ("hkust-nlp/dart-math-hard", None, ("query", "response")),
@@ -20,17 +19,15 @@ OOD_DATASETS = {
     "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("messages",)),
 }
 
-# Prompt-side fields tried, in order, when reading local OOD files.
+# Fields tried, in order, when reading local OOD files: prompt side only, or (statistics_text="full") all.
 PROMPT_TEXT_FIELDS = ("text", "problem", "query", "inputs", "prompt", "question", "instruction", "messages")
-
-# Fields tried, in order, when reading local OOD files.
 TEXT_FIELDS = ("text", "problem", "solution", "query", "response", "inputs", "targets", "prompt", "messages",
                "question", "answer", "instruction", "output", "content")
 
 
 def _record_text(rec: dict, fields: Sequence[str], prompt_only: bool = False) -> str:
-    """The record's text: with `prompt_only`, the first field present (of chat messages,
-    the first message's content); else every field joined."""
+    """The record's text: with `prompt_only`, the first field present (of chat messages, the first message's
+    content); else every field joined."""
     parts = []
     for f in fields:
         v = rec.get(f)
@@ -87,11 +84,9 @@ def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
                          max_num_samples: int | None = PAPER["max_num_samples"], languages=None,
                          text: str = "prompt", balance: bool = True
                          ) -> tuple[dict[str, list[str]], dict[str, str], str, dict[str, dict]]:
-    """{domain: texts}, {domain: source}, a one-line description of where they came
-    from, and {domain: exactly which texts} (ids, count, SHA-256 of the texts).
-
-    Defaults are the original's: the prompt side of each record only, at most 2048 texts
-    per domain, m_arc spread evenly over its languages."""
+    """{domain: texts}, {domain: source}, a one-line description of where they came from, and {domain:
+    exactly which texts} (ids, count, SHA-256 of the texts). Defaults are the original's: the prompt side of
+    each record only, at most 2048 texts per domain, m_arc spread evenly over its languages."""
     from dume.reasoning.tasks import task_selection, texts_sha256
 
     docs, sources, selection = {}, {}, {}
@@ -99,8 +94,7 @@ def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
         if ood:
             docs[d], sources[d] = ood_documents(d, ood_data_dir, max_num_samples, text)
             selection[d] = {"source": sources[d], "text": text, "count": len(docs[d]),
-                            "ids": [str(i) for i in range(len(docs[d]))],
-                            "sha256": texts_sha256(docs[d])}
+                            "ids": [str(i) for i in range(len(docs[d]))], "sha256": texts_sha256(docs[d])}
         else:
             docs[d], sources[d], selection[d] = task_selection(d, data_dir, max_num_samples, languages, text,
                                                                balance)
@@ -116,9 +110,9 @@ def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
 
 def router_training_documents(*, data_dir=None, languages=None, per_task: int | None = None, seed: int = 0,
                               text: str = "prompt") -> tuple[dict[str, list[str]], dict]:
-    """BTX / DUME+ training text as the original built it: `per_task` (820) prompts of
-    each task -- all of a smaller task, repeated to fill; m_arc balanced over its
-    languages -- shuffled with `seed`. Returns ({domain: texts}, a record of it)."""
+    """BTX / DUME+ training text as the original built it: `per_task` (820) prompts of each task -- all of a
+    smaller task, repeated to fill; m_arc balanced over its languages -- shuffled with `seed`. Returns
+    ({domain: texts}, a record of it)."""
     import random
 
     from dume.reasoning.tasks import ROUTER_TRAINING_PER_TASK, task_selection
