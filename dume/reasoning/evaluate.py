@@ -26,11 +26,10 @@ def _preflight_hub(spec) -> None:
                         f"once to cache it, or pass --data-dir with local files (docs/reasoning.md)") from None
 
 
-# HFLM's max_length: the longest prompt either protocol sends (gsm8k 8-shot under lm-eval,
-# about 1,000 Llama-3 tokens) with room to spare, plus the most any task generates
-# (HumanEval's 1024 under lm-eval), capped by the model's positions. Without it HFLM takes
-# the model's own (131 072 for Llama-3.2): `--batch-size auto` then probes batches that
-# long, runs out of memory at every size and falls back to 1.
+# HFLM's max_length: the longest prompt either protocol sends (gsm8k 8-shot under lm-eval, about 1,000 Llama-3
+# tokens) with room to spare, plus the most any task generates (HumanEval's 1024 under lm-eval), capped by the
+# model's positions. Without it HFLM takes the model's own (131 072 for Llama-3.2): `--batch-size auto` then
+# probes batches that long, runs out of memory at every size and falls back to 1.
 PROMPT_TOKENS, MAX_NEW_TOKENS = 2048, 1024
 
 
@@ -45,12 +44,10 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
                         device: str = "cpu", dtype: str = "float32", num_fewshot: int | None = None,
                         max_gen_toks: int | None = None, parallelize: bool = False, seed: int = 0,
                         protocol: str = "paper", model=None) -> dict | None:
-    """Evaluate a saved checkpoint on one of the four tasks with lm-eval's own `HFLM`,
-    under `protocol` (`dume.reasoning.tasks`: "paper" = the original code's prompts, sampling and
-    metrics; "lm-eval" = the harness's standard setups). `seed` seeds lm-eval's python,
-    numpy and torch generators before any request, so samples follow it.
-
-    Returns {"score", "metric", "per_task", ...}; None on non-zero ranks of a
+    """Evaluate a saved checkpoint on one of the four tasks with lm-eval's own `HFLM`, under `protocol`
+    (`dume.reasoning.tasks`: "paper" = the original code's prompts, sampling and metrics; "lm-eval" = the
+    harness's standard setups). `seed` seeds lm-eval's python, numpy and torch generators before any request,
+    so samples follow it. Returns {"score", "metric", "per_task", ...}; None on non-zero ranks of a
     multi-process (accelerate launch) run, where only rank 0 gets results."""
     from dume.reasoning.tasks import write_task_configs
 
@@ -62,8 +59,8 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise DumeError(f"lm-eval is not installed ({e}): pip install 'lm-eval==0.4.13'") from e
-    # The original tokenised every prompt with the tokenizer's defaults, i.e. with BOS
-    # (Llama 3: <|begin_of_text|>); HFLM adds none unless asked.
+    # The original tokenised every prompt with the tokenizer's defaults, i.e. with BOS (Llama 3:
+    # <|begin_of_text|>); HFLM adds none unless asked.
     bos = {"add_bos_token": True} if protocol == "paper" else {}
     if model is None:
         from transformers import AutoConfig
@@ -76,8 +73,8 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
         lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size, max_length=max_length, **bos)
     nshot = spec.num_fewshot if num_fewshot is None else num_fewshot
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
-    # Our own tasks (dume_*) include lm-eval's stock YAMLs by absolute path: indexing
-    # lm-eval's thousands of built-in tasks (seconds) is only needed for the hub tasks.
+    # Our own tasks (dume_*) include lm-eval's stock YAMLs by absolute path: indexing lm-eval's thousands of
+    # built-in tasks (seconds) is only needed for the hub tasks.
     own = all(t.startswith("dume_") for t in spec.tasks)
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=not own)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=nshot, limit=limit,

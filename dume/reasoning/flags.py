@@ -9,8 +9,8 @@ from dume.reasoning.tasks import DOMAINS
 
 def check_router_settings(*, lam=None, k=None, temperature=None, num_dume_tokens=None, max_num_samples=None,
                           train_steps=None, train_lr=None, limit=None, router_prompts=None) -> None:
-    """Every numeric flag of the reasoning scripts, checked before any hub or disk work
-    (a bad flag must not hide behind a slow download or a hub error). None = not given."""
+    """Every numeric flag of the reasoning scripts, checked before any hub or disk work (a bad flag must not
+    hide behind a slow download or a hub error). None = not given."""
     if lam is not None and not lam > 0:
         raise DumeError(f"--lambda must be > 0, got {lam}")
     if temperature is not None and not temperature > 0:

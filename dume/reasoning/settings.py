@@ -8,12 +8,9 @@ from dume.errors import DumeError
 from dume.reasoning.tasks import DOMAINS
 from dume.routers.registry import REGISTRY as _REGISTRY, names
 
-DEFAULT_EXPERTS = {
-    "math": "MergeBench/Llama-3.2-3B_math",
-    "multilingual": "MergeBench/Llama-3.2-3B_multilingual",
-    "coding": "MergeBench/Llama-3.2-3B_coding",
-    "instruction": "MergeBench/Llama-3.2-3B_instruction",
-}
+DEFAULT_EXPERTS = {"math": "MergeBench/Llama-3.2-3B_math", "multilingual": "MergeBench/Llama-3.2-3B_multilingual",
+                   "coding": "MergeBench/Llama-3.2-3B_coding",
+                   "instruction": "MergeBench/Llama-3.2-3B_instruction"}
 
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 
@@ -23,8 +20,8 @@ STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", *names(routed=Tru
 # Table 3's rows: every strategy, and DUME OOD (DUME on the experts' training sets) after DUME.
 ROWS = tuple(r for s in STRATEGIES for r in ((s, "DUME_OOD") if s == "DUME" else (s,)))
 
-# Strategies whose checkpoint depends on the seed (random gates, the router training's
-# data order): built once per seed; the others once for all seeds (dume.routers.registry).
+# Strategies whose checkpoint depends on the seed (random gates, the router training's data order): built once
+# per seed; the others once for all seeds (dume.routers.registry).
 SEEDED_STRATEGIES = tuple(s for s in STRATEGIES if s in _REGISTRY and _REGISTRY[s].seeded)
 
 # The paper's reasoning settings (§3.1), and the original code's statistics cap.
@@ -35,8 +32,8 @@ ROUTER_TRAINING = {s.name: {"k": s.k, "lr": s.lr, "steps": s.steps} for s in _RE
 
 
 def parse_experts(spec: str | Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """`math=PATH,coding=ID,...` (or a mapping, or four values in DOMAINS order) ->
-    {domain: hub id or local path}, in DOMAINS order; missing domains get the paper's id."""
+    """`math=PATH,coding=ID,...` (or a mapping, or four values in DOMAINS order) -> {domain: hub id or local
+    path}, in DOMAINS order; missing domains get the paper's id."""
     out = dict(DEFAULT_EXPERTS)
     if spec is None:
         return out
