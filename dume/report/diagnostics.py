@@ -1,17 +1,16 @@
 """Where the oracle loses: which averaged parameter group costs an expert its edge.
 
-MoErging keeps each expert's MLPs and averages everything else. The oracle (every token
-sent to its own domain's expert) therefore differs from expert d only by the averaged
-non-MLP parameters, so its loss can be split by averaging one group at a time inside
-expert d and measuring d's test perplexity:
+MoErging keeps each expert's MLPs and averages everything else. The oracle (every token sent to its own
+domain's expert) therefore differs from expert d only by the averaged non-MLP parameters, so its loss can be
+split by averaging one group at a time inside expert d and measuring d's test perplexity:
 
     attention   the q/k/v/o projections of every layer
     embeddings  embed_tokens and lm_head (untied in every preset here)
     norms       every RMSNorm weight
     non-MLP     all three at once: exactly the oracle for domain d
 
-A group whose averaging keeps ~100 % is harmless to MoErging; the group that loses most
-is where expert drift hurts, and the lever for "Oracle ≥ 90" (RESULTS.md).
+A group whose averaging keeps ~100 % is harmless to MoErging; the group that loses most is where expert drift
+hurts, and the lever for "Oracle ≥ 90" (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ GROUPS = {
 
 @torch.no_grad()
 def oracle_ablation(run, domains: list[str], made_by: str = "clm_train_experts.py") -> dict:
-    """{domain: {group: normalised score of expert d with that group averaged}, "average": {...}}.
-
-    Scores are 100·p̂_d/p with p̂_d expert d's own test perplexity, as in Table 2."""
+    """{domain: {group: normalised score of expert d with that group averaged}, "average": {...}}. Scores are
+    100·p̂_d/p with p̂_d expert d's own test perplexity, as in Table 2."""
     from dume.moe.merge import shared_state_dict
 
     experts = {d: run.load(run.expert_dir(d), made_by) for d in domains}

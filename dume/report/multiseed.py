@@ -1,10 +1,9 @@
 """Table 2 and Figure 2 over several seeds: mean ± std of the normalised scores.
 
-Each seed is a normal run directory (RUN_ROOT/seed<i>/); sweep points live in a separate
-run directory per seed (RUN_ROOT/sweeps/seed<i>/), and Table 2 keeps only the paper's
-rows (the experts, the seed, model averaging and the untagged strategies), so a tagged
-result can never become a row. The std is the sample standard deviation (ddof = 1; 0 for
-a single seed).
+Each seed is a normal run directory (RUN_ROOT/seed<i>/); sweep points live in a separate run directory per
+seed (RUN_ROOT/sweeps/seed<i>/), and Table 2 keeps only the paper's rows (the experts, the seed, model
+averaging and the untagged strategies), so a tagged result can never become a row. The std is the sample
+standard deviation (ddof = 1; 0 for a single seed).
 """
 
 from __future__ import annotations
@@ -54,8 +53,7 @@ def aggregate_tables(tables: list[dict]) -> dict:
         out["methods"][name] = {
             "per_domain": {d: mean_std([r["normalised"][d] for r in rows]) for d in domains},
             "average": mean_std([r["average"] for r in rows]),
-            "perplexity": {d: mean_std([r["perplexity"][d] for r in rows]) for d in domains},
-        }
+            "perplexity": {d: mean_std([r["perplexity"][d] for r in rows]) for d in domains}}
     return out
 
 

@@ -1,10 +1,9 @@
-"""The paper's published CLM numbers, as data (Fanì & Ersoy, 2026, Table 2 and the text
-on Figure 2). Only numbers printed in the paper are here; nothing is read off a plot.
+"""The paper's published numbers, as data (Fanì & Ersoy, 2026: Table 2, the text on Figure 2, Table 3). Only
+numbers printed in the paper are here; nothing is read off a plot.
 
-Table 2: normalised score (100·p̂_d/p_d, the domain's own expert = 100), mean and std
-over three seeds, on the M2D2 domains. The paper's domain names map onto this project's
-embedded domains as code ← Coding, math ← Mathematics, physics ← Physics,
-history ← History, philosophy ← Philosophy.
+Table 2: normalised score (100·p̂_d/p_d, the domain's own expert = 100), mean and std over three seeds, on the
+M2D2 domains. The paper's domain names map onto this project's embedded domains as code ← Coding, math ←
+Mathematics, physics ← Physics, history ← History, philosophy ← Philosophy.
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ FIGURE2_DUME_K_SWEEP_TOKENS = 2
 DEFAULT_LAMBDA = 0.01
 
 
-# Table 3 (reasoning): normalised score 100·p_d/p̂_d, mean ± std over three seeds, in
-# DOMAINS order of dume.reasoning.tasks (math, multilingual, coding, instruction) + average.
+# Table 3 (reasoning): normalised score 100·p_d/p̂_d, mean ± std over three seeds, in DOMAINS order of
+# dume.reasoning.tasks (math, multilingual, coding, instruction) + average.
 REASONING_TASKS = ("math", "multilingual", "coding", "instruction")
 _ROWS3 = {
     "math_expert":         [(100.0, 0.0), (95.9, 0.0), (86.0, 9.0), (46.5, 3.2), (82.1, 2.4)],
@@ -60,6 +59,5 @@ _ROWS3 = {
     "DUME_OOD":            [(79.1, 2.0), (100.4, 0.0), (100.9, 1.3), (83.1, 1.0), (90.9, 0.1)],
 }
 TABLE3 = {m: dict(zip(REASONING_TASKS + ("average",), v)) for m, v in _ROWS3.items()}
-# BTX is not in Table 3; the text gives its four scores (no std, no average): 6.0, 95.8,
-# 51.8, 51.9. DUME+ has no reasoning result in the paper.
+# BTX is not in Table 3; the text gives its four scores (no std, no average). DUME+ has no reasoning result.
 TABLE3_BTX_TEXT = dict(zip(REASONING_TASKS, (6.0, 95.8, 51.8, 51.9)))

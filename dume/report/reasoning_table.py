@@ -1,11 +1,10 @@
 """Table 3 from the result files reasoning_eval.py wrote, over every seed found.
 
-Files: RUN_DIR/results/<protocol>/<name>__<task>__seed<S>.json. Scores are normalised
-per seed -- 100·p_d(S)/p̂_d(S), p̂_d(S) the domain's own expert on its task with the same
-seed -- then given as mean ± std over the seeds (sample std, ddof = 1, as for Table 2;
-0 for one seed). That is how the paper's Table 3 can show 100.0 ± 0.0 for each expert on
-its own task while sampling makes every raw score vary. The paper's Table 3 is printed
-beside ours (dume.report.paper.TABLE3).
+Files: RUN_DIR/results/<protocol>/<name>__<task>__seed<S>.json. Scores are normalised per seed --
+100·p_d(S)/p̂_d(S), p̂_d(S) the domain's own expert on its task with the same seed -- then given as mean ± std
+over the seeds (sample std, ddof = 1, as for Table 2; 0 for one seed). That is how the paper's Table 3 can
+show 100.0 ± 0.0 for each expert on its own task while sampling makes every raw score vary. The paper's Table
+3 is printed beside ours (dume.report.paper.TABLE3).
 """
 
 from __future__ import annotations
@@ -43,16 +42,14 @@ def gather_results(results_dir: str | os.PathLike) -> dict[str, dict[str, dict[i
 
 
 def build_reasoning_table(results_dir: str | os.PathLike) -> dict:
-    """Per method and task: the raw metric and the normalised score as mean ± std over
-    the seeds that have both the method's and the expert's result; the average over the
-    four tasks per seed, then mean ± std. A task whose expert scored 0 (or is missing)
-    for a seed has no normalised score for that seed."""
+    """Per method and task: the raw metric and the normalised score as mean ± std over the seeds that have
+    both the method's and the expert's result; the average over the four tasks per seed, then mean ± std. A
+    task whose expert scored 0 (or is missing) for a seed has no normalised score for that seed."""
     res = gather_results(results_dir)
     names = [n for n in ROWS if n in res] + sorted(n for n in res if n not in ROWS)
     reference = {d: res.get(f"{d}_expert", {}).get(d, {}) for d in DOMAINS}
     table = {"tasks": list(DOMAINS), "methods": {}, "protocol": Path(results_dir).name,
-             "reference_seeds": {d: sorted(reference[d]) for d in DOMAINS},
-             "unnormalisable": {}}
+             "reference_seeds": {d: sorted(reference[d]) for d in DOMAINS}, "unnormalisable": {}}
     for d in DOMAINS:
         if not reference[d]:
             table["unnormalisable"][d] = "no expert result"

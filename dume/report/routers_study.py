@@ -1,10 +1,9 @@
-"""The routers study's report (reproduction/clm/ROUTERS.md): every training-free router
-on the same experts, per domain set, mean ± std over seeds, with the share of the gap
-from model averaging to the oracle that each closes, routing accuracy, cost, and a
-verdict computed from the numbers (never written by hand).
+"""The routers study's report (reproduction/clm/ROUTERS.md): every training-free router on the same experts,
+per domain set, mean ± std over seeds, with the share of the gap from model averaging to the oracle that each
+closes, routing accuracy, cost, and a verdict computed from the numbers (never written by hand).
 
-Gap closed, per seed: 100 · (avg(row) − avg(model averaging)) / (avg(oracle) −
-avg(model averaging)), on the normalised averages; then mean ± std over the seeds.
+Gap closed, per seed: 100 · (avg(row) − avg(model averaging)) / (avg(oracle) − avg(model averaging)), on the
+normalised averages; then mean ± std over the seeds.
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ def reads(name: str) -> str:
 
 def set_summary(seed_dirs: dict[int, Path], rows, timings: dict[str, float] | None = None, label: str = "",
                 forward: dict[str, float] | None = None) -> dict:
-    """Per row: per-domain and average scores (mean ± std), gap closed, routing accuracy
-    (mean over layers and seeds), seconds per seed, and the per-seed averages."""
+    """Per row: per-domain and average scores (mean ± std), gap closed, routing accuracy (mean over layers and
+    seeds), seconds per seed, and the per-seed averages."""
     tables = {s: seed_table(d) for s, d in seed_dirs.items()}
     domains = next(iter(tables.values()))["domains"]
     out = {"domains": domains, "seeds": sorted(tables), "rows": {}}
@@ -67,13 +66,9 @@ def set_summary(seed_dirs: dict[int, Path], rows, timings: dict[str, float] | No
         secs = [t for t in secs if t is not None]
         out["rows"][name] = {
             "per_domain": {d: mean_std([r["normalised"][d] for r in have.values()]) for d in domains},
-            "average": mean_std(per_seed_avg.values()),
-            "per_seed_average": per_seed_avg,
-            "gap_closed": mean_std(gaps),
-            "routing_accuracy": accuracy,
-            "seconds": sum(secs) / len(secs) if secs else None,
-            "forward_vs_dume": (forward or {}).get(name),
-        }
+            "average": mean_std(per_seed_avg.values()), "per_seed_average": per_seed_avg,
+            "gap_closed": mean_std(gaps), "routing_accuracy": accuracy,
+            "seconds": sum(secs) / len(secs) if secs else None, "forward_vs_dume": (forward or {}).get(name)}
     return out
 
 
