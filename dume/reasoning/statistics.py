@@ -12,12 +12,10 @@ from dume.reasoning.tasks import DOMAINS
 
 # DUME OOD: the experts' training sets (hub id, config, fields joined into one text). The first field is the
 # prompt side, all the original used (for tulu, the first message); statistics_text="full" joins them all.
-OOD_DATASETS = {
-    "coding": ("ise-uiuc/Magicoder-OSS-Instruct-75K", None, ("problem", "solution")),
-    "math": ("hkust-nlp/dart-math-hard", None, ("query", "response")),
-    "multilingual": ("CohereForAI/aya_dataset", None, ("inputs", "targets")),
-    "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("messages",)),
-}
+OOD_DATASETS = {"coding": ("ise-uiuc/Magicoder-OSS-Instruct-75K", None, ("problem", "solution")),
+                "math": ("hkust-nlp/dart-math-hard", None, ("query", "response")),
+                "multilingual": ("CohereForAI/aya_dataset", None, ("inputs", "targets")),
+                "instruction": ("allenai/tulu-3-sft-personas-instruction-following", None, ("messages",))}
 
 # Fields tried, in order, when reading local OOD files: prompt side only, or (statistics_text="full") all.
 PROMPT_TEXT_FIELDS = ("text", "problem", "query", "inputs", "prompt", "question", "instruction", "messages")

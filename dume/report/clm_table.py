@@ -1,9 +1,6 @@
-"""Assemble Table 2 from the JSON files the scripts wrote.
-
-Normalised score (docs/design.md §3), CLM: for a method with perplexity p_d on domain d and the domain's own
-expert at p̂_d, the per-domain score is 100·p̂_d/p_d and the average is their mean. 100 means "as good as the
-specialist on every domain"; above 100 is possible.
-"""
+"""Assemble Table 2 from the JSON files the scripts wrote. Normalised score (docs/design.md §3): per domain
+100·p̂_d/p_d for a method at perplexity p_d and the domain's own expert at p̂_d, averaged over the domains; 100
+means "as good as the specialist on every domain", above 100 is possible."""
 
 from __future__ import annotations
 

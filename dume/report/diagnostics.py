@@ -2,15 +2,9 @@
 
 MoErging keeps each expert's MLPs and averages everything else. The oracle (every token sent to its own
 domain's expert) therefore differs from expert d only by the averaged non-MLP parameters, so its loss can be
-split by averaging one group at a time inside expert d and measuring d's test perplexity:
-
-    attention   the q/k/v/o projections of every layer
-    embeddings  embed_tokens and lm_head (untied in every preset here)
-    norms       every RMSNorm weight
-    non-MLP     all three at once: exactly the oracle for domain d
-
-A group whose averaging keeps ~100 % is harmless to MoErging; the group that loses most is where expert drift
-hurts, and the lever for "Oracle ≥ 90" (RESULTS.md).
+split by averaging one group at a time (`GROUPS`) inside expert d and measuring d's test perplexity. A group
+whose averaging keeps ~100 % is harmless to MoErging; the group that loses most is where expert drift hurts,
+and the lever for "Oracle ≥ 90" (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,10 +16,10 @@ import torch
 from dume.report.clm_table import clm_scores
 
 GROUPS = {
-    "attention": lambda name: ".self_attn." in name,
-    "embeddings": lambda name: "embed_tokens" in name or name.startswith("lm_head"),
-    "norms": lambda name: "norm" in name,
-    "non-MLP": lambda name: ".mlp." not in name,
+    "attention": lambda name: ".self_attn." in name,  # the q/k/v/o projections of every layer
+    "embeddings": lambda name: "embed_tokens" in name or name.startswith("lm_head"),  # untied in every preset here
+    "norms": lambda name: "norm" in name,  # every RMSNorm weight
+    "non-MLP": lambda name: ".mlp." not in name,  # all three at once: exactly the oracle for domain d
 }
 
 

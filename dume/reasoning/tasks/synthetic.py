@@ -33,16 +33,13 @@ ARC = {
     "es": [("¿Qué es un animal?", ["el gato", "la piedra", "el libro", "la mesa"]),
            ("¿Qué es un color?", ["azul", "rápido", "fuerte", "pequeño"]),
            ("¿Qué es un número?", ["siete", "casa", "árbol", "agua"]),
-           ("¿Qué necesita una planta para crecer?", ["luz", "hierro", "plástico", "vidrio"])],
-}
+           ("¿Qué necesita una planta para crecer?", ["luz", "hierro", "plástico", "vidrio"])]}
 
 IFEVAL = [
-    ("Write a short poem about the sea. Do not use any commas in your response.",
-     ["punctuation:no_comma"], [{}]),
+    ("Write a short poem about the sea. Do not use any commas in your response.", ["punctuation:no_comma"], [{}]),
     ("Describe your favourite food in all lowercase letters.", ["change_case:english_lowercase"], [{}]),
     ("Write a story about a cat. Your response should contain at least 3 sentences.",
-     ["length_constraints:number_sentences"], [{"relation": "at least", "num_sentences": 3}]),
-]
+     ["length_constraints:number_sentences"], [{"relation": "at least", "num_sentences": 3}])]
 
 
 def _write(path: Path, rows) -> None:
@@ -87,8 +84,7 @@ CHECKS = (
     ("Answer with less than 40 words.", "length_constraints:number_words",
      {"relation": "less than", "num_words": 40}),
     ("Your response should contain at least 3 sentences.", "length_constraints:number_sentences",
-     {"relation": "at least", "num_sentences": 3}),
-)
+     {"relation": "at least", "num_sentences": 3}))
 
 
 def ifeval_rows(n: int, seed: int) -> list[dict]:
