@@ -627,8 +627,7 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
     `isolate_user` (default: whenever running as root) runs it under a fresh uid, see the module docstring.
     `require_isolation` (default: DUME_SANDBOX_REQUIRE_ISOLATION=1) refuses to run without the namespaces and
     the private root, even under a fresh uid. Without a fresh uid, running without them is refused anyway
-    (DumeError) unless `allow_unisolated` (default: DUME_SANDBOX_ALLOW_UNISOLATED=1). Returns `passed` when
-    the program ran to its last statement and exited with status 0: an early exit(0) is a failure.
+    (DumeError) unless `allow_unisolated` (default: DUME_SANDBOX_ALLOW_UNISOLATED=1). `passed`: see RunResult.
     """
     limits = limits or Limits()
     limits.validate()
@@ -718,8 +717,7 @@ def run_python(source: str, limits: Limits | None = None, *, isolate_user: bool 
                        "pid_namespace": launcher["namespaces"], "ipc_namespace": launcher["namespaces"],
                        "ipc_limited": launcher["ipc_limited"], "private_proc": launcher["private_proc"],
                        "filesystem": f"private root, {limits.tmp_bytes >> 20} MiB writable" if
-                       launcher["private_root"] else f"the host's ({launcher['why_root']})"},
-        )
+                       launcher["private_root"] else f"the host's ({launcher['why_root']})"})
     finally:
         for fd in (nonce_fd, done_fd):
             if fd >= 0:

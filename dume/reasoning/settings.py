@@ -14,8 +14,7 @@ DEFAULT_EXPERTS = {"math": "MergeBench/Llama-3.2-3B_math", "multilingual": "Merg
 
 EXPERT_STRATEGIES = tuple(f"{d}_expert" for d in DOMAINS)
 
-# Table 3's strategies: the experts, model averaging, then the registry's `reasoning` rows
-# (the oracle first, as the paper's table has it).
+# Table 3's strategies in the paper's order: experts, model averaging, oracle, the registry's `reasoning` rows.
 STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", *names(routed=True, reasoning=True))
 # Table 3's rows: every strategy, and DUME OOD (DUME on the experts' training sets) after DUME.
 ROWS = tuple(r for s in STRATEGIES for r in ((s, "DUME_OOD") if s == "DUME" else (s,)))

