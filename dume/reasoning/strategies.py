@@ -61,9 +61,8 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
                    k: int | None = None, seed: int = 0, train_steps: int | None = None, train_lr: float | None = None,
                    seq_len: int = 512, batch_size: int = 4, mixed_precision: str | None = None,
                    redo: bool = False) -> Path:
-    """The checkpoint directory of `strategy` (built under `work_dir` unless it is an expert). `task` picks
-    the oracle's domain. DUME / DUME+ need `stats`; BTX / DUME+ need `train_docs` and `tokenizer`. Existing
-    complete checkpoints are reused."""
+    """The checkpoint directory of `strategy` (built under `work_dir` unless an expert; complete ones reused).
+    `task` picks the oracle's domain; DUME / DUME+ need `stats`, BTX / DUME+ `train_docs` and `tokenizer`."""
     from dume.moe.merge import average_experts, write_oracle
 
     if strategy not in STRATEGIES:
@@ -149,8 +148,7 @@ def generate_dume_params(experts: Mapping[str, Path], out_dir: str | os.PathLike
                          k: int = PAPER["k"], temperature: float = PAPER["temperature"], batch_size: int = 8,
                          device: str = "cpu", dtype=None, languages=None, work_dir=None, log=print) -> dict:
     """DUME's router for the four experts: statistics (tasks' data, or with `ood` the experts' training sets),
-    the solved gates, the MoE checkpoint, the statistics and a metadata JSON (`dume_params.json`) in `out_dir`.
-    Returns the metadata."""
+    the solved gates, and in `out_dir` the MoE, its statistics and `dume_params.json`; returns the metadata."""
     from dume.checkpoint.experts import check_experts, shared_weights_fingerprint
     from dume.checkpoint.io import atomic_dir
     from dume.checkpoint.reader import load_config

@@ -80,8 +80,7 @@ def sweep(curves: dict, path, xlabel: str, title: str, logx=False, references: d
 
 
 def routing_heatmaps(shares: dict, domains, path) -> Path:
-    """shares: {method: {domain: [layer][expert] share}}: one domain × expert heatmap per
-    method (rows) and layer (columns)."""
+    """shares: {method: {domain: [layer][expert] share}}: a domain × expert heatmap per method and layer."""
     methods = [m for m in shares if shares[m]]
     layers = max(len(next(iter(shares[m].values()))) for m in methods)
     fig, axes = plt.subplots(len(methods), layers, figsize=(2.2 * layers + 1, 2.2 * len(methods) + 0.5),

@@ -81,9 +81,8 @@ def balanced_counts(available: dict[str, int], total: int, order: list[str]) -> 
 
 def select_texts(domain: str, groups: dict[str, list[dict]], cap: int | None, text: str = "prompt",
                  balance: bool = True) -> tuple[list[str], list[str]]:
-    """The texts for one domain and their ids ("<lang>:<row>" or "<row>"): the first `cap` records (None:
-    all), m_arc spread evenly over its languages when `balance` (else languages in order until the cap). Blank
-    texts are skipped."""
+    """One domain's texts and ids ("<lang>:<row>" or "<row>"): the first `cap` non-blank records (None: all),
+    m_arc spread evenly over its languages when `balance` (else languages in order until the cap)."""
     if text not in STATISTICS_TEXTS:
         raise DumeError(f"unknown statistics text {text!r}: choose one of {', '.join(STATISTICS_TEXTS)}")
     task = get_task(domain)

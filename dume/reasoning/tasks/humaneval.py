@@ -37,16 +37,14 @@ def process_results(doc: dict, results: list[str]) -> dict:
 
 
 def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """The `create_test` filter of lm-eval's stock HumanEval task (its code cannot be
-    referenced: that module loads `evaluate`'s code_eval from the hub at import): each
-    sample becomes the whole function, prompt + completion, untruncated."""
+    """The `create_test` filter of lm-eval's stock HumanEval task (whose module cannot be imported: it loads
+    `evaluate`'s code_eval from the hub): each sample becomes prompt + completion, untruncated."""
     return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
 
 
 def process_programs(doc: dict, results: list) -> dict:
-    """Score `create_test` predictions (prompt + completion) the way code_eval builds
-    its program -- prediction + "\\n" + test + "\\ncheck(entry_point)" -- in the sandbox;
-    check(entry_point) is the program's last statement, so `passed` means it returned."""
+    """Score `create_test` predictions in the sandbox, as code_eval builds the program: prediction + "\\n" +
+    test + "\\ncheck(entry_point)", whose last statement is the check, so `passed` means it returned."""
     programs = []
     for r in results:
         programs += list(r) if isinstance(r, (list, tuple)) else [r]
@@ -84,8 +82,7 @@ metadata:
   version: 1.0
 """
 
-# lm-eval protocol: greedy to 1024 tokens, cut at lm-eval's stop strings; the sandbox runs prompt + completion
-# + tests (`process_results`).
+# lm-eval protocol: greedy, cut at lm-eval's stop strings; `process_results` runs prompt + completion + tests.
 HUMANEVAL_LM_EVAL = """process_results: !function dume.reasoning.tasks.humaneval.process_results
 metric_list:
   - metric: pass@1
