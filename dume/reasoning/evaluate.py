@@ -45,10 +45,9 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
                         max_gen_toks: int | None = None, parallelize: bool = False, seed: int = 0,
                         protocol: str = "paper", model=None) -> dict | None:
     """Evaluate a saved checkpoint on one of the four tasks with lm-eval's own `HFLM`, under `protocol`
-    (`dume.reasoning.tasks`: "paper" = the original code's prompts, sampling and metrics; "lm-eval" = the
-    harness's standard setups). `seed` seeds lm-eval's python, numpy and torch generators before any request,
-    so samples follow it. Returns {"score", "metric", "per_task", ...}; None on non-zero ranks of a
-    multi-process (accelerate launch) run, where only rank 0 gets results."""
+    ("paper" or "lm-eval", `dume.reasoning.tasks`). `seed` seeds lm-eval's python, numpy and torch generators
+    before any request, so samples follow it. Returns {"score", "metric", "per_task", ...}; None on non-zero
+    ranks of a multi-process (accelerate launch) run, where only rank 0 gets results."""
     from dume.reasoning.tasks import write_task_configs
 
     spec = write_task_configs(task, tasks_dir, data_dir, languages, protocol=protocol)

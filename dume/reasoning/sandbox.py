@@ -103,14 +103,13 @@ _uid_lock = threading.Lock()
 # The trusted launcher. It runs first, with the harness's privileges, and:
 #  1. moves into fresh network, PID, IPC and mount namespaces (plus, when not root, the user namespace of the
 #     module docstring) and bounds SysV IPC in the new IPC namespace -- what happened is written to the report;
-#  2. forks the program's process, which becomes PID 1 of the new PID namespace: when it ends, the kernel
-#     kills every process left in that namespace, however it forked;
+#  2. forks the program's process, PID 1 of the new PID namespace: when it ends, the kernel kills every
+#     process left in that namespace, however it forked;
 #  3. in that child: builds the private root (`build_root`) and chroots into it, drops to the sandbox uid (root
 #     mode), asks to be killed when the launcher dies, forbids privilege gains (no_new_privs), lowers the
 #     limits and execs the interpreter on `_RUNNER`, which runs the program;
-#  4. waits, and exits the way the program did.
-# With "need" set it stops (exit 111/112, before any generated code runs) where the namespaces or the private
-# root cannot be had.
+#  4. waits, and exits the way the program did; with "need" set it stops first (exit 111/112, before any
+#     generated code runs) where the namespaces or the private root cannot be had.
 _LAUNCHER = r"""
 import ctypes, json, os, resource, signal, stat, sys
 cfg = json.loads(sys.argv[1])
@@ -320,9 +319,8 @@ if os.WIFSIGNALED(status):
 os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 """
 
-# Runs the program in `__main__` as `python program.py` would, then -- only if its last statement returned --
-# copies the nonce from the pipe to the "finished" file (see "What counts as passed" in the module docstring);
-# until then the nonce is not in its memory.
+# Runs the program in `__main__` as `python program.py` would; only once its last statement returned does it
+# copy the nonce from the pipe to the "finished" file (module docstring, "What counts as passed").
 _RUNNER = r"""
 def _dume_run():
     import os, sys

@@ -43,8 +43,7 @@ FIGURE2_DUME_K_SWEEP_TOKENS = 2
 DEFAULT_LAMBDA = 0.01
 
 
-# Table 3 (reasoning): normalised score 100·p_d/p̂_d, mean ± std over three seeds, in DOMAINS order of
-# dume.reasoning.tasks (math, multilingual, coding, instruction) + average.
+# Table 3 (reasoning): normalised score 100·p_d/p̂_d, mean ± std over three seeds, per task + average.
 REASONING_TASKS = ("math", "multilingual", "coding", "instruction")
 _ROWS3 = {
     "math_expert":         [(100.0, 0.0), (95.9, 0.0), (86.0, 9.0), (46.5, 3.2), (82.1, 2.4)],

