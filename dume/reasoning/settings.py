@@ -19,8 +19,7 @@ STRATEGIES = EXPERT_STRATEGIES + ("model_averaging", "oracle", *names(routed=Tru
 # Table 3's rows: every strategy, and DUME OOD (DUME on the experts' training sets) after DUME.
 ROWS = tuple(r for s in STRATEGIES for r in ((s, "DUME_OOD") if s == "DUME" else (s,)))
 
-# Strategies whose checkpoint depends on the seed (random gates, the router training's data order): built once
-# per seed; the others once for all seeds (dume.routers.registry).
+# Seeded strategies (random gates, the router training's data order): built once per seed, the others once.
 SEEDED_STRATEGIES = tuple(s for s in STRATEGIES if s in _REGISTRY and _REGISTRY[s].seeded)
 
 # The paper's reasoning settings (§3.1), and the original code's statistics cap.

