@@ -24,8 +24,7 @@ TEXT_FIELDS = ("text", "problem", "solution", "query", "response", "inputs", "ta
 
 
 def _record_text(rec: dict, fields: Sequence[str], prompt_only: bool = False) -> str:
-    """The record's text: with `prompt_only`, the first field present (of chat messages, the first message's
-    content); else every field joined."""
+    """The record's text: all fields joined, or with `prompt_only` the first present (of chat messages, the first)."""
     parts = []
     for f in fields:
         v = rec.get(f)

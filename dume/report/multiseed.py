@@ -1,9 +1,8 @@
 """Table 2 and Figure 2 over several seeds: mean ± std of the normalised scores.
 
-Each seed is a normal run directory (RUN_ROOT/seed<i>/); sweep points live in a separate run directory per
-seed (RUN_ROOT/sweeps/seed<i>/), and Table 2 keeps only the paper's rows (the experts, the seed, model
-averaging and the untagged strategies), so a tagged result can never become a row. The std is the sample
-standard deviation (ddof = 1; 0 for a single seed).
+Each seed is a normal run directory (RUN_ROOT/seed<i>/), with its sweep points in another
+(RUN_ROOT/sweeps/seed<i>/); Table 2 keeps only the paper's rows (the experts, the seed, model averaging and
+the untagged strategies), so no tagged result becomes a row. Stds are sample ones (ddof = 1; 0 for one seed).
 """
 
 from __future__ import annotations

