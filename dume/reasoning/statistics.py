@@ -24,7 +24,7 @@ TEXT_FIELDS = ("text", "problem", "solution", "query", "response", "inputs", "ta
 
 
 def _record_text(rec: dict, fields: Sequence[str], prompt_only: bool = False) -> str:
-    """The record's text: all fields joined, or with `prompt_only` the first present (of chat messages, the first)."""
+    """The record's text: all fields joined, or with `prompt_only` the first present (chat: first message)."""
     parts = []
     for f in fields:
         v = rec.get(f)
