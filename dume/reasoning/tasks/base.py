@@ -77,7 +77,7 @@ def local_records(data_dir, task: str, splits: tuple[str, ...]) -> tuple[dict[st
 
 @dataclass
 class TaskContext:
-    """What a task's `configs` gets: output dir, protocol, stock YAMLs, local data (None: hub), m_arc languages."""
+    """What a task's `configs` gets: output dir, protocol, stock YAMLs, local data (None: hub), languages."""
 
     out: Path
     protocol: str
