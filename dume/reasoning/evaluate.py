@@ -71,8 +71,7 @@ def evaluate_checkpoint(model_path: str | os.PathLike, task: str, tasks_dir: str
         lm = HFLM(pretrained=model, tokenizer=str(model_path), batch_size=batch_size, max_length=max_length, **bos)
     nshot = spec.num_fewshot if num_fewshot is None else num_fewshot
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
-    # Our own tasks (dume_*) include lm-eval's stock YAMLs by absolute path: indexing lm-eval's thousands of
-    # built-in tasks (seconds) is only needed for the hub tasks.
+    # Our dume_* tasks include the stock YAMLs by path: only hub tasks need lm-eval's built-in index (seconds).
     own = all(t.startswith("dume_") for t in spec.tasks)
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=not own)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=nshot, limit=limit,

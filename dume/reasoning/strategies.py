@@ -91,9 +91,8 @@ def build_strategy(strategy: str, experts: Mapping[str, Path], work_dir: str | o
         return out
 
     out = work_dir / strategy / f"seed{seed}" if strategy in SEEDED_STRATEGIES else work_dir / strategy
-    # A routed model is reused only when complete (its recipe is written last) and built from these very
-    # experts; otherwise it is rebuilt in a hidden sibling that replaces `out` when finished, so a killed BTX
-    # training leaves the previous model in place.
+    # A routed model is reused only if complete (recipe written last) and built from these experts; else it is
+    # rebuilt in a hidden sibling replacing `out` when done, so a killed BTX training keeps the old model.
     from dume.moe.recipe import RECIPE_FILE, write_recipe
     from dume.upcycle.pipeline import RouterSettings, build_routed, shared_zero_gate_base
 
