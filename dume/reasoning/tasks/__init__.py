@@ -1,6 +1,6 @@
 """The four reasoning tasks as lm-eval tasks, from the hub or from local files, under two evaluation protocols
 (`PROTOCOLS`): `paper`, what produced Table 3 (the original code's lm-eval wrapper, read from its source), and
-`lm-eval`, the harness's standard setups. docs/reasoning.md compares them; each task's module gives its own.
+`lm-eval`, the harness's standard setups; docs/reasoning.md compares them, each task's module states its own.
 
 Both are lm-eval task YAMLs that `include` lm-eval's stock config and override only what differs (prompt,
 shots, `generation_kwargs`, filters; with a data directory, the dataset: the `json` builder on local JSON
