@@ -3,8 +3,8 @@
 Files: RUN_DIR/results/<protocol>/<name>__<task>__seed<S>.json. Scores are normalised per seed --
 100·p_d(S)/p̂_d(S), p̂_d(S) the domain's own expert on its task with the same seed -- then given as mean ± std
 over the seeds (sample std, ddof = 1, as for Table 2; 0 for one seed). That is how the paper's Table 3 can
-show 100.0 ± 0.0 for each expert on its own task while sampling makes every raw score vary. The paper's Table
-3 is printed beside ours (dume.report.paper.TABLE3).
+show 100.0 ± 0.0 for each expert on its own task while sampling makes every raw score vary. The paper's
+Table 3 is printed beside ours (dume.report.paper.TABLE3).
 """
 
 from __future__ import annotations
