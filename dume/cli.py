@@ -50,12 +50,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup_threads() -> None:
-    """Use the cores we have; tokenizers' own threads fight torch's on 2 cores."""
+    """Use the cores we have, shared among the processes `accelerate launch` started on this machine (each
+    claiming all of them oversubscribes the CPU N times); tokenizers' own threads fight torch's on 2 cores.
+    `DUME_THREADS` overrides."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    n = int(os.environ.get("DUME_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(max(1, n))
+    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, int(os.environ.get("DUME_THREADS", share))))
 
 
 class Terminated(BaseException):

@@ -150,3 +150,27 @@ def test_rank0_preparation_longer_than_the_process_group_timeout_completes(tmp_p
         waited, total = float(lines[0].split()[1]), lines[0].split()[3]
         assert waited >= 9.5 and total == "3", lines
     assert rank1[1].startswith("control: barrier timed out after"), rank1
+
+
+def test_processes_on_one_machine_share_its_cores(monkeypatch):
+    """Under `accelerate launch` every process took all cores (issue 22, item 11): N processes, N x the CPU."""
+    import os
+
+    import torch
+
+    from dume.cli import setup_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("DUME_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(os.cpu_count() or 1))
+        setup_threads()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        setup_threads()
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        monkeypatch.setenv("DUME_THREADS", "1")
+        setup_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -138,3 +138,63 @@ def test_fsdp_is_refused_with_one_line_naming_ddp(monkeypatch):
     model = tiny_llama()
     with pytest.raises(DumeError, match=r"FSDP is not supported .*accelerate launch --multi_gpu"):
         train(model, _data(32), None, TrainConfig(steps=1, warmup=0, batch_size=8))
+
+
+def _masks_seen(train_data):
+    model = tiny_llama(vocab_size=40)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    train(model, train_data, None, TrainConfig(steps=2, warmup=0, batch_size=8, eval_every=0))
+    return seen
+
+
+def test_packed_windows_train_without_a_mask_and_padded_ones_with_it():
+    """An all-ones mask is passed as None, so attention takes the plain causal path: under torch.compile
+    transformers cannot drop an all-ones mask and SDPA leaves flash attention (issue 22, item 11). Without
+    compile the two are the same computation: loss and gradients bit-equal."""
+    assert _masks_seen(_data(16)) == [None, None]
+    ids, mask = _data(16)
+    mask[:, -3:] = 0
+    assert all(m is not None for m in _masks_seen((ids, mask)))
+    model = tiny_llama(vocab_size=40)
+    ids, ones = _data(4)
+    grads = []
+    for m in (ones, None):
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=m, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0]) and all(map(torch.equal, grads[0][1], grads[1][1]))
+
+
+UNWRAP_CHECK = """
+import torch, torch.distributed as dist
+from accelerate import Accelerator
+from dume.train.loop import plain_module
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+inner = torch.nn.Linear(2, 2)
+ddp = torch.nn.parallel.DistributedDataParallel(inner)
+acc = Accelerator(cpu=True)
+compiled = torch.compile(ddp)  # not called: compiling is lazy, the wrapper is what matters
+assert plain_module(acc, compiled) is inner and compiled._orig_mod is ddp
+acc.unwrap_model(compiled)  # accelerate's default, what the loop called before
+print("default re-points the wrapper:", compiled._orig_mod is inner)
+dist.destroy_process_group()
+"""
+
+
+def test_unwrapping_a_compiled_ddp_model_keeps_its_gradient_sync():
+    """accelerate's `unwrap_model` (keep_torch_compile=True) re-points a compiled DDP model's `_orig_mod` at the
+    inner module, so training after the first validation skipped DDP's all-reduce under --compile. The loop
+    unwraps with `plain_module`, which leaves the training wrapper alone (issue 22, item 11)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-c", UNWRAP_CHECK.format(port=port)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "default re-points the wrapper: True" in p.stdout  # the pitfall is real in this accelerate

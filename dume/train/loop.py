@@ -96,6 +96,26 @@ def windows_budget(cfg: TrainConfig) -> int:
     return cfg.steps * cfg.batch_size * cfg.grad_accum * world_size()
 
 
+def plain_module(accelerator, model):
+    """The trained module without accelerate's (DDP) or torch.compile's wrappers.
+
+    `keep_torch_compile=False` matters: with accelerate's default (True), `unwrap_model` of a compiled DDP model
+    re-points the compiled wrapper's `_orig_mod` at the inner module, so every later training step through that
+    wrapper skips DDP -- no gradient all-reduce, processes silently diverge after the first validation. The plain
+    module also has the plain state-dict keys (no `_orig_mod.` prefix)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def _has_padding(dataset) -> bool:
+    """Whether any training window has padding: `TokenWindows` knows (`padded`), a pair of tensors is looked at,
+    anything else is assumed to."""
+    if isinstance(getattr(dataset, "padded", None), bool):
+        return dataset.padded
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return not bool(dataset.tensors[1].all())
+    return True
+
+
 def _batches_forever(loader):
     while True:
         yield from loader
@@ -140,6 +160,10 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     dataset = TensorDataset(*train_data) if isinstance(train_data, (tuple, list)) else train_data
     if len(dataset) == 0:
         raise DumeError(f"{desc}: no training sequences")
+    # Packed windows carry an all-ones mask. It is passed on as None, so attention is plainly causal: eager
+    # transformers drops an all-ones mask itself, but under torch.compile it cannot prove it all ones, builds a 4-D
+    # mask, and SDPA leaves its flash kernel. Decided once, on the host: a check per step would sync the GPU.
+    needs_mask = _has_padding(dataset)
     set_seed(cfg.seed)
     log_with = "wandb" if cfg.wandb_project else None
     # sync_with_dataloader=False: accelerate would otherwise force an optimizer step when the loader wraps
@@ -191,12 +215,12 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
 
     def validate(step):
         nonlocal best, bad_evals
-        val = mean_loss(accelerator.unwrap_model(model), *val_data, cfg.batch_size)
+        val = mean_loss(plain_module(accelerator, model), *val_data, cfg.batch_size)
         history["val"].append({"step": step, "loss": val})
         if val < best[0]:
             # a host copy of the weights only when early stopping may restore it: ~115 GB for the paper's fp32 MoE
             snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in
-                         accelerator.unwrap_model(model).state_dict().items()} if cfg.patience else None)
+                         plain_module(accelerator, model).state_dict().items()} if cfg.patience else None)
             best = (val, step, snapshot)
             bad_evals = 0
         else:
@@ -218,7 +242,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
             ids, mask = next(batches)
             with accelerator.accumulate(model):
                 labels = ids.masked_fill(mask == 0, -100)
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = model(input_ids=ids, attention_mask=mask if needs_mask else None, labels=labels).loss
                 accelerator.backward(loss * loss_scale)
                 if accelerator.sync_gradients and cfg.clip:
                     accelerator.clip_grad_norm_(params, cfg.clip)
@@ -245,7 +269,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     if have_val:
         validate(step + 1)
         if cfg.patience and best[2] is not None and best[1] != step + 1:
-            accelerator.unwrap_model(model).load_state_dict(best[2])
+            plain_module(accelerator, model).load_state_dict(best[2])
         history["best_val"] = {"step": best[1], "loss": best[0]}
     history["steps_done"] = step + 1
     history["seconds"] = time.time() - start
@@ -254,8 +278,7 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
         accelerator.end_training()
     if not all(math.isfinite(x) for x in history["train_loss"]):
         raise DumeError(f"{desc}: the training loss became non-finite (lr {cfg.lr} too high?); nothing was saved")
-    out = accelerator.unwrap_model(model)
-    out = getattr(out, "_orig_mod", out)  # torch.compile's wrapper
+    out = plain_module(accelerator, model)
     for p in out.parameters():
         p.requires_grad_(True)
     return out, history

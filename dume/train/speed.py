@@ -104,7 +104,7 @@ def maybe_compile(model, enabled: bool):
     Off by default: the first steps (tracing and kernel generation) take tens of seconds to minutes and every new
     input shape can recompile; it pays on a GPU over a long run. On a CPU it works (it needs a C++ compiler) but is
     rarely worth it for these sizes. The compiled wrapper shares the parameters; save the original module
-    (`accelerator.unwrap_model` or `compiled._orig_mod`), not the wrapper.
+    (`dume.train.loop.plain_module`), not the wrapper.
     """
     return torch.compile(model) if enabled else model
 
