@@ -198,3 +198,27 @@ def test_unwrapping_a_compiled_ddp_model_keeps_its_gradient_sync():
                        timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "default re-points the wrapper: True" in p.stdout  # the pitfall is real in this accelerate
+
+
+def test_a_trained_model_is_freed_by_del_alone():
+    """accelerate's bf16 autocast forward, bound to the module and kept in its own __dict__, made a reference
+    cycle: after training, `del model` freed nothing (GPU memory held while lm-eval loaded the next model) until
+    a garbage collection (issue 22, item 10). It is removed before `train` returns; forward is the class's."""
+    import gc
+    import weakref
+
+    model = tiny_llama(vocab_size=40)
+    ref = weakref.ref(model)
+    enabled = gc.isenabled()
+    gc.disable()  # only reference counting frees it
+    try:
+        out, _ = train(model, _data(16), None, TrainConfig(steps=2, warmup=0, batch_size=8, eval_every=0,
+                                                           mixed_precision="bf16"))
+        assert "forward" not in out.__dict__
+        ids = _data(2)[0]
+        assert out(input_ids=ids).logits.dtype == torch.float32  # no autocast left behind
+        del model, out
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()

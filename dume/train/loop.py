@@ -279,6 +279,11 @@ def train(model, train_data, val_data, cfg: TrainConfig, *, params=None, desc: s
     if not all(math.isfinite(x) for x in history["train_loss"]):
         raise DumeError(f"{desc}: the training loss became non-finite (lr {cfg.lr} too high?); nothing was saved")
     out = plain_module(accelerator, model)
+    # Mixed precision put an autocast forward, a method bound to the module, in the module's own __dict__: a
+    # reference cycle that kept the trained model (its GPU memory too) alive after `del` until the next garbage
+    # collection, and made later forward calls autocast. The class's own forward again.
+    if out.__dict__.pop("_original_forward", None) is not None:
+        out.__dict__.pop("forward", None)
     for p in out.parameters():
         p.requires_grad_(True)
     return out, history
