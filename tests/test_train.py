@@ -200,25 +200,32 @@ def test_unwrapping_a_compiled_ddp_model_keeps_its_gradient_sync():
     assert "default re-points the wrapper: True" in p.stdout  # the pitfall is real in this accelerate
 
 
+FREED_CHECK = """
+import gc, weakref, torch
+from dume.train.loop import TrainConfig, train
+from tests.helpers import tiny_llama
+ids = torch.randint(0, 40, (16, 12))
+model = tiny_llama(vocab_size=40)
+ref = weakref.ref(model)
+gc.disable()  # only reference counting frees it
+out, _ = train(model, (ids, torch.ones_like(ids)), None,
+               TrainConfig(steps=2, warmup=0, batch_size=8, eval_every=0, mixed_precision="bf16"), log=lambda *a: None)
+print("instance forward:", "forward" in out.__dict__)
+del model, out
+print("alive after del:", ref() is not None)
+"""
+
+
 def test_a_trained_model_is_freed_by_del_alone():
     """accelerate's bf16 autocast forward, bound to the module and kept in its own __dict__, made a reference
     cycle: after training, `del model` freed nothing (GPU memory held while lm-eval loaded the next model) until
-    a garbage collection (issue 22, item 10). It is removed before `train` returns; forward is the class's."""
-    import gc
-    import weakref
+    a garbage collection (issue 22, item 10). It is removed before `train` returns; forward is the class's.
+    A fresh process: accelerate's state (mixed precision) is a per-process singleton."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    model = tiny_llama(vocab_size=40)
-    ref = weakref.ref(model)
-    enabled = gc.isenabled()
-    gc.disable()  # only reference counting frees it
-    try:
-        out, _ = train(model, _data(16), None, TrainConfig(steps=2, warmup=0, batch_size=8, eval_every=0,
-                                                           mixed_precision="bf16"))
-        assert "forward" not in out.__dict__
-        ids = _data(2)[0]
-        assert out(input_ids=ids).logits.dtype == torch.float32  # no autocast left behind
-        del model, out
-        assert ref() is None
-    finally:
-        if enabled:
-            gc.enable()
+    out = subprocess.run([sys.executable, "-c", FREED_CHECK], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["instance forward: False", "alive after del: False"], out.stdout
