@@ -38,3 +38,22 @@ def test_perplexity_equals_hand_computation_and_ignores_padding():
     garbage = ids_padded.clone()
     garbage[mask == 0] = 7
     assert math.isclose(perplexity(model, garbage, mask)["loss"], result["loss"], rel_tol=1e-6)
+
+
+def test_auto_device_is_this_process_gpu_when_there_is_one(monkeypatch):
+    """`--device auto` (evaluation, statistics, `dume build`): this process's GPU under `accelerate launch`
+    (its LOCAL_RANK), else the CPU (issue 22, item 1; the GPU itself is exercised by bench/gpu_acceptance.py)."""
+    import torch
+
+    from dume.clm.run import Run
+    from dume.runtime.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("auto") == "cuda:2" and resolve_device("cpu") == "cpu"
+    args = type("Args", (), {"run_dir": "runs/x", "source": "offline", "data_dir": None, "seq_len": 8,
+                             "tokenizer": None, "vocab_size": 64, "device": "auto"})
+    assert Run.from_args(args).device == "cuda:2"
