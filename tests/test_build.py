@@ -166,3 +166,35 @@ def test_mismatched_experts_are_refused_before_any_work(setup, capsys, tmp_path)
     rc = main(["build", str(_write(root, cfg, name="mismatch.yaml"))])
     one_error_line(capsys, rc, "hidden_size")
     assert not (tmp_path / "moe").exists()
+
+
+def test_dtype_auto_computes_in_the_experts_bf16_where_the_device_can(setup, tmp_path, monkeypatch):
+    """`dtype: auto` (issue 23): the experts' stored dtype where the device computes it natively, else float32.
+    bf16 forward passes move DUME's gates little: the statistics' products are still summed in float32 and
+    float64 (measured here on tiny random experts: max |Δ| 0.0099 for entries up to 0.46, 1.4 % relative; the
+    bf16 checkpoint's own rounding of the float32 gates is 9.5e-4)."""
+    from dume.cli import main
+    from dume.routers.closed_form import dume_gates
+    from dume.runtime import devices
+    from dume.stats.ridge import STATS_SUBDIR, RidgeStats
+
+    root, tok = setup
+    assert devices.compute_dtype("auto", "cpu", torch.float32) == torch.float32  # float32 experts: never rounded
+    assert devices.compute_dtype("bfloat16", "cpu", torch.float32) == torch.bfloat16
+    for n in NAMES:
+        tiny_llama(seed=NAMES.index(n), max_position_embeddings=256).to(torch.bfloat16).save_pretrained(
+            tmp_path / "experts" / n)
+        tok.save_pretrained(tmp_path / "experts" / n)
+    cfg = _config(root, dtype="auto", held_out=0)
+    for e in cfg["experts"]:
+        e["model"] = str(tmp_path / "experts" / e["name"])
+    solved = {}
+    for bf16_units in (True, False):
+        monkeypatch.setattr(devices, "computes_bf16", lambda device, units=bf16_units: units)
+        out = tmp_path / f"moe_{bf16_units}"
+        assert main(["build", str(_write(root, {**cfg, "out": str(out)}, name="auto.yaml"))]) == 0
+        assert json.loads((out / "dume_build.json").read_text())["settings"]["dtype"] == (
+            "torch.bfloat16" if bf16_units else "torch.float32")
+        solved[bf16_units] = dume_gates(RidgeStats.load(out / STATS_SUBDIR), 0.01, 1.0)
+    for bf16, fp32 in zip(solved[True], solved[False]):
+        assert (bf16 - fp32).norm() / fp32.norm() < 0.05

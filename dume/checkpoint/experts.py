@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -38,6 +39,13 @@ class ExpertSet:
     @property
     def num_experts(self) -> int:
         return len(self.dirs)
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The floating dtype most of expert 0's tensors are stored in (what `dtype: auto` computes in where the
+        device can)."""
+        counts = Counter(dt for _, dt in self.tensors.values() if dt.is_floating_point)
+        return counts.most_common(1)[0][0] if counts else torch.float32
 
     # Fused tensors read as their parts (see `split_fused`).
     row_views: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)

@@ -10,7 +10,8 @@
     lambda: 0.01
     temperature: 1.0
     num_dume_tokens: null    # all tokens of each document
-    dtype: auto              # auto | float32 | bfloat16 (the forward passes of the collection)
+    dtype: auto              # auto | float32 | bfloat16: the forward passes (auto: the experts' dtype where the
+                             #   device computes it natively -- bf16 on GPUs and bf16-capable CPUs -- else float32)
     out: path/to/moe
     # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto),
     #           max_shard_size (5GB: the largest safetensors file written)
@@ -31,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dume.errors import DumeError
-from dume.runtime.devices import resolve_device
+from dume.runtime.devices import compute_dtype, resolve_device
 from dume.text.files import expert_texts
 from dume.upcycle.card import model_card
 from dume.upcycle.pipeline import build_moe
@@ -60,8 +61,6 @@ def build(spec: BuildSpec, *, overwrite: bool = False, log=print) -> dict:
 
 
 def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
-    import torch
-
     from dume.checkpoint.experts import check_experts
     from dume.checkpoint.io import atomic_dir, atomic_write_json, atomic_write_text
     from dume.checkpoint.outputs import check_output_path
@@ -87,8 +86,9 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
             f"({sources[e.name]})")
     tokenizer = load_tokenizer(es.tokenizer_dir)
     device = resolve_device(spec.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        spec.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = compute_dtype(spec.dtype, device, es.stored_dtype)
+    log(f"forward passes on {device} in {str(dtype).removeprefix('torch.')} (dtype: {spec.dtype}; the experts "
+        f"store {str(es.stored_dtype).removeprefix('torch.')})")
     cfg = es.config
     max_len = min(spec.seq_len, cfg.max_position_embeddings)
     with atomic_dir(out, overwrite=overwrite) as stage:
