@@ -3,6 +3,8 @@ paper's Eq. 7; docs/design.md §2 says what counts). No gradients, no backward."
 
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm.auto import tqdm
 
@@ -58,7 +60,9 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
     stats = None
     counts = {}
     for i, d in enumerate(domains):
+        start = time.perf_counter()
         model = build_oracle_model(dirs, i, shared=shared, dtype=dtype).to(device)
+        built = time.perf_counter()
         if stats is None:
             cfg = model.config
             stats = RidgeStats(cfg.num_hidden_layers, cfg.hidden_size, list(domains),
@@ -67,7 +71,9 @@ def collect_statistics(expert_dirs, domains, docs, tokenizer, *, num_dume_tokens
                                extra_meta={**(extra_meta or {}), "experts": [str(e) for e in dirs]}, device=device)
         counts[d] = collect_domain(model, stats, d, document_batches(docs[d], tokenizer, max_len, batch_size),
                                    num_dume_tokens, max_batches)
-        log(f"statistics {d}: {counts[d]} tokens per layer")
+        seconds = time.perf_counter() - built
+        log(f"statistics {d}: {counts[d]} tokens per layer in {seconds:.1f} s ({counts[d] / max(seconds, 1e-9):.0f} "
+            f"tokens/s; its oracle built in {built - start:.1f} s)")
         del model
         release_memory()
     del shared

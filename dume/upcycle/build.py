@@ -29,6 +29,7 @@ Text files hold one document per blank-line-separated paragraph; JSON Lines / JS
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from dume.errors import DumeError
@@ -68,10 +69,19 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
     from dume.runtime.memory import release_memory
     from dume.text.tokenizer import load_tokenizer
 
+    clock = [time.perf_counter()]
+
+    def phase(what: str) -> None:
+        """One line per phase with its time: where a slow build spends it."""
+        now = time.perf_counter()
+        log(f"{what} in {now - clock[0]:.1f} s")
+        clock[0] = now
+
     names = [e.name for e in spec.experts]
     dirs = [resolve_expert(e.model) for e in spec.experts]
     check_output_path(out, dirs, "out")  # hub experts resolve to the cache only now
     es = check_experts(dirs, require_moe_compatible=True)
+    phase(f"checked and fingerprinted {len(dirs)} experts")
     for n in es.notes:
         log(f"note: {n}")
     for w in es.warnings:
@@ -85,6 +95,7 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
         log(f"{e.name}: {len(docs[e.name])} documents for the statistics, {len(held[e.name])} held out "
             f"({sources[e.name]})")
     tokenizer = load_tokenizer(es.tokenizer_dir)
+    phase("read the documents")
     device = resolve_device(spec.device)
     dtype = compute_dtype(spec.dtype, device, es.stored_dtype)
     log(f"forward passes on {device} in {str(dtype).removeprefix('torch.')} (dtype: {spec.dtype}; the experts "
@@ -101,7 +112,10 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
             extra_meta={"sources": sources, "seq_len": max_len, "stats_batch_size": spec.batch_size},
             expert_set=es, log=log)
         release_memory()
+        phase("statistics, gates and the MoE written")
         shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device, dtype)
+        if shares is not None:
+            phase("held-out routing check")
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
                                 "documents": len(docs[e.name]), "held_out": len(held[e.name]),
                                 "tokens": (counts or {}).get(e.name)} for e in spec.experts],
@@ -113,7 +127,7 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
                    "routing_shares": shares}
         atomic_write_json(stage / "dume_build.json", summary)
         atomic_write_text(stage / "README.md", model_card(summary, spec))
-    log(f"wrote {out}")
+    phase(f"wrote {out}")
     return summary
 
 
