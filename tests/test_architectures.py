@@ -234,3 +234,28 @@ def test_streamed_moe_load_equals_from_pretrained(kind, tmp_path):
         assert got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()
     ids = _ids()[:, :100]
     assert torch.equal(_logits(ref, ids), _logits(got, ids))
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_streamed_routing_shares_equal_the_loaded_models(kind, tmp_path):
+    """The held-out routing check runs the MoE one decoder layer at a time from the checkpoint
+    (`streamed_routing_shares`, issue 23: it held the whole MoE); its shares equal `routing_shares` of the
+    loaded model, on domains of different lengths with padding, batches not aligned to the domains."""
+    from dume.moe.edit import load_moe_streamed
+    from dume.moe.merge import moerge_experts
+    from dume.moe.routing import routing_shares, streamed_routing_shares
+
+    dirs = _experts(kind, tmp_path)
+    moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
+    g = torch.Generator().manual_seed(3)
+    blocks = {}
+    for d, (n, width) in {"a": (5, 40), "b": (3, 64), "c": (4, 24)}.items():
+        ids = torch.randint(0, TINY["vocab_size"], (n, width), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, width // 2:] = 0  # a shorter document, right-padded
+        blocks[d] = (ids, mask)
+    want = routing_shares(load_moe_streamed(moe), blocks, batch_size=2)
+    got = streamed_routing_shares(moe, blocks, batch_size=3)
+    assert got.keys() == want.keys()
+    for d in want:
+        torch.testing.assert_close(torch.tensor(got[d]), torch.tensor(want[d]), rtol=0, atol=1e-12)

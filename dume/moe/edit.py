@@ -91,7 +91,6 @@ def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
     moe_dir, cfg, arch = open_moe(moe_dir)
-    D = num_experts(cfg)
     with CheckpointReader(moe_dir) as rd:
         if dtype is None:
             dtype = majority_dtype(rd.dtype(n) for n in rd.keys())
@@ -100,33 +99,41 @@ def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
         # meta -> empty storage unties shared parameters: re-tie before filling
         model.to_empty(device="cpu")
         model.tie_weights()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                fused = _FUSED_EXPERTS.match(name)
-                if fused:
-                    layer = int(fused["layer"])
-                    for e in range(D):
-                        if fused["which"] == "down_proj":
-                            parts = [rd.get(arch.expert_tensor(layer, e, "down_proj"))]
-                        else:
-                            parts = [rd.get(arch.expert_tensor(layer, e, proj)) for proj in ("gate_proj", "up_proj")]
-                        if sum(t.shape[0] for t in parts) != p.shape[1] or parts[0].shape[1:] != p.shape[2:]:
-                            raise DumeError(f"{moe_dir}: expert {e} of layer {layer} does not fit {name} "
-                                            f"{list(p.shape)}: transformers' in-memory expert layout changed?")
-                        p[e].copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
-                    continue
-                router = _IN_MEMORY_ROUTER.match(name)
-                src = arch.gate_name.format(layer=int(router["layer"])) if router else name
-                if src not in rd:
-                    raise DumeError(f"{moe_dir}: no tensor {src} for the model's {name}")
-                t = rd.get(src)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise DumeError(f"{moe_dir}: {src} has shape {list(t.shape)}, the model's {name} {list(p.shape)}")
-                p.copy_(t)
+        fill_parameters(model.named_parameters(), rd, moe_dir, cfg, arch)
     # ... and leaves buffers uninitialised: rebuild the rotary embedding's computed ones
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config)
     return model.eval()
+
+
+@torch.no_grad()
+def fill_parameters(named_parameters, rd: CheckpointReader, moe_dir: Path, cfg, arch) -> None:
+    """Copy each (name, parameter) of a MoE model in memory from the checkpoint `rd` reads: the fused experts
+    (`gate_up_proj[e]` = expert e's gate then up projection, `down_proj[e]`) expert by expert, the routers from
+    the architecture's gate name, everything else by its own name."""
+    D = num_experts(cfg)
+    for name, p in named_parameters:
+        fused = _FUSED_EXPERTS.match(name)
+        if fused:
+            layer = int(fused["layer"])
+            for e in range(D):
+                if fused["which"] == "down_proj":
+                    parts = [rd.get(arch.expert_tensor(layer, e, "down_proj"))]
+                else:
+                    parts = [rd.get(arch.expert_tensor(layer, e, proj)) for proj in ("gate_proj", "up_proj")]
+                if sum(t.shape[0] for t in parts) != p.shape[1] or parts[0].shape[1:] != p.shape[2:]:
+                    raise DumeError(f"{moe_dir}: expert {e} of layer {layer} does not fit {name} "
+                                    f"{list(p.shape)}: transformers' in-memory expert layout changed?")
+                p[e].copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
+            continue
+        router = _IN_MEMORY_ROUTER.match(name)
+        src = arch.gate_name.format(layer=int(router["layer"])) if router else name
+        if src not in rd:
+            raise DumeError(f"{moe_dir}: no tensor {src} for the model's {name}")
+        t = rd.get(src)
+        if tuple(t.shape) != tuple(p.shape):
+            raise DumeError(f"{moe_dir}: {src} has shape {list(t.shape)}, the model's {name} {list(p.shape)}")
+        p.copy_(t)
 
 
 def _rewrite_file(rd: CheckpointReader, fname: str, replace: dict[str, torch.Tensor], dst: Path) -> None:

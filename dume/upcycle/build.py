@@ -136,17 +136,16 @@ def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_l
     """{domain: {"own": share of its held-out tokens routed to its own expert (mean over layers), "per_layer":
     [[share per expert] per layer]}}; None without held-out text.
 
-    The only step that holds the whole MoE in memory: `dume.moe.edit.load_moe_streamed` fills it one tensor at a
-    time (transformers' own loading peaks at twice the MoE). `held_out: 0` skips it."""
+    The MoE is never held whole: `dume.moe.routing.streamed_routing_shares` runs it one decoder layer at a time
+    from the checkpoint (it used to be loaded whole, in float32 on a CPU: 14.6 GB for four Llama-3.2-1B
+    experts, issue 23). `held_out: 0` skips it."""
     import torch
 
-    from dume.moe.edit import load_moe_streamed
-    from dume.moe.routing import routing_accuracy, routing_shares
+    from dume.moe.routing import routing_accuracy, streamed_routing_shares
     from dume.text.batches import document_batches
 
     if not any(held.values()):
         return None
-    model = load_moe_streamed(moe_dir, dtype).to(device)
     blocks = {}
     for d, texts in held.items():
         batches = list(document_batches(texts, tokenizer, max_len, batch_size))
@@ -154,7 +153,9 @@ def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_l
             width = max(b[0].shape[1] for b in batches)
             pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
             blocks[d] = (torch.cat([pad(b[0]) for b in batches]), torch.cat([pad(b[1]) for b in batches]))
-    shares = routing_shares(model, blocks, batch_size)
+    if not blocks:
+        return None
+    shares = streamed_routing_shares(moe_dir, blocks, batch_size, device=device, dtype=dtype)
     own = routing_accuracy(shares, {d: i for i, d in enumerate(held)})
     return {d: {"own": sum(own[d]) / len(own[d]), "per_layer": s} for d, s in shares.items()}
 
