@@ -5,7 +5,7 @@ one expert in the same dtype, and peak RSS against one output shard + the statis
 Experts are random weights of a hub configuration (no hub here; speed and memory do not depend on the values),
 stored in bfloat16 the way the hub ships them: one seed model, MLPs perturbed per expert. Each expert gets
 `--docs` documents of the embedded corpus. `dume build` runs in a child process (peak RSS from
-`getrusage(RUSAGE_CHILDREN)`) once per `--dtype`, with its held-out routing check on; its per-phase lines are
+`getrusage(RUSAGE_CHILDREN)`) once per `--dtype`, with its held-out routing check (`--held-out`); its per-phase lines are
 parsed from its log. The plain forward is one expert loaded with `from_pretrained` in that dtype, run over the same
 documents in the same batches (`document_batches`), so the ratio says what the statistics' capture costs.
 
@@ -84,12 +84,13 @@ def make_experts(root: Path, preset: dict, n: int, docs: int) -> tuple[list[Path
     return dirs, data
 
 
-def build(root: Path, dirs, data, dtype: str, seq_len: int, batch_size: int) -> dict:
+def build(root: Path, dirs, data, dtype: str, seq_len: int, batch_size: int, held_out: float) -> dict:
     import yaml
 
     out = root / f"moe_{dtype}"
     cfg = {"experts": [{"name": d.name, "model": str(d), "data": str(x)} for d, x in zip(dirs, data)],
-           "gate": "dume", "dtype": dtype, "out": str(out), "seq_len": seq_len, "batch_size": batch_size}
+           "gate": "dume", "dtype": dtype, "out": str(out), "seq_len": seq_len, "batch_size": batch_size,
+           "held_out": held_out}
     path = root / f"build_{dtype}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
@@ -137,6 +138,8 @@ def main(argv=None):
     p.add_argument("--docs", type=int, default=24, help="documents per expert")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--held-out", type=float, default=0.05,
+                   help="dume build's held_out (a domain holds out int(fraction x documents) for the routing check)")
     p.add_argument("--dtype", nargs="+", default=["float32", "auto"], choices=["auto", "float32", "bfloat16"])
     p.add_argument("--work", default=None, help="folder for the experts and MoEs (default: a temporary one)")
     p.add_argument("--json", default=None)
@@ -152,14 +155,14 @@ def main(argv=None):
         texts = [json.loads(x)["text"] for x in data[0].read_text().splitlines()]
         rows = []
         for dt in args.dtype:
-            row = build(root, dirs, data, dt, args.seq_len, args.batch_size)
+            row = build(root, dirs, data, dt, args.seq_len, args.batch_size, args.held_out)
             row["plain_tokens_per_s"] = plain_forward_tokens_per_s(dirs[0], texts, row["compute_dtype"],
                                                                    args.seq_len, args.batch_size)
             row["stats_tokens_per_s"] = row["stats_tokens"] / max(row["stats_s"], 1e-9)
             rows.append(row)
             print(f"dtype {dt}: {row['wall_s']:.0f} s, phases {row['phases_s']}", flush=True)
     print(f"\n{args.preset}, {args.experts} experts x {args.docs} documents, seq {args.seq_len}, batch "
-          f"{args.batch_size}, held-out check on; peak RSS of the build process")
+          f"{args.batch_size}, held_out {args.held_out}; peak RSS of the build process")
     print("| dtype (computes in) | wall s | statistics tok/s | plain forward tok/s | ratio | peak RSS GB "
           "| largest shard + statistics GB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
