@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -15,7 +14,7 @@ from transformers.utils import (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_
 from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, architecture, is_routed
 from dume.checkpoint.fingerprint import require_finite
 from dume.checkpoint.io import read_json
-from dume.checkpoint.reader import CheckpointReader, canonical, load_config, tokenizer_fingerprints
+from dume.checkpoint.reader import CheckpointReader, canonical, load_config, majority_dtype, tokenizer_fingerprints
 from dume.errors import DumeError
 
 
@@ -44,8 +43,7 @@ class ExpertSet:
     def stored_dtype(self) -> torch.dtype:
         """The floating dtype most of expert 0's tensors are stored in (what `dtype: auto` computes in where the
         device can)."""
-        counts = Counter(dt for _, dt in self.tensors.values() if dt.is_floating_point)
-        return counts.most_common(1)[0][0] if counts else torch.float32
+        return majority_dtype(dt for _, dt in self.tensors.values())
 
     # Fused tensors read as their parts (see `split_fused`).
     row_views: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)

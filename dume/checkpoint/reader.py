@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -102,6 +102,12 @@ def tokenizer_fingerprints(path: str | Path) -> dict[str, str]:
             h.update(n.encode() + b"\0" + data + b"\0")
         out[kind] = h.hexdigest()
     return out
+
+
+def majority_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """A checkpoint's storage dtype: the most common of its floating tensors' (float32 if none)."""
+    dts = [dt for dt in dtypes if dt.is_floating_point]
+    return max(set(dts), key=dts.count) if dts else torch.float32
 
 
 class CheckpointReader:

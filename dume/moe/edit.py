@@ -29,11 +29,11 @@ from dume.arch.table import (ARCHITECTURES, GATE_NAMES, MOE_TYPES, MUST_MATCH_FI
 from dume.checkpoint.experts import check_same_tokenizer, open_dense
 from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json, tmp_sibling
 from dume.checkpoint.outputs import require_free_space
-from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
+from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config, majority_dtype
 from dume.checkpoint.shards import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_METADATA, OutTensor, const, take,
                                     write_safetensors)
 from dume.errors import DumeError
-from dume.moe.merge import check_extra_config, check_out_dir, majority_dtype, validate_gates, validate_k
+from dume.moe.merge import check_extra_config, check_out_dir, validate_gates, validate_k
 
 
 def open_moe(moe_dir: str | Path):

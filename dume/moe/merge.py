@@ -24,7 +24,7 @@ from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS,
 from dume.checkpoint.experts import ExpertSet, check_experts
 from dume.checkpoint.io import atomic_dir
 from dume.checkpoint.outputs import check_output_path, require_free_space
-from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config
+from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config, majority_dtype
 from dume.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES, OutTensor, const, take, write_safetensors
 from dume.errors import DumeError
 
@@ -169,12 +169,6 @@ def _open_all(es: ExpertSet) -> Iterator[list[CheckpointReader]]:
             rd.close()
 
 
-def majority_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
-    """A checkpoint's storage dtype: the most common of its floating tensors' (float32 if none)."""
-    dts = [dt for dt in dtypes if dt.is_floating_point]
-    return max(set(dts), key=dts.count) if dts else torch.float32
-
-
 def _dense_config(es: ExpertSet, extra_config: dict | None):
     """Expert 0's config, for a dense checkpoint made from the experts (average, oracle)."""
     config = load_config(es.dirs[0], es.arch.dense_type)
@@ -255,7 +249,7 @@ def moerge_experts(expert_dirs: Sequence[str | Path], out_dir: str | Path, gates
     cfg = es.config
     D, H, L = es.num_experts, cfg.hidden_size, cfg.num_hidden_layers
     validate_k(num_experts_per_tok, D)
-    dtype = majority_dtype(dt for _, dt in es.tensors.values())
+    dtype = es.stored_dtype
     if gates is None:
         gates = [torch.zeros(D, H, dtype=dtype) for _ in range(L)]
     else:

@@ -76,9 +76,8 @@ def streamed_routing_shares(moe_dir, blocks_by_domain: dict, batch_size: int = 3
     `tests/test_architectures.py` checks it equals `routing_shares` of the loaded model."""
     from transformers import AutoModelForCausalLM
 
-    from dume.checkpoint.reader import CheckpointReader
+    from dume.checkpoint.reader import CheckpointReader, majority_dtype
     from dume.moe.edit import fill_parameters, num_experts, open_moe
-    from dume.moe.merge import majority_dtype
 
     moe_dir, cfg, arch = open_moe(moe_dir)
     domains = [d for d, (ids, _) in blocks_by_domain.items() if len(ids)]
