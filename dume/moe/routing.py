@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 
+def top1_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token's first choice as the router makes it (top-k of the float32 softmax, first index), on the CPU."""
+    return torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1).indices[:, 0].cpu()
+
+
 @torch.no_grad()
 def routing_shares(model, blocks_by_domain: dict, batch_size: int = 32) -> dict:
     """{domain: [layer][expert] share of its non-padding tokens} on the (input_ids, attention_mask) blocks."""
@@ -26,8 +31,7 @@ def routing_shares(model, blocks_by_domain: dict, batch_size: int = 32) -> dict:
                         output_router_logits=True, logits_to_keep=1)
             keep = m.reshape(-1).bool()
             for layer, logits in enumerate(res.router_logits):
-                probs = torch.softmax(logits.float(), dim=-1)
-                top1 = torch.topk(probs, cfg.num_experts_per_tok, dim=-1).indices[:, 0].cpu()
+                top1 = top1_experts(logits, cfg.num_experts_per_tok)
                 counts[layer] += torch.bincount(top1[keep], minlength=num_experts)
         totals = counts.sum(dim=1, keepdim=True).clamp(min=1)
         out[domain] = (counts.double() / totals).tolist()
@@ -92,8 +96,7 @@ def streamed_routing_shares(moe_dir, blocks_by_domain: dict, batch_size: int = 3
     counts = torch.zeros(len(domains), cfg.num_hidden_layers, D, dtype=torch.long)
 
     def count(layer: int, logits: list) -> None:
-        top1 = torch.cat([torch.topk(torch.softmax(x.float(), dim=-1), k, dim=-1).indices[:, 0].cpu()
-                          for x in logits])
+        top1 = torch.cat([top1_experts(x, k) for x in logits])
         for j in range(len(domains)):
             counts[j, layer] += torch.bincount(top1[keep & (token_owner == j)], minlength=D)
 
