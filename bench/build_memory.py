@@ -33,12 +33,17 @@ CHILD_RSS = ("import resource, subprocess, sys\n"
              "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)\n")
 
 
-def peak_rss_mb(cmd: list[str]) -> float:
+def run_with_peak_rss(cmd: list[str]) -> tuple[float, str]:
+    """Run `cmd` in a child; (its peak RSS in MB, its stdout + stderr). A failing command ends the benchmark."""
     out = subprocess.run([sys.executable, "-c", CHILD_RSS, *cmd], capture_output=True, text=True)
     line = [x for x in out.stdout.splitlines() if x.startswith("PEAK_RSS_KB")]
     if not line or line[0].split()[2] != "0":
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return int(line[0].split()[1]) / 1024
+    return int(line[0].split()[1]) / 1024, out.stdout + out.stderr
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    return run_with_peak_rss(cmd)[0]
 
 
 def make_experts(root: Path, hidden: int, layers: int, vocab: int, tokenizer) -> tuple[list[Path], int]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.build_memory import run_with_peak_rss  # noqa: E402
 
 # The hub configs' shapes (Qwen/Qwen3-0.6B, meta-llama/Llama-3.2-1B config.json).
 PRESETS = {
@@ -44,9 +45,6 @@ PRESETS = {
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 DOMAINS = ("code", "math", "physics", "history", "philosophy")
-CHILD_RSS = ("import resource, subprocess, sys\n"
-             "rc = subprocess.run(sys.argv[1:]).returncode\n"
-             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc, flush=True)\n")
 
 
 def make_experts(root: Path, preset: dict, n: int, docs: int) -> tuple[list[Path], list[Path]]:
@@ -54,14 +52,14 @@ def make_experts(root: Path, preset: dict, n: int, docs: int) -> tuple[list[Path
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers import AutoTokenizer
+
     from bench.hub_replica import large_vocab_tokenizer
     from dume.corpora.documents import load_documents
 
     texts = {d: load_documents(d, "train", "offline")[:docs] for d in DOMAINS[:n]}
     tok_dir = large_vocab_tokenizer(root / "tokenizer", [t for v in texts.values() for t in v],
                                     vocab_size=preset["vocab_size"])
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(tok_dir)
     cfg = AutoConfig.for_model(**preset, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
@@ -94,13 +92,8 @@ def build(root: Path, dirs, data, dtype: str, seq_len: int, batch_size: int, hel
     path = root / f"build_{dtype}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD_RSS, sys.executable, "-m", "dume", "build", str(path),
-                        "--overwrite"], capture_output=True, text=True)
+    peak_mb, log = run_with_peak_rss([sys.executable, "-m", "dume", "build", str(path), "--overwrite"])
     wall = time.perf_counter() - t0
-    peak = [x.split() for x in p.stdout.splitlines() if x.startswith("PEAK_RSS_KB")]
-    if not peak or peak[0][2] != "0":
-        raise SystemExit(f"dume build failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    log = p.stdout + p.stderr
     phases = {m[1]: float(m[2]) for m in re.finditer(r"^(.+?) in ([0-9.]+) s$", log, re.M)}
     stats = [(int(m[1]), float(m[2])) for m in re.finditer(r"statistics \S+: (\d+) tokens per layer in ([0-9.]+) s",
                                                            log)]
@@ -108,10 +101,9 @@ def build(root: Path, dirs, data, dtype: str, seq_len: int, batch_size: int, hel
     stats_bytes = sum(f.stat().st_size for f in (out / "dume_stats").rglob("*") if f.is_file())
     summary = json.loads((out / "dume_build.json").read_text())
     return {"dtype": dtype, "compute_dtype": summary["settings"]["dtype"], "wall_s": wall,
-            "peak_rss_gb": int(peak[0][1]) / 2**20, "phases_s": phases,
+            "peak_rss_gb": peak_mb / 2**10, "phases_s": phases,
             "stats_tokens": sum(n for n, _ in stats), "stats_s": sum(s for _, s in stats),
-            "largest_shard_gb": shard / 2**30, "stats_gb": stats_bytes / 2**30,
-            "compute": summary["settings"]["dtype"]}
+            "largest_shard_gb": shard / 2**30, "stats_gb": stats_bytes / 2**30}
 
 
 def plain_forward_tokens_per_s(expert: Path, texts: list[str], dtype_name: str, seq_len: int, batch_size: int):
