@@ -110,18 +110,98 @@ def run_main(fn, argv=None) -> int:
 
 
 def dume_command(argv=None) -> None:
-    """`dume build CONFIG.yaml [--overwrite]` (the console script; `python -m dume` too)."""
+    """`dume build CONFIG.yaml [--overwrite]` and `dume eval ...` (the console script; `python -m dume` too)."""
     p = argparse.ArgumentParser(prog="dume", description="DUME: combine dense experts into a MoE, training-free")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="MoErge your experts and set the routers from their text (see dume.upcycle.build)")
     b.add_argument("config", help="the build YAML (experts, gate, k, lambda, temperature, ..., out)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    e = sub.add_parser("eval", help="the evaluation report of a built MoE: held-out perplexity of the MoE, each "
+                       "expert and model averaging, normalised scores, a routing heatmap (dume.upcycle.evaluate)")
+    e.add_argument("target", help="a build YAML (its `out` on the documents it held out), or a MoE folder with --data")
+    e.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH",
+                   help="a MoE folder's evaluation documents per domain (a .txt/.jsonl/.json/.parquet file or folder, "
+                        "all of it evaluation text); repeat for each domain")
+    e.add_argument("--expert", action="append", default=[], metavar="DOMAIN=PATH",
+                   help="override an expert checkpoint (default: those the MoE's dume_router.json names)")
+    e.add_argument("--field", default="text", help="the text field of JSON/Parquet records")
+    e.add_argument("--max-docs", type=int, default=None, help="documents per domain (default: all)")
+    e.add_argument("--seq-len", type=int, default=1024, help="tokens per block (a MoE folder; a YAML gives its own)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto", help="auto (this process's CUDA GPU when present, else cpu), cpu, "
+                   "cuda, cuda:N, mps")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the forward passes (auto: the experts' dtype where the device computes it natively)")
+    e.add_argument("--random-routing", action="store_true", help="also evaluate the MoE with seeded random routers")
+    e.add_argument("--seed", type=int, default=0, help="the random routers' seed")
+    e.add_argument("--keep-averaging", default=None, metavar="DIR",
+                   help="keep the model-averaging checkpoint there (default: built in a temporary folder, removed)")
     args = p.parse_args(argv)
     if args.command == "build":
         from dume.upcycle.build import build
         from dume.upcycle.spec import load_spec
 
         build(load_spec(args.config), overwrite=args.overwrite)
+    elif args.command == "eval":
+        eval_command(args)
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise DumeError(f"{flag} takes DOMAIN=PATH, got {v!r}")
+        if name in out:
+            raise DumeError(f"{flag} {name} given twice")
+        out[name] = path
+    return out
+
+
+def eval_command(args) -> None:
+    """`dume eval CONFIG.yaml` or `dume eval MOE_DIR --data DOMAIN=PATH ...`."""
+    from dume.checks import positive_int
+
+    positive_int("--batch-size", args.batch_size)
+    positive_int("--seq-len", args.seq_len)
+    positive_int("--max-docs", args.max_docs, allow_none=True)
+    target = Path(args.target)
+    if target.is_file():
+        if args.data or args.expert:
+            raise DumeError("--data and --expert are for a MoE folder; a build YAML names its own data and experts")
+        from dume.upcycle.build import evaluate_built
+        from dume.upcycle.spec import load_spec
+
+        evaluate_built(load_spec(target), random_routing=args.random_routing or None,
+                       keep_averaging=args.keep_averaging)
+        return
+    if not target.is_dir():
+        raise DumeError(f"{target} is neither a build YAML nor a MoE folder")
+    from dume.checkpoint.experts import check_experts
+    from dume.checkpoint.outputs import output_lock
+    from dume.runtime.devices import check_device, compute_dtype, resolve_device
+    from dume.text.files import expert_texts
+    from dume.upcycle.evaluate import evaluate_moe, moe_experts
+    from dume.upcycle.spec import ExpertSpec
+
+    data = _pairs(args.data, "--data")
+    if not data:
+        raise DumeError(f"{target} is a MoE folder: give its evaluation documents with --data DOMAIN=PATH")
+    overrides = _pairs(args.expert, "--expert")
+    from dume.moe.recipe import RECIPE_FILE
+
+    experts = moe_experts(target) if (target / RECIPE_FILE).is_file() or not overrides else {}
+    experts.update({d: Path(p) for d, p in overrides.items()})
+    texts = {d: expert_texts(ExpertSpec(name=d, model="", data=p, field=args.field, max_docs=args.max_docs))[0]
+             for d, p in data.items()}
+    if args.max_docs is not None:
+        texts = {d: t[:args.max_docs] for d, t in texts.items()}
+    device = resolve_device(check_device(args.device))
+    dtype = compute_dtype(args.dtype, device, check_experts(list(experts.values())).stored_dtype)
+    with output_lock(target):
+        evaluate_moe(target, texts, experts=experts, seq_len=args.seq_len, batch_size=args.batch_size,
+                     device=device, dtype=dtype, random_routing=args.random_routing, seed=args.seed,
+                     keep_averaging=args.keep_averaging)
 
 
 def main(argv=None) -> int:

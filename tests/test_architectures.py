@@ -259,3 +259,36 @@ def test_streamed_routing_shares_equal_the_loaded_models(kind, tmp_path):
     assert got.keys() == want.keys()
     for d in want:
         torch.testing.assert_close(torch.tensor(got[d]), torch.tensor(want[d]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_streamed_perplexity_equals_the_loaded_models(kind, tmp_path):
+    """`dume eval` runs every model one decoder layer at a time (`dume.moe.streamed`); its per-domain losses equal
+    `dume.train.perplexity` on the loaded model -- the MoE, with its own or with replaced routers, and a dense
+    expert -- on padded rows, batches not aligned to the domains."""
+    from dume.moe.edit import load_moe_streamed
+    from dume.moe.merge import moerge_experts
+    from dume.moe.routing import stack_blocks
+    from dume.train.models import load_model
+    from dume.train.perplexity import perplexity
+    from dume.upcycle.evaluate import _domain_nll
+
+    dirs = _experts(kind, tmp_path)
+    moe = moerge_experts(dirs, tmp_path / "moe", gates=_gates(2, 3, 32))
+    other = moerge_experts(dirs, tmp_path / "other", gates=_gates(2, 3, 32, seed=9))
+    g = torch.Generator().manual_seed(4)
+    blocks = {}
+    for d, n in {"a": 5, "b": 3}.items():
+        ids = torch.randint(0, TINY["vocab_size"], (n, 48), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 30:] = 0
+        blocks[d] = (ids, mask)
+    ids, mask, owner = stack_blocks(blocks)
+    replaced = [load_moe_streamed(other).model.layers[i].mlp.gate.weight.detach().clone() for i in range(2)]
+    for path, model, gates in ((moe, load_moe_streamed(moe), None), (moe, load_moe_streamed(other), replaced),
+                               (dirs[1], load_model(dirs[1]), None)):
+        got = _domain_nll(path, ids, mask, owner, list(blocks), batch_size=3, device="cpu", dtype=None, gates=gates)
+        for d, (i, m) in blocks.items():
+            want = perplexity(model, i, m, batch_size=2)
+            assert got[d]["tokens"] == want["tokens"]
+            assert abs(got[d]["loss"] - want["loss"]) < 1e-5 * want["loss"], (path, d)

@@ -110,8 +110,8 @@ def load_moe_streamed(moe_dir: str | Path, dtype: torch.dtype | None = None):
 def fill_parameters(named_parameters, rd: CheckpointReader, moe_dir: Path, cfg, arch) -> None:
     """Copy each (name, parameter) of a MoE model in memory from the checkpoint `rd` reads: the fused experts
     (`gate_up_proj[e]` = expert e's gate then up projection, `down_proj[e]`) expert by expert, the routers from
-    the architecture's gate name, everything else by its own name."""
-    D = num_experts(cfg)
+    the architecture's gate name, everything else by its own name (everything, for a dense model: `arch` None)."""
+    D = num_experts(cfg) if arch is not None else 0
     for name, p in named_parameters:
         fused = _FUSED_EXPERTS.match(name)
         if fused:

@@ -9,15 +9,10 @@ from pathlib import Path
 from dume.checkpoint.io import atomic_write_json, atomic_write_text, read_json
 from dume.errors import DumeError
 from dume.routers.registry import TABLE_ORDER
+from dume.train.perplexity import normalised_scores as clm_scores
 
 # Table 2's row order; methods missing from a run are simply left out.
 ROW_ORDER = list(TABLE_ORDER)  # dume.routers.registry: the dense baselines, then every registered strategy
-
-
-def clm_scores(perplexity: dict[str, float], reference: dict[str, float]) -> dict:
-    """Per-domain normalised scores and their average (lower perplexity is better)."""
-    per_domain = {d: 100.0 * reference[d] / perplexity[d] for d in reference}
-    return {"per_domain": per_domain, "average": sum(per_domain.values()) / len(per_domain)}
 
 
 def _ppl(results: dict) -> dict[str, float]:

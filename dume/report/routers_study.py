@@ -9,17 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from dume.checkpoint.io import read_json
-from dume.errors import DumeError
 from dume.report.multiseed import fmt, mean_std, seed_table
 from dume.routers.registry import REGISTRY
+from dume.train.perplexity import gap_closed
 
 BASELINES = ("model_averaging", "oracle")
-
-
-def gap_closed(avg: float, averaging: float, oracle: float) -> float:
-    if oracle <= averaging:
-        raise DumeError(f"the oracle ({oracle:.2f}) does not beat model averaging ({averaging:.2f}): no gap to close")
-    return 100.0 * (avg - averaging) / (oracle - averaging)
 
 
 def stock(name: str) -> bool:

@@ -14,7 +14,8 @@
                              #   device computes it natively -- bf16 on GPUs and bf16-capable CPUs -- else float32)
     out: path/to/moe
     # optional: seq_len (1024), batch_size (8), held_out (0.05), seed (0), device (auto),
-    #           max_shard_size (5GB: the largest safetensors file written)
+    #           max_shard_size (5GB: the largest safetensors file written),
+    #           evaluate (false; true or {random_routing: true}: the evaluation report, dume.upcycle.evaluate)
 
 Everything is checked before heavy work (keys and values, the experts' compatibility, each expert's data). Then
 the ridge statistics are collected through each domain's oracle, the routers solved and the experts MoErged with
@@ -25,6 +26,8 @@ shares measured on held-out documents.
 
 Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON / Parquet records give their
 `field`. A domain's held-out documents (the last `held_out` fraction, at most 64) are not used for the statistics.
+With `evaluate`, they also give the evaluation report (MoE vs each expert vs model averaging, normalised scores,
+a routing heatmap; `dume eval CONFIG.yaml` makes it for a MoE already built).
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
         docs[e.name], held[e.name] = split_held_out(texts, spec.held_out)
         log(f"{e.name}: {len(docs[e.name])} documents for the statistics, {len(held[e.name])} held out "
             f"({sources[e.name]})")
+        if spec.evaluate and not held[e.name]:
+            raise DumeError(f"{e.name}: too few documents to hold any out for the evaluation ({len(texts)} with "
+                            f"held_out {spec.held_out}); raise held_out or give more documents")
     tokenizer = load_tokenizer(es.tokenizer_dir)
     phase("read the documents")
     device = resolve_device(spec.device)
@@ -116,6 +122,14 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
         shares = held_out_routing(stage, held, tokenizer, max_len, spec.batch_size, device, dtype)
         if shares is not None:
             phase("held-out routing check")
+        report = None
+        if spec.evaluate:
+            from dume.upcycle.evaluate import evaluate_moe
+
+            report = evaluate_moe(stage, held, experts=dict(zip(names, dirs)), seq_len=max_len,
+                                  batch_size=spec.batch_size, device=device, dtype=dtype, seed=spec.seed,
+                                  random_routing=spec.evaluate_random_routing, write=False, log=log)
+            phase("evaluation report")
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
                                 "documents": len(docs[e.name]), "held_out": len(held[e.name]),
                                 "tokens": (counts or {}).get(e.name)} for e in spec.experts],
@@ -127,6 +141,10 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
                    "routing_shares": shares}
         atomic_write_json(stage / "dume_build.json", summary)
         atomic_write_text(stage / "README.md", model_card(summary, spec))
+        if report is not None:
+            from dume.upcycle.evaluate import write_report
+
+            write_report(stage, report, names)
     phase(f"wrote {out}")
     return summary
 
@@ -160,3 +178,31 @@ def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_l
     return {d: {"own": sum(own[d]) / len(own[d]), "per_layer": s} for d, s in shares.items()}
 
 
+
+
+def evaluate_built(spec: BuildSpec, *, random_routing: bool | None = None, keep_averaging=None, log=print) -> dict:
+    """`dume eval CONFIG.yaml`: the evaluation report of the MoE the config built (at `out`), on the same held-out
+    documents the build kept aside, with the config's settings; the experts are those the MoE's recipe names."""
+    from dume.checkpoint.experts import check_experts
+    from dume.checkpoint.outputs import output_lock
+    from dume.upcycle.evaluate import evaluate_moe, moe_experts
+
+    out = Path(spec.out)
+    held = {}
+    for e in spec.experts:
+        texts, _ = expert_texts(e)
+        held[e.name] = split_held_out(texts, spec.held_out)[1]
+        if not held[e.name]:
+            raise DumeError(f"{e.name}: no held-out documents (held_out {spec.held_out}, {len(texts)} documents): "
+                            "nothing to evaluate on")
+    with output_lock(out):  # no build or edit of `out` while its report is written
+        experts = moe_experts(out)
+        if list(experts) != [e.name for e in spec.experts]:
+            raise DumeError(f"{out} holds experts {', '.join(experts)}; the config names "
+                            f"{', '.join(e.name for e in spec.experts)}")
+        device = resolve_device(spec.device)
+        dtype = compute_dtype(spec.dtype, device, check_experts(list(experts.values())).stored_dtype)
+        return evaluate_moe(out, held, experts=experts, seq_len=spec.seq_len, batch_size=spec.batch_size,
+                            device=device, dtype=dtype, seed=spec.seed, keep_averaging=keep_averaging,
+                            random_routing=spec.evaluate_random_routing if random_routing is None else random_routing,
+                            log=log)

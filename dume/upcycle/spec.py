@@ -16,7 +16,7 @@ from dume.runtime.devices import check_device
 GATES = build_gates()
 DTYPES = ("auto", "float32", "bfloat16")
 TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
-            "batch_size", "held_out", "seed", "device", "max_shard_size"}
+            "batch_size", "held_out", "seed", "device", "max_shard_size", "evaluate"}
 EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs"}
 MAX_HELD_OUT = 64
 
@@ -47,6 +47,8 @@ class BuildSpec:
     seed: int = 0
     device: str = "auto"
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES
+    evaluate: bool = False          # the evaluation report on the held-out documents (dume.upcycle.evaluate)
+    evaluate_random_routing: bool = False
     source: Path | None = field(default=None, compare=False)
 
 
@@ -121,6 +123,9 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
     out_path = Path(out).expanduser()
     out_path = out_path if out_path.is_absolute() else base / out_path
     check_out(where, out_path, experts, source)
+    evaluate, random_routing = parse_evaluate(where, raw.get("evaluate", False))
+    if evaluate and float(held) == 0:
+        raise DumeError(f"{where}: evaluate needs held-out documents: set held_out above 0 (e.g. 0.05)")
     seed = positive_int(f"{where}: seed", raw.get("seed", 0), minimum=0)
     if seed >= 2**32:
         raise DumeError(f"{where}: seed must be below 2**32 (numpy's and CUDA's limit), got {seed}")
@@ -131,7 +136,20 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
         num_dume_tokens=positive_int(f"{where}: num_dume_tokens", raw.get("num_dume_tokens"), allow_none=True),
         dtype=dtype, seq_len=positive_int(f"{where}: seq_len", raw.get("seq_len", 1024)),
         batch_size=positive_int(f"{where}: batch_size", raw.get("batch_size", 8)), held_out=float(held),
-        seed=seed, device=device, max_shard_size=max_shard_size, source=source)
+        seed=seed, device=device, max_shard_size=max_shard_size, evaluate=evaluate,
+        evaluate_random_routing=random_routing, source=source)
+
+
+def parse_evaluate(where: str, value) -> tuple[bool, bool]:
+    """`evaluate: true|false`, or a mapping `{random_routing: true}`: (evaluate, with random routing)."""
+    if isinstance(value, bool):
+        return value, False
+    if isinstance(value, dict):
+        bad = sorted(set(value) - {"random_routing"})
+        if bad or not isinstance(value.get("random_routing", False), bool):
+            raise DumeError(f"{where}: evaluate takes true/false or {{random_routing: true/false}}, got {value!r}")
+        return True, value.get("random_routing", False)
+    raise DumeError(f"{where}: evaluate must be true or false (or {{random_routing: true}}), got {value!r}")
 
 
 def check_name(where: str, name: str) -> None:
