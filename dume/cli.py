@@ -197,11 +197,12 @@ def eval_command(args) -> None:
     if args.max_docs is not None:
         texts = {d: t[:args.max_docs] for d, t in texts.items()}
     device = resolve_device(check_device(args.device))
-    dtype = compute_dtype(args.dtype, device, check_experts(list(experts.values())).stored_dtype)
+    es = check_experts(list(experts.values()))
+    dtype = compute_dtype(args.dtype, device, es.stored_dtype)
     with output_lock(target):
         evaluate_moe(target, texts, experts=experts, seq_len=args.seq_len, batch_size=args.batch_size,
                      device=device, dtype=dtype, random_routing=args.random_routing, seed=args.seed,
-                     keep_averaging=args.keep_averaging)
+                     keep_averaging=args.keep_averaging, expert_set=es)
 
 
 def main(argv=None) -> int:

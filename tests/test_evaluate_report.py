@@ -116,6 +116,8 @@ def test_build_with_evaluate_writes_the_report_into_its_card(setup, capsys):
     (lambda root: ["eval", str(root / "out" / "evaluated"), "--data", f"tax={root / 'data' / 'law.txt'}"],
      "tax"),
     (lambda root: ["eval", str(root / "out" / "evaluated"), "--data", "law"], "DOMAIN=PATH"),
+    (lambda root: ["eval", str(root / "out" / "evaluated"), "--data", f"law={root / 'data' / 'law.txt'}",
+                   "--keep-averaging", str(root / "data")], "nothing is replaced"),
 ])
 def test_bad_eval_requests_are_one_line(setup, capsys, argv, needle):
     from dume.cli import main

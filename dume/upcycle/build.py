@@ -128,7 +128,8 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
 
             report = evaluate_moe(stage, held, experts=dict(zip(names, dirs)), seq_len=max_len,
                                   batch_size=spec.batch_size, device=device, dtype=dtype, seed=spec.seed,
-                                  random_routing=spec.evaluate_random_routing, write=False, log=log)
+                                  random_routing=spec.evaluate_random_routing, write=False, expert_set=es,
+                                  log=log)
             phase("evaluation report")
         summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
                                 "documents": len(docs[e.name]), "held_out": len(held[e.name]),
@@ -201,8 +202,9 @@ def evaluate_built(spec: BuildSpec, *, random_routing: bool | None = None, keep_
             raise DumeError(f"{out} holds experts {', '.join(experts)}; the config names "
                             f"{', '.join(e.name for e in spec.experts)}")
         device = resolve_device(spec.device)
-        dtype = compute_dtype(spec.dtype, device, check_experts(list(experts.values())).stored_dtype)
+        es = check_experts(list(experts.values()))
+        dtype = compute_dtype(spec.dtype, device, es.stored_dtype)
         return evaluate_moe(out, held, experts=experts, seq_len=spec.seq_len, batch_size=spec.batch_size,
-                            device=device, dtype=dtype, seed=spec.seed, keep_averaging=keep_averaging,
+                            device=device, dtype=dtype, seed=spec.seed, keep_averaging=keep_averaging, expert_set=es,
                             random_routing=spec.evaluate_random_routing if random_routing is None else random_routing,
                             log=log)

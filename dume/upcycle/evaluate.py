@@ -72,9 +72,10 @@ def _domain_nll(model_dir, ids, mask, owner, domains, *, batch_size, device, dty
 
 def evaluate_moe(moe_dir, texts: dict[str, list[str]], *, experts: dict[str, Path] | None = None, seq_len: int = 1024,
                  batch_size: int = 8, device: str = "cpu", dtype=None, random_routing: bool = False, seed: int = 0,
-                 keep_averaging=None, write: bool = True, log=print) -> dict:
+                 keep_averaging=None, write: bool = True, expert_set=None, log=print) -> dict:
     """The report of the MoE at `moe_dir` on `texts` ({domain: documents}, every domain one of its experts');
-    written into `moe_dir` when `write`. `experts` defaults to the MoE's recipe."""
+    written into `moe_dir` when `write`. `experts` defaults to the MoE's recipe; `expert_set`: their
+    `check_experts` result when the caller has it."""
     from dume.checkpoint.experts import check_experts
     from dume.moe.edit import num_experts, open_moe
     from dume.moe.routing import routing_accuracy, stack_blocks, top1_experts
@@ -91,7 +92,15 @@ def evaluate_moe(moe_dir, texts: dict[str, list[str]], *, experts: dict[str, Pat
     if unknown or not texts:
         raise DumeError(f"documents for {', '.join(unknown) or 'no domain'}: evaluate on the MoE's domains "
                         f"({', '.join(experts)})")
-    es = check_experts(list(experts.values()))  # missing or mismatched experts fail here, before any forward pass
+    # missing or mismatched experts fail here, before any forward pass
+    es = expert_set or check_experts(list(experts.values()))
+    if keep_averaging is not None:
+        from dume.checkpoint.outputs import check_output_path
+
+        keep_averaging = Path(keep_averaging)
+        if keep_averaging.exists():
+            raise DumeError(f"--keep-averaging {keep_averaging} exists: name a new folder (nothing is replaced)")
+        check_output_path(keep_averaging, [moe_dir, *es.dirs], "--keep-averaging")
     tokenizer = load_tokenizer(moe_dir)
     seq_len = min(seq_len, cfg.max_position_embeddings)
     domains = list(texts)
@@ -184,7 +193,7 @@ def card_section(report: dict) -> str:
     rows = [MOE] + [f"{d}_expert" for d in report["experts"]] + [AVERAGING] + ([RANDOM] if RANDOM in ppl else [])
     docs = ", ".join(f"{d}: {n}" for d, n in report["documents"].items())
     lines = [CARD_BEGIN, "## Evaluation (`dume eval`)", "",
-             f"Perplexity on each domain's held-out documents ({docs}; "
+             f"Perplexity on each domain's evaluation documents ({docs}; "
              f"packed into {report['seq_len']}-token blocks) and, in brackets, the normalised score 100·p̂/p "
              "(p̂ = the domain's own expert; 100 = as good as the specialist).", "",
              "| model | " + " | ".join(domains) + " | normalised avg |", "|---|" + "---:|" * (len(domains) + 1)]
@@ -212,7 +221,7 @@ def with_card_section(card: str, section: str) -> str:
     if CARD_BEGIN in card and CARD_END in card:
         head, rest = card.split(CARD_BEGIN, 1)
         return head + section + rest.split(CARD_END, 1)[1]
-    return card.rstrip("\n") + "\n\n" + section + "\n"
+    return (card.rstrip("\n") + "\n\n" if card.strip() else "") + section + "\n"
 
 
 def routing_heatmap(report: dict, expert_names: list[str], path: Path) -> Path:
@@ -238,7 +247,7 @@ def routing_heatmap(report: dict, expert_names: list[str], path: Path) -> Path:
         ax.set_xlabel("expert", fontsize=8)
     axes[0][0].set_ylabel("layer", fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of tokens (top-1)")
-    fig.suptitle("Where each domain's held-out tokens go", fontsize=10)
+    fig.suptitle("Where each domain's tokens go: the share whose top-1 expert each one is", fontsize=10, y=1.04)
     tmp = tmp_sibling(Path(path))
     try:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
