@@ -82,13 +82,14 @@ def make_experts(root: Path, preset: dict, n: int, docs: int) -> tuple[list[Path
     return dirs, data
 
 
-def build(root: Path, dirs, data, dtype: str, seq_len: int, batch_size: int, held_out: float) -> dict:
+def build(root: Path, dirs, data, dtype: str, seq_len: int, batch_size: int, held_out: float,
+          evaluate: bool = False) -> dict:
     import yaml
 
     out = root / f"moe_{dtype}"
     cfg = {"experts": [{"name": d.name, "model": str(d), "data": str(x)} for d, x in zip(dirs, data)],
            "gate": "dume", "dtype": dtype, "out": str(out), "seq_len": seq_len, "batch_size": batch_size,
-           "held_out": held_out}
+           "held_out": held_out, "evaluate": evaluate}
     path = root / f"build_{dtype}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
@@ -133,6 +134,8 @@ def main(argv=None):
     p.add_argument("--held-out", type=float, default=0.05,
                    help="dume build's held_out (a domain holds out int(fraction x documents) for the routing check)")
     p.add_argument("--dtype", nargs="+", default=["float32", "auto"], choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--evaluate", action="store_true", help="build with `evaluate: true` (the evaluation report: "
+                   "D + 2 models over the held-out documents), its time in the 'evaluation report' phase")
     p.add_argument("--work", default=None, help="folder for the experts and MoEs (default: a temporary one)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -147,22 +150,24 @@ def main(argv=None):
         texts = [json.loads(x)["text"] for x in data[0].read_text().splitlines()]
         rows = []
         for dt in args.dtype:
-            row = build(root, dirs, data, dt, args.seq_len, args.batch_size, args.held_out)
+            row = build(root, dirs, data, dt, args.seq_len, args.batch_size, args.held_out, args.evaluate)
             row["plain_tokens_per_s"] = plain_forward_tokens_per_s(dirs[0], texts, row["compute_dtype"],
                                                                    args.seq_len, args.batch_size)
             row["stats_tokens_per_s"] = row["stats_tokens"] / max(row["stats_s"], 1e-9)
             rows.append(row)
             print(f"dtype {dt}: {row['wall_s']:.0f} s, phases {row['phases_s']}", flush=True)
     print(f"\n{args.preset}, {args.experts} experts x {args.docs} documents, seq {args.seq_len}, batch "
-          f"{args.batch_size}, held_out {args.held_out}; peak RSS of the build process")
+          f"{args.batch_size}, held_out {args.held_out}{', evaluate: true' if args.evaluate else ''}; peak RSS of "
+          "the build process")
     print("| dtype (computes in) | wall s | statistics tok/s | plain forward tok/s | ratio | peak RSS GB "
-          "| largest shard + statistics GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| largest shard + statistics GB |" + (" evaluation s |" if args.evaluate else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.evaluate else ""))
     for r in rows:
         print(f"| {r['dtype']} ({r['compute_dtype'].removeprefix('torch.')}) | {r['wall_s']:.0f} | "
               f"{r['stats_tokens_per_s']:.0f} | {r['plain_tokens_per_s']:.0f} | "
               f"{r['stats_tokens_per_s'] / r['plain_tokens_per_s']:.2f} | {r['peak_rss_gb']:.2f} | "
-              f"{r['largest_shard_gb']:.2f} + {r['stats_gb']:.2f} |")
+              f"{r['largest_shard_gb']:.2f} + {r['stats_gb']:.2f} |"
+              + (f" {r['phases_s'].get('evaluation report', float('nan')):.0f} |" if args.evaluate else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1))
     return rows
