@@ -21,6 +21,11 @@ resumes. The report is rebuilt from the result files each time.
     python clm_routers_study.py                              # both sets, seeds 0,1,2 (~70 min on 2 cores)
     python clm_routers_study.py --sets wiki --seeds 0        # a first look
     python clm_routers_study.py --smoke --run-root runs/study_smoke
+
+With `--peers mergekit --mergekit-moe PATH` (PATH: the `mergekit-moe` of a separate venv, whose pins clash
+with ours; README, routers study) each seed also gets the real tool's rows, `mergekit-moe:<gate mode>@<base>`
+for the gate modes hidden, cheap_embed, random and the bases seed, model_averaging
+(`dume.routers.mergekit_moe`), evaluated and cached like the others.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import clm_moerging_strategies_eval as strategies_script
 import clm_pretrain
 import clm_train_experts
 import clm_weights_avg_eval
+from dume.routers import mergekit_moe
 from dume.routers import registry as strategies
 from dume.cli import run_main
 from dume.errors import DumeError
@@ -42,6 +48,7 @@ from dume.checkpoint.io import atomic_write_json, atomic_write_text
 from reproduce_clm import Timer, link, step_flags
 
 SETS = {"wiki": "offline", "heldout": "offline_heldout"}
+PEERS = {"mergekit": mergekit_moe.rows()}  # --peers: outside tools, each the rows it adds
 ROWS = ("oracle", "centroid", "DUME", *strategies.names(paper=False))
 
 
@@ -55,6 +62,9 @@ def parse(argv):
     p.add_argument("--redo-rows", default="", help="strategies to recompute (comma-separated), e.g. after a fix")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring in a few minutes")
     p.add_argument("--report-dir", default=None, help="where ROUTERS.md and routers.json go (default: RUN_ROOT)")
+    p.add_argument("--peers", default="", help=f"outside tools to add as rows (comma-separated): {', '.join(PEERS)}")
+    p.add_argument("--mergekit-moe", default=None, metavar="PATH",
+                   help="the mergekit-moe executable of its own venv (for --peers mergekit)")
     args, rest = p.parse_known_args(argv)
     args.sets = [s for s in args.sets.split(",") if s]
     bad = [s for s in args.sets if s not in SETS]
@@ -68,9 +78,22 @@ def parse(argv):
     unknown = [r for r in args.rows if r not in strategies.REGISTRY]
     if unknown:
         raise DumeError(f"--rows: unknown strategies {unknown}")
+    args.peers = [p for p in args.peers.split(",") if p]
+    if not set(args.peers) <= set(PEERS):
+        raise DumeError(f"--peers: choose from {', '.join(PEERS)}, got {args.peers}")
+    args.peer_rows, args.peer_note = [], None
+    if args.mergekit_moe and "mergekit" not in args.peers:
+        raise DumeError("--mergekit-moe is for the mergekit peer: add --peers mergekit")
+    if "mergekit" in args.peers:
+        if args.mergekit_moe:  # a path that does not run is refused here, before any work
+            args.peer_note = f"mergekit {mergekit_moe.check_executable(args.mergekit_moe)}"
+            args.peer_rows = list(PEERS["mergekit"])
+        else:
+            args.peer_note = "skipped: no --mergekit-moe"
+            print("mergekit peer skipped: no --mergekit-moe")
     args.redo_rows = [r for r in args.redo_rows.split(",") if r]
-    if not set(args.redo_rows) <= set(args.rows):
-        raise DumeError(f"--redo-rows must be among --rows, got {args.redo_rows}")
+    if not set(args.redo_rows) <= set(args.rows) | set(args.peer_rows):
+        raise DumeError(f"--redo-rows must be among --rows (or the peers' rows), got {args.redo_rows}")
     if "oracle" not in args.rows:
         args.rows.insert(0, "oracle")  # the gap needs it
     for flag in ("--run-dir", "--seed", "--source"):
@@ -95,8 +118,9 @@ def forward_cost(seed_dir: Path, rows, common: list[str]) -> dict[str, float]:
     ids, mask = ids[:8], mask[:8]
     times = {}
     for name in rows:
-        path = run.model_dir(name)
-        if not strategies.REGISTRY[name].routed or not path.is_dir():
+        path = run.model_dir(mergekit_moe.result_stem(name))
+        routed = mergekit_moe.is_peer(name) or strategies.REGISTRY[name].routed
+        if not routed or not path.is_dir():
             continue
         model = load_model(path).eval()
         with torch.no_grad():
@@ -108,6 +132,55 @@ def forward_cost(seed_dir: Path, rows, common: list[str]) -> dict[str, float]:
                 runs.append(time.perf_counter() - t)
         times[name] = statistics.median(runs)
     return {n: t / times["DUME"] for n, t in times.items()} if "DUME" in times else {}
+
+
+def mergekit_row(argv: list[str], exe: str, row: str) -> None:
+    """One `mergekit-moe` row on one seed's run: the YAML (the run's experts, the same 8 prompts per domain as
+    `mergekit_hidden`), the tool in a subprocess, then the evaluation every row gets (test perplexities and
+    routing shares). Cached like the registry's rows: skipped while its result matches the experts, the base,
+    the corpus and the model it evaluated; `--redo` (the study's --redo-rows) recomputes it."""
+    import torch
+
+    from dume.checkpoint.experts import check_experts
+    from dume.checkpoint.io import atomic_dir
+    from dume.checkpoint.outputs import output_lock
+    from dume.cli import base_parser
+    from dume.clm.run import Run, write_result
+    from dume.moe.routing import routing_accuracy, routing_shares
+
+    args = base_parser(mergekit_row.__doc__).parse_args(argv)
+    run = Run.from_args(args)
+    mode, base = mergekit_moe.parse_row(row)
+    stem, domains = mergekit_moe.result_stem(row), run.domains()
+    experts = {d: run.require_checkpoint(run.expert_dir(d), f"clm_train_experts.py --domain {d}") for d in domains}
+    base_dir = run.require_checkpoint(*((run.seed_dir, "clm_pretrain.py") if base == "seed" else
+                                        (run.model_dir("model_averaging"), "clm_weights_avg_eval.py")))
+    inputs = {**{f"{d} expert": p for d, p in experts.items()}, "base model": base_dir}
+    model_dir = run.model_dir(stem)
+    with output_lock(model_dir), output_lock(run.result_path(stem)):
+        if run.done(stem, args.redo, inputs=inputs, models={"model": model_dir}):
+            return
+        check_experts(list(experts.values()))  # configs, shapes, NaN/inf: before anything is written
+        prompts = strategies_script.prompt_gate_inputs(run, domains)["prompts"]
+        config = mergekit_moe.moe_config(base_dir, experts, prompts, mode)
+        input_fps = run.begin(stem, inputs)
+        with atomic_dir(model_dir) as stage:
+            mergekit_moe.run_mergekit(exe, config, stage, seed=args.seed, log_path=run.run_dir / "logs" / f"{stem}.log")
+            model = run.load(stage, mergekit_moe.PEER)
+            with torch.no_grad():
+                results = run.evaluate(model, domains, args.eval_batch_size, label=row)
+                shares = routing_shares(run.on_device(model), {d: run.blocks(d, "test") for d in domains},
+                                        args.eval_batch_size)
+        accuracy = routing_accuracy(shares, {d: i for i, d in enumerate(domains)})
+        payload = {"name": row, "method": mergekit_moe.PEER, "domains": domains,
+                   "peer": {"tool": mergekit_moe.PEER, "version": mergekit_moe.tool_version(exe), "gate_mode": mode,
+                            "base": base, "config": config},
+                   "experts": [str(p) for p in experts.values()], "model": str(model_dir),
+                   # tagged: a peer is not a row of Table 2 (dume.report.clm_table skips tagged results)
+                   "settings": {"tag": "peer", "seed": args.seed, "eval_batch_size": args.eval_batch_size},
+                   "results": results, "routing_shares": shares, "routing_accuracy": accuracy}
+        write_result(run, stem, payload, inputs=input_fps, models={"model": model_dir})
+    print(row.ljust(20), " ".join(f"{d}={r['perplexity']:.2f}" for d, r in results.items()))
 
 
 def main(argv=None):
@@ -138,18 +211,23 @@ def main(argv=None):
             for m in args.rows:
                 redo = ["--redo"] if m in args.redo_rows else []
                 timer(f"{set_name} seed{s} {m}", strategies_script.main, flags(d, s, "--method", m, *redo))
+            for m in args.peer_rows:
+                redo = ["--redo"] if m in args.redo_rows else []
+                timer(f"{set_name} seed{s} {m}", mergekit_row, flags(d, s, *redo), args.mergekit_moe, m)
         # the study's cost: its steps' recorded times (a resumed run keeps the earlier ones)
         wall[set_name] = sum(v for k, v in timer.data.items() if k.startswith(f"{set_name} "))
-        forward = forward_cost(seed_dirs[args.seeds[0]], args.rows, common)
-        summaries[set_name] = set_summary(seed_dirs, ["model_averaging", *args.rows], timer.data, set_name, forward)
+        rows = [*args.rows, *args.peer_rows]
+        forward = forward_cost(seed_dirs[args.seeds[0]], rows, common)
+        summaries[set_name] = set_summary(seed_dirs, ["model_averaging", *rows], timer.data, set_name, forward)
     decision = verdict(summaries)
     descriptions = {n: strategies.REGISTRY[n].description for n in args.rows}
+    descriptions.update({n: mergekit_moe.description(n) for n in args.peer_rows})
     report_dir = Path(args.report_dir) if args.report_dir else root
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(report_dir / "routers.json", {"sets": summaries, "verdict": decision,
-                                                    "wall_seconds": wall, "settings": {"seeds": args.seeds,
-                                                                                       "smoke": args.smoke}})
-    md = markdown(summaries, descriptions, decision, wall)
+                                                    "wall_seconds": wall, "peers": args.peer_note,
+                                                    "settings": {"seeds": args.seeds, "smoke": args.smoke}})
+    md = markdown(summaries, descriptions, decision, wall, peers=args.peer_note)
     atomic_write_text(report_dir / "ROUTERS.md", md)
     print(md)
     print(f"wrote {report_dir / 'ROUTERS.md'} and {report_dir / 'routers.json'}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dume.checkpoint.io import read_json
-from dume.report.multiseed import fmt, mean_std, seed_table
+from dume.report.multiseed import fmt, mean_std, result_scores, seed_table
+from dume.routers import mergekit_moe
 from dume.routers.registry import REGISTRY
 from dume.train.perplexity import gap_closed
 
@@ -17,12 +18,14 @@ BASELINES = ("model_averaging", "oracle")
 
 
 def stock(name: str) -> bool:
-    """Does this row's model load as a stock transformers MoE checkpoint?"""
+    """Does this row's model load as a stock transformers MoE checkpoint? (A peer's: a stock Mixtral.)"""
     return REGISTRY[name].stock_checkpoint if name in REGISTRY else True
 
 
 def reads(name: str) -> str:
     """What a row's router is computed from."""
+    if mergekit_moe.is_peer(name):
+        return mergekit_moe.reads(name)
     s = REGISTRY.get(name)
     if s is None or not s.routed:
         return "—"
@@ -42,14 +45,15 @@ def set_summary(seed_dirs: dict[int, Path], rows, timings: dict[str, float] | No
     domains = next(iter(tables.values()))["domains"]
     out = {"domains": domains, "seeds": sorted(tables), "rows": {}}
     for name in rows:
-        have = {s: t["methods"][name] for s, t in tables.items() if name in t["methods"]}
+        have = {s: row for s, t in tables.items() if (row := _scores(t, seed_dirs[s], name)) is not None}
         if len(have) != len(tables):
             continue
         per_seed_avg = {s: r["average"] for s, r in have.items()}
         gaps = [gap_closed(per_seed_avg[s], tables[s]["methods"]["model_averaging"]["average"],
                            tables[s]["methods"]["oracle"]["average"]) for s in have]
         per_seed_accuracy = [read_json(p).get("routing_accuracy") or {} for p in
-                             (Path(run) / "results" / f"{name}.json" for run in seed_dirs.values()) if p.is_file()]
+                             (Path(run) / "results" / f"{mergekit_moe.result_stem(name)}.json"
+                              for run in seed_dirs.values()) if p.is_file()]
         accuracy = {}
         for d in domains:
             vals = [sum(acc[d]) / len(acc[d]) for acc in per_seed_accuracy if d in acc]
@@ -64,10 +68,21 @@ def set_summary(seed_dirs: dict[int, Path], rows, timings: dict[str, float] | No
     return out
 
 
+def _scores(table: dict, run_dir, name: str) -> dict | None:
+    """One seed's {normalised, average} of a row: Table 2's, or a peer's from its own (tagged) result file."""
+    if not mergekit_moe.is_peer(name):
+        return table["methods"].get(name)
+    scores = result_scores(Path(run_dir) / "results" / f"{mergekit_moe.result_stem(name)}.json",
+                           table["reference_perplexity"])
+    return None if scores is None else {"normalised": scores["per_domain"], "average": scores["average"]}
+
+
 def verdict(summaries: dict[str, dict], default: str = "DUME") -> dict:
-    """The stock-checkpoint routers that beat `default` on every seed of every domain set."""
+    """The stock-checkpoint routers that beat `default` on every seed of every domain set. A peer (another
+    tool's output) is compared in the table but is no candidate: `dume build` could not offer it."""
     winners = []
-    candidates = [n for n in next(iter(summaries.values()))["rows"] if n not in (*BASELINES, default) and stock(n)]
+    candidates = [n for n in next(iter(summaries.values()))["rows"]
+                  if n not in (*BASELINES, default) and stock(n) and not mergekit_moe.is_peer(n)]
     for name in candidates:
         if all(name in s["rows"] and default in s["rows"] and all(
                 s["rows"][name]["per_seed_average"][seed] > s["rows"][default]["per_seed_average"][seed]
@@ -78,7 +93,24 @@ def verdict(summaries: dict[str, dict], default: str = "DUME") -> dict:
     return {"default": best or default, "winners": winners}
 
 
-def markdown(summaries: dict[str, dict], descriptions: dict[str, str], decision: dict, wall: dict) -> str:
+def peer_section(summaries: dict[str, dict], peers: str | None) -> list[str]:
+    """What the mergekit-moe rows are, how they differ from DUME, and how to add them when they were not run."""
+    ran = any(mergekit_moe.is_peer(n) for s in summaries.values() for n in s["rows"])
+    lines = ["## The real mergekit-moe (a peer)", ""]
+    if ran:
+        lines += [(f"The `{mergekit_moe.PEER}:<gate mode>@<base>` rows are the real tool ({peers or 'mergekit'}) "
+                   "run in a subprocess on the same experts, evaluated like every other row. How they differ "
+                   "from DUME's build:"), ""] + [f"- {d}" for d in mergekit_moe.METHOD_DIFFERENCES] + [""]
+    else:
+        lines += [f"Not run here ({peers or 'no --peers mergekit'})."]
+    lines += [("mergekit's pins clash with DUME's, so it needs a venv of its own: "
+               f"`{mergekit_moe.VENV_HOWTO}`, then `clm_routers_study.py ... --peers mergekit --mergekit-moe "
+               "~/venvs/mergekit/bin/mergekit-moe`."), ""]
+    return lines
+
+
+def markdown(summaries: dict[str, dict], descriptions: dict[str, str], decision: dict, wall: dict,
+             peers: str | None = None) -> str:
     lines = ["# Training-free routers (the routers study)", "",
              "Every row is built from the same experts without training (forward passes and closed-form solves "
              "only). Scores are normalised perplexities (own expert = 100), mean ± std over seeds; *gap closed* is "
@@ -106,6 +138,7 @@ def markdown(summaries: dict[str, dict], descriptions: dict[str, str], decision:
                          + ("—" if fwd is None else f"{fwd:.2f}×") + " |")
         lines.append("")
     lines += ["## Rows", ""] + [f"- `{n}`: {d}" for n, d in descriptions.items()] + [""]
+    lines += peer_section(summaries, peers)
     if decision["winners"]:
         from dume.upcycle.spec import GATES
 
