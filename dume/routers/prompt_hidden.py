@@ -1,15 +1,19 @@
 """mergekit's prompt-based "hidden" gate, reproduced as an ecosystem baseline.
 
-What `mergekit-moe` does with `gate_mode: hidden` (read from arcee-ai/mergekit, `mergekit/moe/router.py`): each
-expert comes with a few positive prompts; every prompt is run through the *base model* with the BOS token
-prepended; the residual stream entering each layer (`hidden_states[l]`, l = 0 .. L-1, so layer 0 sees the
-embeddings) at the prompt's last token is averaged over the expert's prompts and normalised to unit length; that
-vector is the expert's router row at that layer. No temperature, no data beyond the prompts.
+What `mergekit-moe` does with `gate_mode: hidden` (read in mergekit 0.1.5, `mergekit/moe/router.py`:
+`get_gate_params`, `get_hidden_states`, `tokenize_prompts`): each expert comes with a few positive prompts; every
+prompt is run through the *base model* with the BOS token prepended; the residual stream entering each layer
+(`hidden_states[l]`, l = 0 .. L-1, so layer 0 sees the embeddings) at the prompt's last token is averaged over the
+expert's prompts and normalised to unit length; that vector is the expert's router row at that layer. No
+temperature, no data beyond the prompts.
 
 Differences from mergekit: prompts are run one at a time, so "the last token" is the last real one; mergekit
-0.1.5 pads a batch on the left, so its last position is real too and the two agree (our gates equal the real
-tool's: cosine 0.99999, exact when its bf16 load is made fp32). No negative prompts. The base model is the one
-the experts were fine-tuned from (the CLM run's seed model), like mergekit's `base_model`; else their average.
+batches an expert's prompts padded on the LEFT (`mergekit/scripts/moe.py` `build` sets `tokenizer.padding_side =
+"left"` and pads with BOS before `tokenize_prompts` pads), so its last position is a real token too and the two
+agree. It loads the base model in bf16 (`get_gate_params`: `torch_dtype=torch.bfloat16`), we in float32: our gates
+equal the real tool's to cosine 0.99999, exactly when its load is made fp32 (`clm_routers_study.py --peers
+mergekit` runs the real tool: `dume.routers.mergekit_moe`). No negative prompts. The base model is the one the
+experts were fine-tuned from (the CLM run's seed model), like mergekit's `base_model`; else their average.
 """
 
 from __future__ import annotations
