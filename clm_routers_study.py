@@ -22,8 +22,8 @@ resumes. The report is rebuilt from the result files each time.
     python clm_routers_study.py --sets wiki --seeds 0        # a first look
     python clm_routers_study.py --smoke --run-root runs/study_smoke
 
-With `--peers mergekit --mergekit-moe PATH` (PATH: the `mergekit-moe` of a separate venv, whose pins clash
-with ours; README, routers study) each seed also gets the real tool's rows, `mergekit-moe:<gate mode>@<base>`
+With `--peers mergekit --mergekit-moe PATH` (PATH: the `mergekit-moe` executable, e.g. of a venv of its own:
+README, routers study) each seed also gets the real tool's rows, `mergekit-moe:<gate mode>@<base>`
 for the gate modes hidden, cheap_embed, random and the bases seed, model_averaging
 (`dume.routers.mergekit_moe`), evaluated and cached like the others.
 """

@@ -103,7 +103,7 @@ def peer_section(summaries: dict[str, dict], peers: str | None) -> list[str]:
                    "from DUME's build:"), ""] + [f"- {d}" for d in mergekit_moe.METHOD_DIFFERENCES] + [""]
     else:
         lines += [f"Not run here ({peers or 'no --peers mergekit'})."]
-    lines += [("mergekit's pins clash with DUME's, so it needs a venv of its own: "
+    lines += [("mergekit runs from an install of its own, a venv that keeps its dependencies out of DUME's: "
                f"`{mergekit_moe.VENV_HOWTO}`, then `clm_routers_study.py ... --peers mergekit --mergekit-moe "
                "~/venvs/mergekit/bin/mergekit-moe`."), ""]
     return lines

@@ -2,10 +2,12 @@
 
 Why a peer and not a registry strategy: `mergekit_hidden` (`dume.routers.prompt_hidden`) is our reading of
 mergekit's hidden gate, built like every other row; the peer is the tool itself, so the study can show what a user
-of it gets. Its pins clash with ours, so it lives in a venv of its own and is driven through its command line
-(`clm_routers_study.py --peers mergekit --mergekit-moe PATH`); nothing of it is imported here. A peer row is one
-gate mode x one base model, named `mergekit-moe:<mode>@<base>`; its YAML holds the run's experts and the same 8
-prompts per domain as `mergekit_hidden`, and its output (a stock Mixtral checkpoint) is evaluated like every row.
+of it gets. It is driven through its command line (`clm_routers_study.py --peers mergekit --mergekit-moe PATH`),
+from an install of its own: a venv of its own keeps its extra dependencies (peft, sentencepiece, protobuf,
+immutables) and its version ranges from ever moving ours (0.1.5's ranges do resolve with ours, `pip install
+--dry-run`, so PATH may also be in our venv); nothing of it is imported here. A peer row is one gate mode x one
+base model, named `mergekit-moe:<mode>@<base>`; its YAML holds the run's experts and the same 8 prompts per domain
+as `mergekit_hidden`, and its output (a stock Mixtral checkpoint) is evaluated like every row.
 
 How the tool differs from DUME, read in mergekit 0.1.5's source (`METHOD_DIFFERENCES`, printed in ROUTERS.md):
 `mixtral.MixtralMoE.write_model` copies the base model's non-MLP weights, `router.get_gate_params` loads the base
@@ -38,7 +40,7 @@ METHOD_DIFFERENCES = (
      "our `mergekit_hidden` runs them one at a time in float32 from the seed model, on averaged shared weights"),
     "cheap_embed: the normalised sum of the prompts' token embeddings (BOS included), the same row at every layer",
     "random: N(0, 1) gates, seeded with the run's seed (`--random-seed`)",
-    (f"both: the same 8 prompts per domain as `mergekit_hidden`, {EXPERTS_PER_TOKEN} expert per token like every "
+    (f"every mode: the same 8 prompts per domain as `mergekit_hidden`, {EXPERTS_PER_TOKEN} expert per token like every "
      f"other row (mergekit's default is 2), `dtype: {DTYPE}`"),
 )
 
