@@ -148,6 +148,8 @@ def test_the_study_skips_or_refuses_the_peer_in_one_line(tmp_path, capsys):
         study.parse(["--mergekit-moe", "/bin/true"])
     with pytest.raises(DumeError, match="--peers: choose from mergekit"):
         study.parse(["--peers", "mergekit,peft"])
+    with pytest.raises(DumeError, match="--redo-rows must be among"):  # a peer row needs its peer to run
+        study.parse(["--peers", "mergekit", "--redo-rows", "mergekit-moe:random@seed"])
 
 
 @pytest.mark.skipif(not MERGEKIT, reason="no mergekit-moe: set DUME_MERGEKIT_MOE to its executable (its own venv)")
