@@ -82,13 +82,11 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
 
     names = [e.name for e in spec.experts]
     dirs = [resolve_expert(e.model) for e in spec.experts]
-    check_output_path(out, dirs, "out")  # hub experts resolve to the cache only now
-    es = check_experts(dirs, require_moe_compatible=True)
-    phase(f"checked and fingerprinted {len(dirs)} experts")
-    for n in es.notes:
-        log(f"note: {n}")
-    for w in es.warnings:
-        log(f"warning: {w}")
+    adapters = checked_adapters(spec, dirs, log)
+    check_output_path(out, dirs + [a.dir for a in adapters.values()], "out")  # hub ids resolve only now
+    es = check_experts(dirs, require_moe_compatible=True)  # an adapter's base stands in for its merge
+    phase(f"checked and fingerprinted {len(dirs)} experts" + (f" ({len(adapters)} adapters on their bases)"
+                                                              if adapters else ""))
     if es.tokenizer_dir is None:
         raise DumeError("no expert has tokenizer files: the documents cannot be tokenized")
     docs, held, sources = {}, {}, {}
@@ -100,8 +98,18 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
         if spec.evaluate and not held[e.name]:
             raise DumeError(f"{e.name}: too few documents to hold any out for the evaluation ({len(texts)} with "
                             f"held_out {spec.held_out}); raise held_out or give more documents")
-    tokenizer = load_tokenizer(es.tokenizer_dir)
     phase("read the documents")
+    if adapters:
+        from dume.checkpoint.adapters import merged_expert
+
+        dirs = [merged_expert(adapters[i], log=log) if i in adapters else d for i, d in enumerate(dirs)]
+        es = check_experts(dirs, require_moe_compatible=True)  # the merged experts themselves
+        phase(f"merged {len(adapters)} adapters")
+    for n in es.notes:
+        log(f"note: {n}")
+    for w in es.warnings:
+        log(f"warning: {w}")
+    tokenizer = load_tokenizer(es.tokenizer_dir)
     device = resolve_device(spec.device)
     dtype = compute_dtype(spec.dtype, device, es.stored_dtype)
     log(f"forward passes on {device} in {str(dtype).removeprefix('torch.')} (dtype: {spec.dtype}; the experts "
@@ -131,9 +139,11 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
                                   random_routing=spec.evaluate_random_routing, write=False, expert_set=es,
                                   log=log)
             phase("evaluation report")
-        summary = {"experts": [{"name": e.name, "model": e.model, "data": sources[e.name],
-                                "documents": len(docs[e.name]), "held_out": len(held[e.name]),
-                                "tokens": (counts or {}).get(e.name)} for e in spec.experts],
+        summary = {"experts": [{"name": e.name, "model": e.model,
+                                **({"adapter": e.adapter, "merged": str(dirs[i])} if e.adapter else {}),
+                                "data": sources[e.name], "documents": len(docs[e.name]),
+                                "held_out": len(held[e.name]), "tokens": (counts or {}).get(e.name)}
+                               for i, e in enumerate(spec.experts)],
                    "architecture": f"{es.arch.dense_class} -> {es.arch.moe_class}",
                    "settings": {"gate": spec.gate, "k": spec.k, "lambda": spec.lam,
                                 "temperature": spec.temperature, "num_dume_tokens": spec.num_dume_tokens,
@@ -148,6 +158,24 @@ def _build(spec: BuildSpec, out: Path, overwrite: bool, log) -> dict:
             write_report(stage, report, names)
     phase(f"wrote {out}")
     return summary
+
+
+def checked_adapters(spec: BuildSpec, dirs: list[Path], log) -> dict:
+    """{expert index: checked `Adapter`} for the experts given as `model:` + `adapter:`, every one checked (peft
+    installed, files, type, base) before any merge; notes about bases that cannot be verified are printed."""
+    if not any(e.adapter for e in spec.experts):
+        return {}
+    from dume.checkpoint.adapters import check_adapter, require_peft
+    from dume.checkpoint.resolve import resolve_adapter
+
+    require_peft()
+    out = {}
+    for i, e in enumerate(spec.experts):
+        if e.adapter:
+            out[i] = check_adapter(e.adapter, resolve_adapter(e.adapter), e.model, dirs[i])
+            if out[i].note:
+                log(f"note: {e.name}: {out[i].note}")
+    return out
 
 
 def held_out_routing(moe_dir: Path, held: dict[str, list[str]], tokenizer, max_len: int, batch_size: int,

@@ -15,8 +15,12 @@ def model_card(summary: dict, spec: BuildSpec) -> str:
              + get(GATES[s["gate"]]).card, "",
              "| expert | model | data | documents | held out | tokens |", "|---|---|---|---:|---:|---:|"]
     for e in summary["experts"]:
-        lines.append(f"| {e['name']} | `{e['model']}` | `{e['data']}` | {e['documents']} | {e['held_out']} | "
+        model = f"`{e['model']}` + adapter `{e['adapter']}`" if e.get("adapter") else f"`{e['model']}`"
+        lines.append(f"| {e['name']} | {model} | `{e['data']}` | {e['documents']} | {e['held_out']} | "
                      f"{e['tokens'] if e['tokens'] is not None else '—'} |")
+    if any(e.get("adapter") for e in summary["experts"]):
+        lines += ["", "Experts given as base + adapter (LoRA) were merged into their base with peft "
+                  "(`merge_and_unload`) before the build; `dume_build.json` names each merged checkpoint."]
     lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()), ""]
     shares = summary.get("routing_shares")
     if shares:

@@ -17,7 +17,7 @@ GATES = build_gates()
 DTYPES = ("auto", "float32", "bfloat16")
 TOP_KEYS = {"experts", "gate", "k", "lambda", "temperature", "num_dume_tokens", "dtype", "out", "seq_len",
             "batch_size", "held_out", "seed", "device", "max_shard_size", "evaluate"}
-EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs"}
+EXPERT_KEYS = {"name", "model", "data", "split", "field", "max_docs", "adapter"}
 MAX_HELD_OUT = 64
 
 
@@ -29,6 +29,7 @@ class ExpertSpec:
     split: str = "train"
     field: str = "text"
     max_docs: int | None = None
+    adapter: str | None = None  # a PEFT LoRA adapter on `model` (dume.checkpoint.adapters): merged into it first
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,13 @@ def parse_spec(raw, source: Path | None = None) -> BuildSpec:
         for key in ("split", "field"):
             if key in e and (not isinstance(e[key], str) or not e[key]):
                 raise DumeError(f"{label}: {key!r} must be a non-empty string")
+        if "adapter" in e and (not isinstance(e["adapter"], str) or not e["adapter"].strip()):
+            raise DumeError(f"{label}: 'adapter' must be a non-empty string (a PEFT adapter folder or hub id)")
         check_name(label, e["name"].strip())
         experts.append(ExpertSpec(name=e["name"].strip(), model=_local(e["model"], base), data=_local(e["data"], base),
                                   split=e.get("split", "train"), field=e.get("field", "text"),
-                                  max_docs=positive_int(f"{label}.max_docs", e.get("max_docs"), allow_none=True)))
+                                  max_docs=positive_int(f"{label}.max_docs", e.get("max_docs"), allow_none=True),
+                                  adapter=_local(e["adapter"].strip(), base) if "adapter" in e else None))
     names = [e.name for e in experts]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -165,7 +169,7 @@ def check_out(where: str, out: Path, experts, source: Path | None) -> None:
     a data file or folder, the config file itself)."""
     from dume.checkpoint.outputs import check_output_path, check_writable_location
 
-    inputs = [Path(v) for e in experts for v in (e.model, e.data) if Path(v).exists()]
+    inputs = [Path(v) for e in experts for v in (e.model, e.data, e.adapter) if v and Path(v).exists()]
     if source is not None:
         inputs.append(source)
     try:
