@@ -5,6 +5,7 @@ be merged into that base."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import weakref
 
@@ -13,7 +14,8 @@ import torch
 
 from helpers import one_error_line, tiny_llama, tiny_tokenizer
 
-peft = pytest.importorskip("peft")  # the `test` extra installs it; without it only the refusal test is moot
+# The `test` extra installs peft; without it only the refusal that names the extra can run.
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 
 NAMES = ("law", "med", "code")
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,7 +62,7 @@ def setup(tmp_path_factory):
     data.mkdir()
     for n, words in zip(NAMES, ("court statute ruling", "patient dose aspirin", "def return import")):
         (data / f"{n}.txt").write_text("\n\n".join(f"The {words} case {i} of the {words.split()[i % 3]}."
-                                                   for i in range(24)))
+                                                   for i in range(12)))
     return root, tok
 
 
@@ -94,6 +96,15 @@ def _build(tmp_path, cfg, name="build.yaml"):
     return main(["build", str(path)])
 
 
+@pytest.fixture(scope="module")
+def by_hand(setup, tmp_path_factory):
+    """The MoE built from the three checkpoints merged by hand: what the adapters' builds must equal."""
+    root, _ = setup
+    where = tmp_path_factory.mktemp("by_hand")
+    assert _build(where, _config(root, where / "moe", [_full_expert(root, n) for n in NAMES])) == 0
+    return where / "moe"
+
+
 def _logits(moe_dir, ids):
     from transformers import AutoModelForCausalLM
 
@@ -121,19 +132,19 @@ def watched_loads(monkeypatch):
     return alive
 
 
-def test_adapters_build_equals_the_build_from_checkpoints_merged_by_hand(setup, cache, tmp_path, watched_loads):
+@needs_peft
+def test_adapters_build_equals_the_build_from_checkpoints_merged_by_hand(setup, by_hand, cache, tmp_path,
+                                                                          watched_loads):
     """The issue's Must-show: base + three adapters gives the MoE of the three peft-merged checkpoints."""
     from dume.moe.edit import read_gates
 
     root, tok = setup
-    assert _build(tmp_path, _config(root, tmp_path / "by_hand", [_full_expert(root, n) for n in NAMES]),
-                  "by_hand.yaml") == 0
     assert _build(tmp_path, _config(root, tmp_path / "lora", [_adapter_expert(root, n) for n in NAMES])) == 0
     assert len(watched_loads) == 3 and all(r() is None for r in watched_loads)
-    for got, want in zip(read_gates(tmp_path / "lora"), read_gates(tmp_path / "by_hand")):
+    for got, want in zip(read_gates(tmp_path / "lora"), read_gates(by_hand)):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-6)
     ids = tok("The patient case 3 of the court", return_tensors="pt")["input_ids"]
-    torch.testing.assert_close(_logits(tmp_path / "lora", ids), _logits(tmp_path / "by_hand", ids),
+    torch.testing.assert_close(_logits(tmp_path / "lora", ids), _logits(by_hand, ids),
                                rtol=0, atol=1e-5)
     # the merge changed both shared and expert weights (else the test could pass on the base alone)
     from dume.checkpoint.reader import CheckpointReader
@@ -144,12 +155,12 @@ def test_adapters_build_equals_the_build_from_checkpoints_merged_by_hand(setup, 
     summary = json.loads((tmp_path / "lora" / "dume_build.json").read_text())
     for e in summary["experts"]:
         assert e["model"] == str(root / "base") and e["adapter"] == str(root / "adapters" / e["name"])
-        assert json.loads((tmp_path / "lora" / "dume_build.json").read_text())
         assert (cache / e["merged"].rsplit("/", 1)[-1] / "dume_merged.json").is_file()
     card = (tmp_path / "lora" / "README.md").read_text()
     assert f"+ adapter `{root / 'adapters' / 'law'}`" in card
 
 
+@needs_peft
 def test_a_wrong_base_is_refused_in_one_line_before_any_merge(setup, cache, tmp_path, capsys):
     root, _ = setup
     bad = tmp_path / "bad_adapter"
@@ -167,6 +178,7 @@ def test_a_wrong_base_is_refused_in_one_line_before_any_merge(setup, cache, tmp_
     assert not cache.exists() or not any(cache.iterdir())  # law and med were not merged either
 
 
+@needs_peft
 @pytest.mark.parametrize("breakage,needle", [
     ("missing", "no such adapter folder"),
     ("no_weights", "has no adapter weights"),
@@ -196,16 +208,24 @@ def test_broken_or_unmergeable_adapters_are_one_line(setup, cache, tmp_path, cap
     assert not (tmp_path / "moe").exists() and (not cache.exists() or not any(cache.iterdir()))
 
 
-def test_without_peft_an_adapter_is_one_line_naming_the_extra(setup, cache, tmp_path, capsys, monkeypatch):
+def test_without_peft_an_adapter_is_one_line_naming_the_extra(cache, tmp_path, capsys, monkeypatch):
     import sys
 
-    root, _ = setup
-    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
-    rc = _build(tmp_path, _config(root, tmp_path / "moe", [_adapter_expert(root, n) for n in NAMES[:2]]))
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError, installed or not
+    tiny_llama(max_position_embeddings=256).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "ad" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "law.txt").write_text("The court ruled.\n\nThe statute applies.")
+    experts = [{"name": n, "model": str(tmp_path / "base"), "adapter": str(tmp_path / "ad"),
+                "data": str(tmp_path / "law.txt")} for n in ("a", "b")]
+    rc = _build(tmp_path, _config(tmp_path, tmp_path / "moe", experts))
     one_error_line(capsys, rc, "pip install 'dume[lora]'")
     assert not (tmp_path / "moe").exists()
 
 
+@needs_peft
 def test_the_merged_cache_is_reused_and_a_changed_adapter_is_merged_again(setup, cache, tmp_path, watched_loads):
     import shutil
 
@@ -226,15 +246,119 @@ def test_the_merged_cache_is_reused_and_a_changed_adapter_is_merged_again(setup,
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_a_full_expert_and_two_adapters_mix(setup, cache, tmp_path):
+@needs_peft
+def test_a_full_expert_and_two_adapters_mix(setup, by_hand, cache, tmp_path):
     from dume.moe.edit import read_gates
 
-    root, tok = setup
+    root, _ = setup
     mixed = [_full_expert(root, "law"), _adapter_expert(root, "med"), _adapter_expert(root, "code")]
     assert _build(tmp_path, _config(root, tmp_path / "mixed", mixed), "mixed.yaml") == 0
-    assert _build(tmp_path, _config(root, tmp_path / "by_hand", [_full_expert(root, n) for n in NAMES]),
-                  "by_hand.yaml") == 0
-    for got, want in zip(read_gates(tmp_path / "mixed"), read_gates(tmp_path / "by_hand")):
+    for got, want in zip(read_gates(tmp_path / "mixed"), read_gates(by_hand)):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-6)
     experts = json.loads((tmp_path / "mixed" / "dume_build.json").read_text())["experts"]
     assert "adapter" not in experts[0] and experts[1]["adapter"] == str(root / "adapters" / "med")
+
+
+def _hub_repo(hub_cache, repo_id: str, src):
+    """`src` laid out as a cached hub snapshot of `repo_id` (refs/main -> snapshots/<commit>)."""
+    import shutil
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+@needs_peft
+def test_hub_ids_resolve_from_the_cache_and_a_recorded_hub_base_matches(setup, cache, tmp_path, monkeypatch,
+                                                                        capsys):
+    """`model:` and `adapter:` as hub ids, offline, from the hub cache; the adapter's recorded base is the hub
+    id (case aside) or nothing (a printed note). The merged experts are the checkpoints merged by hand."""
+    import huggingface_hub.constants
+
+    from dume.checkpoint.reader import CheckpointReader
+
+    root, _ = setup
+    hub = tmp_path / "hub"
+    _hub_repo(hub, "tiny/base", root / "base")
+    for n, recorded in (("law", "Tiny/Base"), ("med", None)):
+        snap = _hub_repo(hub, f"tiny/{n}-lora", root / "adapters" / n)
+        cfg = json.loads((snap / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = recorded
+        (snap / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    experts = [_adapter_expert(root, n, model="tiny/base", adapter=f"tiny/{n}-lora") for n in ("law", "med")]
+    assert _build(tmp_path, _config(root, tmp_path / "moe", experts)) == 0
+    out = capsys.readouterr().out
+    assert "note: med: adapter tiny/med-lora records no base model" in out
+    assert "note: law" not in out
+    for e in json.loads((tmp_path / "moe" / "dume_build.json").read_text())["experts"]:
+        assert e["model"] == "tiny/base" and e["adapter"] == f"tiny/{e['name']}-lora"
+        with CheckpointReader(e["merged"]) as got, CheckpointReader(root / "merged" / e["name"]) as want:
+            assert sorted(got.keys()) == sorted(want.keys())
+            for name in want.keys():  # noqa: SIM118 (a reader, not a dict)
+                torch.testing.assert_close(got.get(name), want.get(name), rtol=0, atol=0)
+
+
+@needs_peft
+def test_the_recorded_base_is_compared_sensibly(setup, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    from dume.checkpoint.adapters import base_mismatch
+    from dume.errors import DumeError
+
+    root, _ = setup
+    base = root / "base"
+    copy = tmp_path / "copy_of_base"
+    shutil.copytree(base, copy)
+    (copy / "dume_fingerprint.json").unlink(missing_ok=True)
+    hub = tmp_path / "hub"
+    snap = _hub_repo(hub, "tiny/base", base)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    same = [(str(base), str(base), base), (str(base) + "/", str(base), base),  # the same string
+            (str(copy), str(base), base),                  # another folder with the same tensors
+            ("TINY/base", "tiny/base", snap),              # the same hub id
+            ("tiny/base", str(snap), snap),                # model: the cached snapshot of that id
+            ("tiny/base", str(copy), copy)]                # the id is cached: its tensors are the copy's
+    for recorded, given, path in same:
+        assert base_mismatch("a", recorded, given, path) is None, (recorded, given)
+    for recorded, given, path in ((str(root / "other"), str(base), base), ("tiny/base", str(root / "other"),
+                                                                           root / "other"),
+                                  ("someone/else", "tiny/base", snap)):
+        with pytest.raises(DumeError, match="was made on"):
+            base_mismatch("a", recorded, given, path)
+    # not here to compare: accepted with a note
+    assert "not here to compare" in base_mismatch("a", "someone/uncached", str(base), base)
+    assert "not here to compare" in base_mismatch("a", "/gone/llama", str(base), base)
+    assert "records no base" in base_mismatch("a", None, str(base), base)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@needs_peft
+def test_an_interrupted_merge_leaves_nothing_and_the_rerun_merges(setup, cache, tmp_path, monkeypatch,
+                                                                   watched_loads):
+    from dume.checkpoint import adapters
+
+    root, _ = setup
+    real = adapters.merge_into
+
+    def dies_after_saving(adapter, stage, dtype):
+        real(adapter, stage, dtype)  # the weights are written, the record is not
+        raise Interrupted
+
+    monkeypatch.setattr(adapters, "merge_into", dies_after_saving)
+    experts = [_adapter_expert(root, n) for n in ("law", "med")]
+    with pytest.raises(Interrupted):
+        _build(tmp_path, _config(root, tmp_path / "moe", experts))
+    assert not (tmp_path / "moe").exists()
+    assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+    monkeypatch.setattr(adapters, "merge_into", real)
+    assert _build(tmp_path, _config(root, tmp_path / "moe", experts)) == 0
+    assert len(watched_loads) == 3  # the interrupted one, then both merged for real

@@ -19,8 +19,8 @@ def model_card(summary: dict, spec: BuildSpec) -> str:
         lines.append(f"| {e['name']} | {model} | `{e['data']}` | {e['documents']} | {e['held_out']} | "
                      f"{e['tokens'] if e['tokens'] is not None else '—'} |")
     if any(e.get("adapter") for e in summary["experts"]):
-        lines += ["", "Experts given as base + adapter (LoRA) were merged into their base with peft "
-                  "(`merge_and_unload`) before the build; `dume_build.json` names each merged checkpoint."]
+        lines += ["", ("Experts given as base + adapter (LoRA) were merged into their base with peft "
+                       "(`merge_and_unload`) before the build; `dume_build.json` names each merged checkpoint.")]
     lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()), ""]
     shares = summary.get("routing_shares")
     if shares:
