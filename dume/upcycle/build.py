@@ -4,7 +4,8 @@
       - name: law
         model: path/or/hub-id
         data: path/or/hub-dataset   # .txt/.jsonl/.json/.parquet file or folder, or a hub dataset id
-        # optional: split (train), field (text), max_docs
+        # optional: split (train), field (text), max_docs,
+        #           adapter: path/or/hub-id of a PEFT LoRA adapter on `model` (then `model` is its base)
     gate: dume               # dume | sequential_balanced | centroid | random
     k: 1
     lambda: 0.01
@@ -23,6 +24,16 @@ them in one streamed pass (`dume.upcycle.pipeline.build_moe`), and `out` receive
 standard checkpoint of the experts' MoE class, the statistics (`dume_stats/`), the recipe (`dume_router.json`, so
 `dume_experts.py add/remove/reweight` work on it) and a model card (`README.md`) with the per-domain routing
 shares measured on held-out documents.
+
+An expert with `adapter:` is the adapter merged into its `model:` by peft (`merge_and_unload`, needs
+`pip install 'dume[lora]'`), in the base's stored dtype, one expert at a time, into a cache keyed by the base's
+and the adapter's contents (`$DUME_CACHE/merged_adapters/`, else `$HF_HOME/dume_merged/`; reused by a rerun);
+from there on it is an ordinary expert, and experts with and without adapters mix. Refused before any merge:
+an adapter whose `adapter_config.json` names another base than `model:` (the same string, hub id, folder or
+tensors count as the same; a base not recorded, or not here to compare, is a printed note), a missing or
+corrupt adapter, a type peft cannot merge into the weights (only LoRA, AdaLoRA, LoHa, LoKr), peft missing.
+`dume_build.json` and the card name each such expert's base and adapter; `dume_build.json` and the recipe name
+its merged folder, which `dume_experts.py` edits that re-read the experts need (a rerun of the build remakes it).
 
 Text files hold one document per blank-line-separated paragraph; JSON Lines / JSON / Parquet records give their
 `field`. A domain's held-out documents (the last `held_out` fraction, at most 64) are not used for the statistics.
