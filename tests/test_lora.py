@@ -362,3 +362,35 @@ def test_an_interrupted_merge_leaves_nothing_and_the_rerun_merges(setup, cache, 
     monkeypatch.setattr(adapters, "merge_into", real)
     assert _build(tmp_path, _config(root, tmp_path / "moe", experts)) == 0
     assert len(watched_loads) == 3  # the interrupted one, then both merged for real
+
+
+@needs_peft
+def test_a_bf16_base_is_merged_in_bf16_rounding_once(setup, cache, tmp_path):
+    """The merge runs in the base's stored dtype: for a bf16 base, peft adds the float32 low-rank product in
+    place, so the bf16 merge is the float32 merge rounded to bf16, element for element. The merged folder holds
+    the base's tokenizer files and generation config as they are."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from dume.checkpoint.adapters import check_adapter, merged_expert
+    from dume.checkpoint.reader import CheckpointReader
+
+    root, tok = setup
+    base = tmp_path / "bf16_base"
+    tiny_llama(seed=3, max_position_embeddings=256).to(torch.bfloat16).save_pretrained(base)
+    tok.save_pretrained(base)
+    GenerationConfig(max_new_tokens=7, do_sample=False).save_pretrained(base)
+    ad = make_adapter(base, tmp_path / "bf16_adapter", seed=5)
+    merged = merged_expert(check_adapter(str(ad), ad, str(base), base), log=lambda *_: None)
+    f32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                    str(ad)).merge_and_unload().state_dict()
+    with CheckpointReader(merged) as rd, CheckpointReader(base) as b:
+        changed = 0
+        for name in rd.keys():  # noqa: SIM118 (a reader, not a dict)
+            t = rd.get(name)
+            assert t.dtype == torch.bfloat16, name
+            assert torch.equal(t, f32[name].to(torch.bfloat16)), name
+            changed += not torch.equal(t, b.get(name))
+        assert changed == 2 * 5  # two layers, five target modules each
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (merged / name).read_bytes() == (base / name).read_bytes(), name
