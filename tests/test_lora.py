@@ -394,3 +394,8 @@ def test_a_bf16_base_is_merged_in_bf16_rounding_once(setup, cache, tmp_path):
         assert changed == 2 * 5  # two layers, five target modules each
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (merged / name).read_bytes() == (base / name).read_bytes(), name
+    # the base's generation config is part of what the merge is keyed by: changed, it is merged (copied) again
+    GenerationConfig(max_new_tokens=9, do_sample=False).save_pretrained(base)
+    again = merged_expert(check_adapter(str(ad), ad, str(base), base), log=lambda *_: None)
+    assert again != merged and (again / "generation_config.json").read_bytes() == (
+        base / "generation_config.json").read_bytes()

@@ -10,8 +10,8 @@ statistics, MoErging) sees a dense expert like any other.
   adapter records the same as `model:` -- a LoRA merged into another base is a plausible-looking wrong model.
 - Merged one expert at a time (`merged_expert`): the base is loaded, merged, saved and dropped before the next, so
   memory holds one model whatever the number of adapters.
-- Cached by content: `cache_root()/<key>`, the key hashing the base's content fingerprint, the adapter's bytes,
-  the merge dtype and peft's version. A rerun reuses it; an adapter or base changed on disk gets a new key. The
+- Cached by content: `cache_root()/<key>`, the key hashing the base's content fingerprint and its tokenizer and
+  generation-config files, the adapter's bytes, the merge dtype and peft's version. A rerun reuses it; an adapter or base changed on disk gets a new key. The
   folder is written with `atomic_dir`, its record (`dume_merged.json`) last, so an interrupted merge leaves
   nothing a rerun would take for finished.
 - Merged in the base's stored dtype. On a CPU peft computes the low-rank product in float32 and adds it in
@@ -38,6 +38,7 @@ from dume.errors import DumeError
 # peft types whose adapters `merge_and_unload` folds into the base weights (prompt/prefix tuning cannot be).
 MERGEABLE_TYPES = ("LORA", "ADALORA", "LOHA", "LOKR")
 MERGED_RECORD = "dume_merged.json"
+GENERATION_CONFIG = "generation_config.json"
 FORMAT_VERSION = 1
 INSTALL = "pip install 'dume[lora]'"
 
@@ -168,12 +169,25 @@ def adapter_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _side_files_digest(base: Path) -> str:
+    """sha256 of the base's tokenizer files and generation config, copied into the merged folder: the weights'
+    fingerprint does not cover them, and a base given a tokenizer later must not keep a merge without one."""
+    from dume.checkpoint.reader import TOKENIZER_FILES
+
+    h = hashlib.sha256()
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+        if (base / name).is_file():
+            h.update(name.encode() + b"\0" + (base / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def merge_record(adapter: Adapter, dtype) -> dict:
     """What the merged expert is made from; its hash names the cache folder."""
     from dume.checkpoint.fingerprint import fingerprint
 
     peft = require_peft()
     made = {"format": FORMAT_VERSION, "base_fingerprint": fingerprint(adapter.base),
+            "base_side_files": _side_files_digest(adapter.base),
             "adapter_fingerprint": adapter_digest(adapter.dir), "dtype": str(dtype).removeprefix("torch."),
             "peft": peft.__version__}
     key = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:20]
@@ -236,7 +250,7 @@ def merge_into(adapter: Adapter, stage: Path, dtype) -> None:
     merged.save_pretrained(str(stage))
     del merged
     gc.collect()
-    for name in (*TOKENIZER_FILES, "generation_config.json"):  # the base's, as they are (save_pretrained's own
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):  # the base's, as they are (save_pretrained's own
         # generation config may differ from the base's file)
         if (adapter.base / name).is_file():
             shutil.copyfile(adapter.base / name, stage / name)
