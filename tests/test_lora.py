@@ -399,3 +399,20 @@ def test_a_bf16_base_is_merged_in_bf16_rounding_once(setup, cache, tmp_path):
     again = merged_expert(check_adapter(str(ad), ad, str(base), base), log=lambda *_: None)
     assert again != merged and (again / "generation_config.json").read_bytes() == (
         base / "generation_config.json").read_bytes()
+
+
+@needs_peft
+def test_a_merge_that_cannot_fit_on_disk_is_one_line_and_writes_nothing(setup, cache, monkeypatch):
+    import collections
+
+    from dume.checkpoint import outputs
+    from dume.checkpoint.adapters import check_adapter, merged_expert
+    from dume.errors import DumeError
+
+    root, _ = setup
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    ad = root / "adapters" / "law"
+    with pytest.raises(DumeError, match="not enough disk for the merge of adapter"):
+        merged_expert(check_adapter(str(ad), ad, str(root / "base"), root / "base"), log=lambda *_: None)
+    assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.endswith(".lock")]

@@ -206,17 +206,19 @@ def _reusable(dest: Path, key: str) -> bool:
 def merged_expert(adapter: Adapter, *, log=print) -> Path:
     """The checkpoint directory of `adapter` merged into its base: from the cache, else merged now."""
     from dume.checkpoint.io import atomic_dir, atomic_write_json
-    from dume.checkpoint.outputs import output_lock
+    from dume.checkpoint.outputs import output_lock, require_free_space
     from dume.checkpoint.reader import CheckpointReader, majority_dtype
 
     with CheckpointReader(adapter.base) as rd:
         dtype = majority_dtype(rd.dtype(n) for n in rd.keys())
+        size = sum((adapter.base / f).stat().st_size for f in rd.files)
     record = merge_record(adapter, dtype)
     dest = cache_root() / record["key"]
     with output_lock(dest, wait=True):  # a second build merging the same adapter waits, then reuses it
         if _reusable(dest, record["key"]):
             log(f"adapter {adapter.given}: reusing its merge into {adapter.base_given} ({dest})")
             return dest
+        require_free_space(dest.parent, size, f"the merge of adapter {adapter.given}")
         log(f"adapter {adapter.given}: merging it into {adapter.base_given} in {str(dtype).removeprefix('torch.')}")
         with atomic_dir(dest, overwrite=True) as stage:
             merge_into(adapter, stage, dtype)
