@@ -11,9 +11,9 @@ statistics, MoErging) sees a dense expert like any other.
 - Merged one expert at a time (`merged_expert`): the base is loaded, merged, saved and dropped before the next, so
   memory holds one model whatever the number of adapters.
 - Cached by content: `cache_root()/<key>`, the key hashing the base's content fingerprint and its tokenizer and
-  generation-config files, the adapter's bytes, the merge dtype and peft's version. A rerun reuses it; an adapter or base changed on disk gets a new key. The
-  folder is written with `atomic_dir`, its record (`dume_merged.json`) last, so an interrupted merge leaves
-  nothing a rerun would take for finished.
+  generation-config files, the adapter's bytes, the merge dtype and peft's version. A rerun reuses it; an
+  adapter or base changed on disk gets a new key. The folder is written with `atomic_dir`, its record
+  (`dume_merged.json`) last, so an interrupted merge leaves nothing a rerun would take for finished.
 - Merged in the base's stored dtype. On a CPU peft computes the low-rank product in float32 and adds it in
   place, so a bf16 merge rounds once: measured on a bf16 tiny Llama (hidden 256) it equals merging in float32 and
   rounding to bf16 in every element (0 of 1.33 M differ, LoRA deltas from 1e-4 to 2x the weights; adding a
@@ -252,7 +252,7 @@ def merge_into(adapter: Adapter, stage: Path, dtype) -> None:
     merged.save_pretrained(str(stage))
     del merged
     gc.collect()
-    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):  # the base's, as they are (save_pretrained's own
-        # generation config may differ from the base's file)
+    # the base's files as they are: save_pretrained writes a generation config of its own making
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
         if (adapter.base / name).is_file():
             shutil.copyfile(adapter.base / name, stage / name)
