@@ -70,7 +70,8 @@ def streamed_forward(model_dir, input_ids, attention_mask, *, batch_size: int = 
     """Run the checkpoint at `model_dir` over all rows of (input_ids, attention_mask) ([N, L]), layer by layer.
 
     `on_router_logits(layer, [router logits per row batch])` sees each MoE layer's router; `on_logits(start,
-    logits)` sees the next-token logits of rows start..start+batch_size (the lm_head runs only when it is given);
+    logits)` sees the next-token logits of the rows from `start` on, a few at a time (the lm_head runs only when it
+    is given);
     `gates` (one [D, H] per layer) replace the checkpoint's routers, so another router is evaluated without writing
     a second MoE. `dtype` defaults to the checkpoint's stored one."""
     from transformers import AutoModelForCausalLM
@@ -118,5 +119,8 @@ def streamed_forward(model_dir, input_ids, attention_mask, *, batch_size: int = 
         hidden = base(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                       use_cache=False).last_hidden_state
     if head is not None:
-        for i in range(0, len(hidden), batch_size):
-            on_logits(i, torch.nn.functional.linear(hidden[i:i + batch_size], head))
+        # logits in row chunks of at most ~256 MB: 8 rows x 512 tokens x a 152k vocabulary (Qwen3) are 2.5 GB in
+        # float32, and the NLL makes two more of them
+        rows = max(1, min(batch_size, 2**26 // max(1, hidden.shape[1] * head.shape[0])))
+        for i in range(0, len(hidden), rows):
+            on_logits(i, torch.nn.functional.linear(hidden[i:i + rows], head))
