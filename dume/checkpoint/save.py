@@ -9,9 +9,10 @@ from dume.checkpoint.io import atomic_dir
 
 
 def save_pretrained_atomic(model, path: str | os.PathLike, tokenizer=None) -> Path:
-    """`model.save_pretrained` (safetensors) into `path`, atomically."""
+    """`model.save_pretrained` (safetensors) into `path`, atomically; the tokenizer named so 4.x reads it too."""
     from dume.checkpoint.fingerprint import content_fingerprint
     from dume.checkpoint.outputs import require_free_space
+    from dume.checkpoint.tokenizer_files import make_portable
 
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     require_free_space(Path(path).parent, size, f"the checkpoint {path}")
@@ -19,5 +20,6 @@ def save_pretrained_atomic(model, path: str | os.PathLike, tokenizer=None) -> Pa
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            make_portable(tmp)
         content_fingerprint(tmp)  # stored beside the weights now, while they are in the page cache
     return Path(path)

@@ -29,9 +29,10 @@ from dume.arch.table import (ARCHITECTURES, GATE_NAMES, MOE_TYPES, MUST_MATCH_FI
 from dume.checkpoint.experts import check_same_tokenizer, open_dense
 from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json, tmp_sibling
 from dume.checkpoint.outputs import require_free_space
-from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config, majority_dtype
+from dume.checkpoint.reader import CheckpointReader, load_config, majority_dtype
 from dume.checkpoint.shards import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_METADATA, OutTensor, const, take,
                                     write_safetensors)
+from dume.checkpoint.tokenizer_files import copy_tokenizer_files
 from dume.errors import DumeError
 from dume.moe.merge import check_extra_config, check_out_dir, validate_gates, validate_k
 
@@ -388,9 +389,7 @@ def write_moe_experts(moe_dir: str | Path, slots: Sequence, dst: str | Path,
     keys = [key for key in ("num_local_experts", arch.num_experts_field) if key in raw] or [arch.num_experts_field]
     raw.update({**{key: D for key in keys}, "num_experts_per_tok": k})
     atomic_write_json(dst / CONFIG_NAME, raw)
-    for name in (*TOKENIZER_FILES, GENERATION_CONFIG_NAME):
-        if (moe_dir / name).is_file():
-            shutil.copy2(moe_dir / name, dst / name)
+    copy_tokenizer_files(moe_dir, dst, extra=(GENERATION_CONFIG_NAME,))
     return dst
 
 

@@ -24,8 +24,9 @@ from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS,
 from dume.checkpoint.experts import ExpertSet, check_experts
 from dume.checkpoint.io import atomic_dir
 from dume.checkpoint.outputs import check_output_path, require_free_space
-from dume.checkpoint.reader import TOKENIZER_FILES, CheckpointReader, load_config, majority_dtype
+from dume.checkpoint.reader import CheckpointReader, load_config, majority_dtype
 from dume.checkpoint.shards import DEFAULT_MAX_SHARD_BYTES, OutTensor, const, take, write_safetensors
+from dume.checkpoint.tokenizer_files import copy_tokenizer_files
 from dume.errors import DumeError
 
 
@@ -126,12 +127,10 @@ def moe_size_bytes(es: ExpertSet) -> int:
 
 
 def _copy_side_files(es: ExpertSet, dst: Path) -> None:
-    """Tokenizer files (from the first expert that has them) and generation config."""
+    """Tokenizer files (from the first expert that has them, named so transformers 4.x reads them too) and
+    generation config."""
     if es.tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = es.tokenizer_dir / name
-            if src.is_file():
-                shutil.copy2(src, dst / name)
+        copy_tokenizer_files(es.tokenizer_dir, dst)
     for d in es.dirs:
         src = d / GENERATION_CONFIG_NAME
         if src.is_file():

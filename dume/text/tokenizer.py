@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from dume.checkpoint.io import atomic_dir
+from dume.checkpoint.tokenizer_files import make_portable
 from dume.errors import DumeError
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -51,6 +52,7 @@ def save_run_tokenizer(tok, path: Path, made_from: str) -> None:
     """Keep the run's tokenizer in `path` (atomically), with where it came from."""
     with atomic_dir(path) as tmp:
         tok.save_pretrained(tmp)
+        make_portable(tmp)  # transformers 4.x readers (llama.cpp's converter) load it too
         (Path(tmp) / "dume_tokenizer.json").write_text(json.dumps({"made_from": made_from}) + "\n")
 
 
