@@ -55,19 +55,30 @@ def streamed_routing_shares(moe_dir, blocks_by_domain: dict, batch_size: int = 3
     moe_dir, cfg, _ = open_moe(moe_dir)
     domains = [d for d, (ids, _) in blocks_by_domain.items() if len(ids)]
     ids, mask, owner = stack_blocks({d: blocks_by_domain[d] for d in domains})
-    token_owner = owner[:, None].expand_as(mask).reshape(-1)
-    keep = mask.reshape(-1).bool()
-    D, k = num_experts(cfg), cfg.num_experts_per_tok
-    counts = torch.zeros(len(domains), cfg.num_hidden_layers, D, dtype=torch.long)
+    counter = ShareCounter(mask, owner, domains, cfg.num_hidden_layers, num_experts(cfg), cfg.num_experts_per_tok)
+    streamed_forward(moe_dir, ids, mask, batch_size=batch_size, device=device, dtype=dtype, on_router_logits=counter)
+    return counter.shares()
 
-    def count(layer: int, logits: list) -> None:
-        top1 = torch.cat([top1_experts(x, k) for x in logits])
-        for j in range(len(domains)):
-            counts[j, layer] += torch.bincount(top1[keep & (token_owner == j)], minlength=D)
 
-    streamed_forward(moe_dir, ids, mask, batch_size=batch_size, device=device, dtype=dtype, on_router_logits=count)
-    totals = counts.sum(dim=2, keepdim=True).clamp(min=1)
-    return {d: (counts[j].double() / totals[j]).tolist() for j, d in enumerate(domains)}
+class ShareCounter:
+    """Counts, per domain and layer, each expert's top-1 picks among the real tokens of stacked blocks (rows owned
+    by `owner`); called with (layer, [router logits per row batch]) as `streamed_forward`'s `on_router_logits`."""
+
+    def __init__(self, mask, owner, domains, num_layers: int, num_experts: int, k: int):
+        self.token_owner = owner[:, None].expand_as(mask).reshape(-1)
+        self.keep = mask.reshape(-1).bool()
+        self.domains, self.D, self.k = list(domains), num_experts, k
+        self.counts = torch.zeros(len(self.domains), num_layers, num_experts, dtype=torch.long)
+
+    def __call__(self, layer: int, logits: list) -> None:
+        top1 = torch.cat([top1_experts(x, self.k) for x in logits])
+        for j in range(len(self.domains)):
+            self.counts[j, layer] += torch.bincount(top1[self.keep & (self.token_owner == j)], minlength=self.D)
+
+    def shares(self) -> dict:
+        """{domain: [layer][expert] share of its tokens}."""
+        totals = self.counts.sum(dim=2, keepdim=True).clamp(min=1)
+        return {d: (self.counts[j].double() / totals[j]).tolist() for j, d in enumerate(self.domains)}
 
 
 def stack_blocks(blocks_by_domain: dict):

@@ -78,7 +78,7 @@ def evaluate_moe(moe_dir, texts: dict[str, list[str]], *, experts: dict[str, Pat
     `check_experts` result when the caller has it."""
     from dume.checkpoint.experts import check_experts
     from dume.moe.edit import num_experts, open_moe
-    from dume.moe.routing import routing_accuracy, stack_blocks, top1_experts
+    from dume.moe.routing import ShareCounter, routing_accuracy, stack_blocks
     from dume.routers.registry import GateContext, make_gates
     from dume.text.batches import pack_documents
     from dume.text.tokenizer import load_tokenizer
@@ -110,15 +110,8 @@ def evaluate_moe(moe_dir, texts: dict[str, list[str]], *, experts: dict[str, Pat
             raise DumeError(f"domain {d}: no documents to evaluate on")
         blocks[d] = pack_documents(texts[d], tokenizer, seq_len)
     ids, mask, owner = stack_blocks(blocks)
-    token_owner = owner[:, None].expand_as(mask).reshape(-1)
-    keep = mask.reshape(-1).bool()
-    D, k = num_experts(cfg), cfg.num_experts_per_tok
-    counts = torch.zeros(len(domains), cfg.num_hidden_layers, D, dtype=torch.long)
-
-    def count(layer: int, logits: list) -> None:
-        top1 = torch.cat([top1_experts(x, k) for x in logits])
-        for j in range(len(domains)):
-            counts[j, layer] += torch.bincount(top1[keep & (token_owner == j)], minlength=D)
+    D = num_experts(cfg)
+    count = ShareCounter(mask, owner, domains, cfg.num_hidden_layers, D, cfg.num_experts_per_tok)
 
     run = dict(batch_size=batch_size, device=device, dtype=dtype)
     n_models = D + 2 + int(random_routing)
@@ -147,8 +140,7 @@ def evaluate_moe(moe_dir, texts: dict[str, list[str]], *, experts: dict[str, Pat
     avg = scores[AVERAGING]
     gap = {"per_domain": {d: _gap(scores[MOE]["per_domain"][d], avg["per_domain"][d]) for d in domains},
            "average": _gap(scores[MOE]["average"], avg["average"])}
-    totals = counts.sum(dim=2, keepdim=True).clamp(min=1)
-    shares = {d: (counts[j].double() / totals[j]).tolist() for j, d in enumerate(domains)}
+    shares = count.shares()
     own = routing_accuracy(shares, {d: list(experts).index(d) for d in domains})
     report = {"moe": str(moe_dir), "domains": domains, "experts": {d: str(p) for d, p in experts.items()},
               "documents": {d: len(texts[d]) for d in domains}, "blocks": {d: len(blocks[d][0]) for d in domains},
