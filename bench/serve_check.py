@@ -12,7 +12,10 @@ engines' tokenizers are checked apart, on the prompts' text) and is compared in 
              the generated tokens;
   llama.cpp  DIR converted by llama.cpp's own convert_hf_to_gguf.py (`--outtype f32`), loaded by llama-cpp-python
              with an F32 KV cache (bench/serve_llama_cpp.py): greedy tokens equal, max |Δ logit| over every
-             position and the whole vocabulary.
+             position and the whole vocabulary;
+  transformers 4.x  the same checkpoint loaded by another transformers install (bench/serve_transformers.py), as
+             older lm-eval / vLLM installs and llama.cpp's converter read it: greedy tokens equal, max |Δ logit|
+             (a config.json key that version does not read falls back to its default without an error).
 
 Compared up to the first differing token of a prompt (past it the two continue different texts). Prints one
 table and exits 1 if an engine that ran misses the bar (all prompts' tokens equal and the difference within
@@ -20,7 +23,8 @@ table and exits 1 if an engine that ran misses the bar (all prompts' tokens equa
 
     python bench/serve_check.py                                    # transformers side only
     python bench/serve_check.py --vllm-python VENV/bin/python \\
-        --llama-cpp-python VENV2/bin/python --gguf-converter LLAMA_CPP/convert_hf_to_gguf.py
+        --llama-cpp-python VENV2/bin/python --gguf-converter LLAMA_CPP/convert_hf_to_gguf.py \\
+        --transformers4-python VENV2/bin/python
     python bench/serve_check.py --moe runs/my_moe --vllm-python VENV/bin/python
 """
 
@@ -226,6 +230,9 @@ def run_llama_cpp(python: str, converter: str, moe: Path, request: Path, work: P
     why = _child([python, str(BENCH / "serve_llama_cpp.py"), "convert", converter, str(moe), str(gguf), *pre],
                  work / "llama_cpp_convert.log", timeout)
     if why:
+        if "TokenizersBackend" in why:  # written before dume.checkpoint.tokenizer_files named a 4.x class
+            why += (" -- the tokenizer_config.json names transformers 5's class; rename it in place with "
+                    "`python -c 'from dume.checkpoint.tokenizer_files import make_portable; make_portable(\"DIR\")'`")
         return None, f"conversion failed: {why}"
     req = json.loads(request.read_text())
     req["gguf"] = str(gguf)
@@ -233,6 +240,14 @@ def run_llama_cpp(python: str, converter: str, moe: Path, request: Path, work: P
     request.write_text(json.dumps(req))
     out = work / "llama_cpp_result.json"
     why = _child([python, str(BENCH / "serve_llama_cpp.py"), "run", str(request), str(out)], work / "llama_cpp.log",
+                 timeout)
+    return (None, why) if why else (json.loads(out.read_text()), None)
+
+
+def run_transformers(python: str, moe: Path, request: Path, work: Path,
+                     timeout: float) -> tuple[dict | None, str | None]:
+    out = work / "transformers_result.json"
+    why = _child([python, str(BENCH / "serve_transformers.py"), str(request), str(out)], work / "transformers.log",
                  timeout)
     return (None, why) if why else (json.loads(out.read_text()), None)
 
@@ -251,7 +266,9 @@ def check(moe: Path, args, work: Path, log=print) -> list[dict]:
                                    "threads": args.threads}))
     rows = []
     engines = (("vLLM", args.vllm_python, "vllm", "--vllm-python", "log-prob", args.max_logprob_diff),
-               ("llama.cpp", args.llama_cpp_python, "llama_cpp", "--llama-cpp-python", "logit", args.max_logit_diff))
+               ("llama.cpp", args.llama_cpp_python, "llama_cpp", "--llama-cpp-python", "logit", args.max_logit_diff),
+               ("transformers 4.x", args.transformers4_python, "transformers", "--transformers4-python", "logit",
+                args.max_logit_diff))
     for name, python, module, flag, what, bar in engines:
         row = {"engine": name, "moe": ref["arch"], "what": what, "bar": bar}
         why = _probe(python, module, flag)
@@ -262,8 +279,10 @@ def check(moe: Path, args, work: Path, log=print) -> list[dict]:
             sub.mkdir(exist_ok=True)
             if name == "vLLM":
                 res, why = run_vllm(python, moe, request, sub, args.timeout)
-            else:
+            elif name == "llama.cpp":
                 res, why = run_llama_cpp(python, args.gguf_converter, moe, request, sub, args.timeout)
+            else:
+                res, why = run_transformers(python, moe, request, sub, args.timeout)
             if why:
                 row.update(status="failed", why=why)
             else:
@@ -299,6 +318,8 @@ def parse(argv=None):
     p.add_argument("--llama-cpp-python", default=None,
                    help="a python that imports llama_cpp and runs the converter (torch, transformers 4.x, gguf)")
     p.add_argument("--gguf-converter", default=None, help="llama.cpp's convert_hf_to_gguf.py")
+    p.add_argument("--transformers4-python", default=None,
+                   help="a python with another transformers (4.x) install, e.g. the llama.cpp converter's venv")
     p.add_argument("--max-logprob-diff", type=float, default=MAX_LOGPROB_DIFF)
     p.add_argument("--max-logit-diff", type=float, default=MAX_LOGIT_DIFF)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: its own)")

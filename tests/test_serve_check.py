@@ -1,5 +1,6 @@
 """bench/serve_check.py without engines (none is installed in CI): it says so for each, and still builds the small
-MoE with `dume build` and runs the transformers side on it; its comparison catches a changed token or number."""
+MoE with `dume build` and runs the transformers side on it; its comparison catches a changed token or number. The
+"transformers 4.x" engine is run with this python (transformers 5), so its subprocess path runs here for real."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def run(tmp_path_factory):
         out = io.StringIO()
         with contextlib.redirect_stdout(out), one_thread():
             rc = serve_check.main(["--arch", "llama", "--work-dir", str(work), "--json", str(work / "rows.json"),
-                                   "--vllm-python", sys.executable])  # a python without vllm
+                                   "--vllm-python", sys.executable,  # a python without vllm
+                                   "--transformers4-python", sys.executable])
         _RUN.update(rc=rc, work=work, rows=json.loads((work / "rows.json").read_text()), out=out.getvalue())
     return _RUN
 
@@ -35,13 +37,22 @@ def test_no_engine_is_not_checked_and_the_transformers_side_runs(run):
     assert "vLLM: not checked, " in run["out"] and "llama.cpp: not checked, no --llama-cpp-python given" in run["out"]
     assert "transformers: MixtralForCausalLM" in run["out"] and "| vLLM | - | MixtralForCausalLM |" in run["out"]
     rows = {r["engine"]: r for r in run["rows"]}
-    assert set(rows) == {"vLLM", "llama.cpp"}
-    assert all(r["status"] == "not checked" and r["moe"] == "MixtralForCausalLM" for r in rows.values())
+    assert set(rows) == {"vLLM", "llama.cpp", "transformers 4.x"}
+    assert all(r["status"] == "not checked" and r["moe"] == "MixtralForCausalLM"
+               for e, r in rows.items() if e != "transformers 4.x")
     assert "cannot import vllm" in rows["vLLM"]["why"]
     assert rows["llama.cpp"]["why"] == "no --llama-cpp-python given"
     cfg = json.loads((run["work"] / "llama_moe" / "config.json").read_text())
     assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["head_dim"] >= 32  # vLLM CPU's minimum
     assert (run["work"] / "llama_moe" / "dume_router.json").is_file()  # a `dume build` output, routers solved
+
+
+def test_another_transformers_runs_in_its_own_process_and_agrees(run):
+    row = next(r for r in run["rows"] if r["engine"] == "transformers 4.x")
+    assert row["status"] == "checked" and row["passed"], row
+    assert row["version"].startswith("transformers 5.") and row["equal"] == row["text_equal"] == 5
+    assert row["diff"] < 1e-5  # the same library: float noise of another thread count at most
+    assert (run["work"] / "llama_moe" / "transformers_result.json").is_file()
 
 
 def test_the_comparison_catches_a_changed_token_or_number(run):

@@ -9,7 +9,9 @@ from dume.checkpoint.io import atomic_dir
 
 
 def save_pretrained_atomic(model, path: str | os.PathLike, tokenizer=None) -> Path:
-    """`model.save_pretrained` (safetensors) into `path`, atomically; the tokenizer named so 4.x reads it too."""
+    """`model.save_pretrained` (safetensors) into `path`, atomically; config and tokenizer written so 4.x reads them
+    too."""
+    from dume.checkpoint.config_files import make_config_portable
     from dume.checkpoint.fingerprint import content_fingerprint
     from dume.checkpoint.outputs import require_free_space
     from dume.checkpoint.tokenizer_files import make_portable
@@ -18,6 +20,7 @@ def save_pretrained_atomic(model, path: str | os.PathLike, tokenizer=None) -> Pa
     require_free_space(Path(path).parent, size, f"the checkpoint {path}")
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        make_config_portable(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             make_portable(tmp)

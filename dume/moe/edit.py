@@ -26,6 +26,7 @@ from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 from dume.arch.table import (ARCHITECTURES, GATE_NAMES, MOE_TYPES, MUST_MATCH_FIELDS, Architecture, architecture,
                              is_routed, moe_architecture)
+from dume.checkpoint.config_files import with_v4_keys
 from dume.checkpoint.experts import check_same_tokenizer, open_dense
 from dume.checkpoint.io import atomic_dir, atomic_write_json, is_complete_checkpoint, read_json, tmp_sibling
 from dume.checkpoint.outputs import require_free_space
@@ -173,7 +174,7 @@ def set_gates(moe_dir: str | Path, gates: Sequence[torch.Tensor], out_dir: str |
     replace_by_file: dict[str, dict[str, torch.Tensor]] = {}
     for n, g in zip(names, gates):
         replace_by_file.setdefault(rd.file_of(n), {})[n] = g.to(rd.dtype(n)).contiguous()
-    raw_config = read_json(moe_dir / CONFIG_NAME)
+    raw_config = with_v4_keys(read_json(moe_dir / CONFIG_NAME))
     if num_experts_per_tok is not None:
         raw_config["num_experts_per_tok"] = num_experts_per_tok
 
@@ -382,7 +383,7 @@ def write_moe_experts(moe_dir: str | Path, slots: Sequence, dst: str | Path,
             gates = [g.to(gate_dtype) for g in validate_gates(gates, L, D, H, "write_moe_experts")]
         new_readers = {s: stack.enter_context(open_dense(s)) for s in slots if isinstance(s, Path)}
         write_safetensors(_plan_moe_edit(moe, arch, L, slots, new_readers, gates), dst, max_shard_size)
-    raw = read_json(moe_dir / CONFIG_NAME)
+    raw = with_v4_keys(read_json(moe_dir / CONFIG_NAME))
     raw.update(extra)
     # the count is saved under the config class's own key (Qwen3-MoE's `num_experts` is stored as
     # `num_local_experts` in transformers 5): update the key(s) present

@@ -21,6 +21,7 @@ import torch
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from dume.arch.table import ARCHITECTURES, MAY_DIFFER_FIELDS, MUST_MATCH_FIELDS, RUNTIME_FIELDS, architecture
+from dume.checkpoint.config_files import make_config_portable
 from dume.checkpoint.experts import ExpertSet, check_experts
 from dume.checkpoint.io import atomic_dir
 from dume.checkpoint.outputs import check_output_path, require_free_space
@@ -181,6 +182,7 @@ def _write(es: ExpertSet, out_dir: Path, plan, config, max_shard_size, overwrite
     with _open_all(es) as readers, atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(plan(readers), tmp, max_shard_size)
         config.save_pretrained(str(tmp))
+        make_config_portable(tmp)
         _copy_side_files(es, tmp)
     return out_dir
 
