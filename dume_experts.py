@@ -8,7 +8,9 @@ statistics apart, without retraining anything (docs/design.md §5; library: dume
   combine   sum statistics computed apart (refuses statistics of another model)
   add       a new expert. --mode keep-shared: keep the MoE's shared weights (exact, cheap:
             only the new domain is collected). --mode reaverage: re-average the shared
-            weights over all experts and re-collect every domain (= building from scratch)
+            weights over all experts and re-collect every domain (= building from scratch).
+            A LoRA expert: --expert BASE --adapter ADAPTER (also for collect), merged by
+            peft once into dume build's cache of merged adapters
   remove    drop one expert's MLPs and statistics, re-solve (no forward pass)
   reweight  scale domains' statistics (e.g. code=2,math=0.5), re-solve (no forward pass)
 
@@ -29,6 +31,8 @@ import sys
 
 from dume.cli import run_main
 from dume.errors import DumeError
+
+ADAPTER_HELP = "a PEFT (LoRA) adapter on --expert, which is then its base: merged once, cached (pip install dume[lora])"
 
 
 def _data_flags(p: argparse.ArgumentParser, scope: str = "") -> None:
@@ -57,6 +61,7 @@ def parse(argv):
     c.add_argument("--moe", required=True, help="the DUME (or any MoErged) Mixtral checkpoint")
     c.add_argument("--domain", required=True)
     c.add_argument("--expert", default=None, help="a new expert's Llama checkpoint (default: the MoE's own expert)")
+    c.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     c.add_argument("--num-dume-tokens", type=int, default=None, help="tokens per document (default: as stored)")
     c.add_argument("--out", required=True, help="statistics directory to write")
     _data_flags(c)
@@ -68,6 +73,7 @@ def parse(argv):
     a = sub.add_parser("add", help="add an expert")
     a.add_argument("--moe", required=True)
     a.add_argument("--expert", required=True, help="the new expert's Llama checkpoint")
+    a.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     a.add_argument("--domain", required=True, help="the new expert's domain name")
     a.add_argument("--mode", required=True, choices=["keep-shared", "reaverage"])
     a.add_argument("--stats", default=None, help="the new domain's statistics, collected apart (keep-shared)")
@@ -98,12 +104,35 @@ def _threads_per_process(world: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def merge_adapter(args) -> None:
+    """With --adapter, the new expert is that PEFT adapter merged into --expert (its base) by `dume build`'s own
+    merge and cache (dume.checkpoint.adapters): checked first (peft, files, type, base), then `args.expert` names
+    the merged checkpoint. The output is checked against base and adapter before the merge."""
+    if not args.adapter:
+        return
+    if not args.expert:
+        raise DumeError("--adapter needs --expert: the base model the adapter was trained on")
+    from dume.checkpoint.adapters import check_adapter, merged_expert, require_peft
+    from dume.checkpoint.resolve import resolve_adapter, resolve_expert
+    from dume.upcycle.dynamic import check_output
+
+    require_peft()
+    folder, base = resolve_adapter(args.adapter), resolve_expert(args.expert)
+    check_output(args.out, [args.moe, base, folder, *([args.stats] if getattr(args, "stats", None) else [])],
+                 args.overwrite)
+    adapter = check_adapter(args.adapter, folder, args.expert, base)
+    if adapter.note:
+        print(f"note: {adapter.note}")
+    args.expert = str(merged_expert(adapter))
+
+
 def collect(args) -> None:
     from dume.runtime.distributed import current_shard
     from dume.upcycle.dynamic import check_output, collect_stats, plan_collect
 
     shard = current_shard()
     _threads_per_process(shard.world)
+    merge_adapter(args)  # every process: the first merges, the others wait on the cache's lock and reuse it
     inputs = [args.moe, *([args.expert] if args.expert else [])]
     out = check_output(args.out, inputs, args.overwrite)
     plan = plan_collect(args.moe, args.domain, args.expert, args.num_dume_tokens, **_given(args))
@@ -140,6 +169,7 @@ def edit(args) -> None:
     from dume.upcycle import dynamic
 
     if args.command == "add":
+        merge_adapter(args)
         summary = dynamic.add_expert(args.moe, args.expert, args.domain, args.out, args.mode, stats_dir=args.stats,
                                      overwrite=args.overwrite, **_given(args))
     elif args.command == "remove":

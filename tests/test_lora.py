@@ -416,3 +416,35 @@ def test_a_merge_that_cannot_fit_on_disk_is_one_line_and_writes_nothing(setup, c
     with pytest.raises(DumeError, match="not enough disk for the merge of adapter"):
         merged_expert(check_adapter(str(ad), ad, str(root / "base"), root / "base"), log=lambda *_: None)
     assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_dume_experts_add_takes_an_adapter_as_its_merged_checkpoint(setup, cache, tmp_path, capsys):
+    """`dume_experts.py add --expert BASE --adapter A` gives the MoE `add --expert MERGED` gives, and an output
+    inside the adapter's folder is refused before any merge."""
+    import dume_experts
+    from dume.moe.edit import read_gates
+    from tests.fixtures import run_script
+
+    root, _ = setup
+    two = [_full_expert(root, "law"), _full_expert(root, "med")]
+    assert _build(tmp_path, _config(root, tmp_path / "two", two)) == 0
+    (tmp_path / "data" / "code").mkdir(parents=True)
+    docs = (root / "data" / "code.txt").read_text().split("\n\n")
+    (tmp_path / "data" / "code" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    add = ["add", "--moe", str(tmp_path / "two"), "--domain", "code", "--mode", "keep-shared", "--source", "local",
+           "--data-dir", str(tmp_path / "data")]
+    inside = root / "adapters" / "code" / "out"
+    assert run_script(dume_experts.main, [*add, "--expert", str(root / "base"), "--adapter",
+                                          str(root / "adapters" / "code"), "--out", str(inside)]) == 2
+    assert "lies inside" in capsys.readouterr().err and not inside.exists() and not cache.exists()
+    assert run_script(dume_experts.main, [*add, "--expert", str(root / "merged" / "code"),
+                                          "--out", str(tmp_path / "by_hand")]) == 0
+    assert run_script(dume_experts.main, [*add, "--expert", str(root / "base"), "--adapter",
+                                          str(root / "adapters" / "code"), "--out", str(tmp_path / "adapter")]) == 0
+    assert "merging it into" in capsys.readouterr().out
+    for got, want in zip(read_gates(tmp_path / "adapter"), read_gates(tmp_path / "by_hand")):
+        assert got.shape[0] == 3
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-6)
+    ids = torch.arange(30).view(1, -1) % 200
+    torch.testing.assert_close(_logits(tmp_path / "adapter", ids), _logits(tmp_path / "by_hand", ids),
+                               rtol=0, atol=1e-5)
