@@ -24,8 +24,11 @@ dynamic: install
 	$(PYTHON) clm_dynamic_experts.py --run-dir $(RUN_DIR)
 
 # The routers study: every training-free router, 3 seeds, 2 domain sets (~70 min on 2 cores).
+# MERGEKIT_MOE=PATH (a mergekit-moe executable of its own venv) adds the real mergekit's six rows (~+60 min).
+MERGEKIT_MOE ?=
 routers: install
-	$(PYTHON) clm_routers_study.py --run-root runs/routers --report-dir reproduction/clm
+	$(PYTHON) clm_routers_study.py --run-root runs/routers --report-dir reproduction/clm \
+	    $(if $(MERGEKIT_MOE),--peers mergekit --mergekit-moe $(MERGEKIT_MOE))
 
 test: install-test
 	$(PYTHON) -m pytest tests
