@@ -141,6 +141,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 2 <= args.experts <= len(DOMAINS):
         raise SystemExit(f"--experts must be 2..{len(DOMAINS)}")
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
