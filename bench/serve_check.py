@@ -217,10 +217,16 @@ def gpt2_pre_tokenizer(moe: Path) -> bool:
             and not pre.get("add_prefix_space", False) and (spec.get("model") or {}).get("type") == "BPE")
 
 
-def run_vllm(python: str, moe: Path, request: Path, work: Path, timeout: float) -> tuple[dict | None, str | None]:
-    out = work / "vllm_result.json"
-    why = _child([python, str(BENCH / "serve_vllm.py"), str(request), str(out)], work / "vllm.log", timeout)
+def _engine_result(python: str, script: str, argv: list[str], work: Path, name: str,
+                   timeout: float) -> tuple[dict | None, str | None]:
+    """Run `script argv... RESULT.json` (an engine's side, bench/serve_*.py) in `python`; its result or why not."""
+    out = work / f"{name}_result.json"
+    why = _child([python, str(BENCH / script), *argv, str(out)], work / f"{name}.log", timeout)
     return (None, why) if why else (json.loads(out.read_text()), None)
+
+
+def run_vllm(python: str, moe: Path, request: Path, work: Path, timeout: float) -> tuple[dict | None, str | None]:
+    return _engine_result(python, "serve_vllm.py", [str(request)], work, "vllm", timeout)
 
 
 def run_llama_cpp(python: str, converter: str, moe: Path, request: Path, work: Path,
@@ -238,18 +244,12 @@ def run_llama_cpp(python: str, converter: str, moe: Path, request: Path, work: P
     req["gguf"] = str(gguf)
     request = work / "llama_cpp_request.json"
     request.write_text(json.dumps(req))
-    out = work / "llama_cpp_result.json"
-    why = _child([python, str(BENCH / "serve_llama_cpp.py"), "run", str(request), str(out)], work / "llama_cpp.log",
-                 timeout)
-    return (None, why) if why else (json.loads(out.read_text()), None)
+    return _engine_result(python, "serve_llama_cpp.py", ["run", str(request)], work, "llama_cpp", timeout)
 
 
 def run_transformers(python: str, moe: Path, request: Path, work: Path,
                      timeout: float) -> tuple[dict | None, str | None]:
-    out = work / "transformers_result.json"
-    why = _child([python, str(BENCH / "serve_transformers.py"), str(request), str(out)], work / "transformers.log",
-                 timeout)
-    return (None, why) if why else (json.loads(out.read_text()), None)
+    return _engine_result(python, "serve_transformers.py", [str(request)], work, "transformers", timeout)
 
 
 # ------------------------------------------------------------------------------ the check
@@ -265,11 +265,15 @@ def check(moe: Path, args, work: Path, log=print) -> list[dict]:
                                    "max_new_tokens": MAX_NEW_TOKENS, "max_model_len": MAX_MODEL_LEN,
                                    "threads": args.threads}))
     rows = []
-    engines = (("vLLM", args.vllm_python, "vllm", "--vllm-python", "log-prob", args.max_logprob_diff),
-               ("llama.cpp", args.llama_cpp_python, "llama_cpp", "--llama-cpp-python", "logit", args.max_logit_diff),
+    def llama_cpp(python, *rest):
+        return run_llama_cpp(python, args.gguf_converter, *rest)
+
+    engines = (("vLLM", args.vllm_python, "vllm", "--vllm-python", "log-prob", args.max_logprob_diff, run_vllm),
+               ("llama.cpp", args.llama_cpp_python, "llama_cpp", "--llama-cpp-python", "logit", args.max_logit_diff,
+                llama_cpp),
                ("transformers 4.x", args.transformers4_python, "transformers", "--transformers4-python", "logit",
-                args.max_logit_diff))
-    for name, python, module, flag, what, bar in engines:
+                args.max_logit_diff, run_transformers))
+    for name, python, module, flag, what, bar, run_engine in engines:
         row = {"engine": name, "moe": ref["arch"], "what": what, "bar": bar}
         why = _probe(python, module, flag)
         if why is None and name == "llama.cpp" and not args.gguf_converter:
@@ -277,12 +281,7 @@ def check(moe: Path, args, work: Path, log=print) -> list[dict]:
         if why is None:
             sub = work / moe.name
             sub.mkdir(exist_ok=True)
-            if name == "vLLM":
-                res, why = run_vllm(python, moe, request, sub, args.timeout)
-            elif name == "llama.cpp":
-                res, why = run_llama_cpp(python, args.gguf_converter, moe, request, sub, args.timeout)
-            else:
-                res, why = run_transformers(python, moe, request, sub, args.timeout)
+            res, why = run_engine(python, moe, request, sub, args.timeout)
             if why:
                 row.update(status="failed", why=why)
             else:
