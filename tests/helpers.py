@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,3 +47,14 @@ def one_error_line(capsys, rc: int, *needles) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def launch_cmd(*argv: str, processes: int = 2) -> list[str]:
+    """`accelerate launch --multi_gpu` of `argv` with `processes` CPU processes (torchrun's launcher, gloo), on a
+    free port so parallel tests do not meet; run it with CUDA_VISIBLE_DEVICES="" in the environment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), *argv]

@@ -26,7 +26,7 @@ from dume.arch.table import is_routed
 from dume.checkpoint.reader import CheckpointReader
 from dume.moe.edit import read_gates
 from dume.stats.ridge import RidgeStats
-from tests.helpers import one_error_line
+from tests.helpers import launch_cmd, one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     DOMAINS,
     SEQ_LEN,
@@ -272,21 +272,11 @@ def test_new_expert_collected_apart_then_added(dyn, apart, keep_shared, tmp_path
     _close(read_gates(out), read_gates(keep_shared), atol=1e-7)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_launch_two_processes_equals_one(dyn, apart, tmp_path):
     """No config file: torchrun's launcher (`--multi_gpu`) starts two CPU processes, gloo joins them."""
     out = tmp_path / "acc"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           "dume_experts.py", "collect", "--moe", str(_moe(dyn, "DUME_three")), "--domain", "code", "--out", str(out)]
+    cmd = launch_cmd("dume_experts.py", "collect", "--moe", str(_moe(dyn, "DUME_three")), "--domain", "code",
+                     "--out", str(out))
     env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 import clm_train_experts
 from dume.checkpoint.io import is_complete_checkpoint
-from tests.helpers import one_error_line
+from tests.helpers import launch_cmd, one_error_line
 from tests.fixtures import (  # noqa: F401  (pytest fixtures)
     base_args,
     copy_run,
@@ -36,12 +35,6 @@ from tests.fixtures import (  # noqa: F401  (pytest fixtures)
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--preset", "test-micro", "--steps", "6", "--warmup", "2", "--grad-accum", "2", "--eval-every", "3",
          "--batch-size", "4", "--lr", "1e-3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(datasets_cache, token_cache):
@@ -64,9 +57,7 @@ def test_two_processes_use_the_single_process_lr_and_write_one_checkpoint(tmp_pa
     p = subprocess.run([sys.executable, "clm_pretrain.py", *base_args(one, corpus_dir, *FLAGS)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "clm_pretrain.py", *base_args(two, corpus_dir, *FLAGS)]
+    cmd = launch_cmd("clm_pretrain.py", *base_args(two, corpus_dir, *FLAGS))
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "effective batch 16 sequences = 4 per device x 2 accumulation x 2 processes" in p.stdout
@@ -140,9 +131,7 @@ def test_rank0_preparation_longer_than_the_process_group_timeout_completes(tmp_p
     script = tmp_path / "wait.py"
     script.write_text(WAIT_SCRIPT)
     env = {**os.environ, "DUME_PROCESS_GROUP_TIMEOUT": "5", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
+    cmd = launch_cmd(str(script), str(tmp_path))
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().split("\n") for r in (0, 1))
