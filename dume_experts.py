@@ -127,12 +127,13 @@ def merge_adapter(args) -> None:
 
 
 def collect(args) -> None:
-    from dume.runtime.distributed import current_shard
+    from dume.runtime.distributed import current_shard, main_process_first
     from dume.upcycle.dynamic import check_output, collect_stats, plan_collect
 
     shard = current_shard()
     _threads_per_process(shard.world)
-    merge_adapter(args)  # every process: the first merges, the others wait on the cache's lock and reuse it
+    with main_process_first():  # rank 0 merges; the others, which skip the cache's lock under a launch, reuse it
+        merge_adapter(args)
     inputs = [args.moe, *([args.expert] if args.expert else [])]
     out = check_output(args.out, inputs, args.overwrite)
     plan = plan_collect(args.moe, args.domain, args.expert, args.num_dume_tokens, **_given(args))

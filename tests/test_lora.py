@@ -8,15 +8,17 @@ import gc
 import importlib.util
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import one_error_line, tiny_llama, tiny_tokenizer
+from helpers import launch_cmd, one_error_line, tiny_llama, tiny_tokenizer
 
 # The `test` extra installs peft; without it only the refusal that names the extra can run.
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 
+REPO = Path(__file__).resolve().parents[1]
 NAMES = ("law", "med", "code")
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -418,6 +420,17 @@ def test_a_merge_that_cannot_fit_on_disk_is_one_line_and_writes_nothing(setup, c
     assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
 
 
+def _two_experts_and_code_data(root, tmp_path) -> Path:
+    """A MoE of the law and med experts (merged by hand) in tmp_path/two, and the code documents as a local
+    data dir: what adding or collecting the code adapter needs."""
+    experts = [_full_expert(root, "law"), _full_expert(root, "med")]
+    assert _build(tmp_path, _config(root, tmp_path / "two", experts)) == 0
+    (tmp_path / "data" / "code").mkdir(parents=True)
+    docs = (root / "data" / "code.txt").read_text().split("\n\n")
+    (tmp_path / "data" / "code" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return tmp_path / "two"
+
+
 def test_dume_experts_add_takes_an_adapter_as_its_merged_checkpoint(setup, cache, tmp_path, capsys):
     """`dume_experts.py add --expert BASE --adapter A` gives the MoE `add --expert MERGED` gives, and an output
     inside the adapter's folder is refused before any merge."""
@@ -426,13 +439,8 @@ def test_dume_experts_add_takes_an_adapter_as_its_merged_checkpoint(setup, cache
     from tests.fixtures import run_script
 
     root, _ = setup
-    two = [_full_expert(root, "law"), _full_expert(root, "med")]
-    assert _build(tmp_path, _config(root, tmp_path / "two", two)) == 0
-    (tmp_path / "data" / "code").mkdir(parents=True)
-    docs = (root / "data" / "code.txt").read_text().split("\n\n")
-    (tmp_path / "data" / "code" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    add = ["add", "--moe", str(tmp_path / "two"), "--domain", "code", "--mode", "keep-shared", "--source", "local",
-           "--data-dir", str(tmp_path / "data")]
+    add = ["add", "--moe", str(_two_experts_and_code_data(root, tmp_path)), "--domain", "code", "--mode",
+           "keep-shared", "--source", "local", "--data-dir", str(tmp_path / "data")]
     inside = root / "adapters" / "code" / "out"
     assert run_script(dume_experts.main, [*add, "--expert", str(root / "base"), "--adapter",
                                           str(root / "adapters" / "code"), "--out", str(inside)]) == 2
@@ -448,3 +456,34 @@ def test_dume_experts_add_takes_an_adapter_as_its_merged_checkpoint(setup, cache
     ids = torch.arange(30).view(1, -1) % 200
     torch.testing.assert_close(_logits(tmp_path / "adapter", ids), _logits(tmp_path / "by_hand", ids),
                                rtol=0, atol=1e-5)
+
+
+def test_collect_of_an_adapter_under_two_processes_merges_once_and_equals_one_process(setup, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 dume_experts.py collect --adapter` (gloo on the CPU): rank 0
+    merges while the other waits and reuses the merge (a launch's other ranks skip the cache's lock: without the
+    wait both merged into the same folder and rank 1 failed), and the statistics equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from dume.stats.ridge import RidgeStats
+
+    root, _ = setup
+    argv = ["dume_experts.py", "collect", "--moe", str(_two_experts_and_code_data(root, tmp_path)), "--domain",
+            "code", "--expert", str(root / "base"), "--adapter", str(root / "adapters" / "code"), "--source",
+            "local", "--data-dir", str(tmp_path / "data")]
+    stats, logs = {}, {}
+    for n, cmd in ((1, [sys.executable, *argv]), (2, launch_cmd(*argv))):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DUME_THREADS": "1", "DUME_CACHE": str(tmp_path / f"c{n}"),
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+        p = subprocess.run([*cmd, "--out", str(tmp_path / f"stats{n}")], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        logs[n], stats[n] = p.stdout, RidgeStats.load(tmp_path / f"stats{n}")
+        merges = [d for d in (tmp_path / f"c{n}" / "merged_adapters").iterdir() if not d.name.endswith(".lock")]
+        assert len(merges) == 1
+    assert logs[2].count("merging it into") == 1 and logs[2].count("reusing its merge") == 1
+    one, two = stats[1], stats[2]
+    assert two.meta["per_domain"]["code"]["processes"] == 2 and torch.equal(one.n, two.n)
+    torch.testing.assert_close(two.A, one.A, rtol=1e-5, atol=1e-6 * float(one.A.abs().max()))
+    torch.testing.assert_close(two.s, one.s, rtol=1e-5, atol=1e-6 * float(one.s.abs().max()))
